@@ -1,0 +1,187 @@
+//! The `criu` binary: version, `criu check`, feature probes, the per-migration
+//! configuration file, and reading the tail of its logs for error messages.
+//!
+//! runc drives CRIU itself (`runc checkpoint`/`restore` start `criu swrk`);
+//! what we add goes through a configuration file named by the
+//! `CRIU_CONFIG_FILE` environment variable, which CRIU reads at start-up in
+//! every mode, RPC included. That keeps the operator's `/etc/criu/runc.conf`
+//! untouched and confines our options to the one checkpoint we start.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::process::{run, ToolError};
+
+/// Oldest CRIU we accept on either side: 3.x fails `criu check` on recent
+/// kernels, and 4.1 cannot dump TCP/UDP sockets on kernels >= 6.16.
+pub const MIN_VERSION: CriuVersion = CriuVersion {
+    major: 4,
+    minor: 2,
+    patch: 0,
+};
+
+/// How many lines of a CRIU log an error message quotes.
+pub const LOG_TAIL_LINES: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("cannot parse CRIU version from {output:?}")]
+    Version { output: String },
+    #[error("criu check failed on this host:\n{output}")]
+    CheckFailed { output: String },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CriuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl CriuVersion {
+    /// Parses `criu --version` output ("Version: 4.2.1", possibly followed by
+    /// a "GitID:" line).
+    pub fn parse(output: &str) -> Option<Self> {
+        let line = output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Version:"))?;
+        let mut parts = line.trim().split(['.', '-']);
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        let patch = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(Self {
+            major,
+            minor,
+            patch,
+        })
+    }
+}
+
+impl fmt::Display for CriuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The CRIU binary runc will use.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    pub binary: PathBuf,
+}
+
+impl Criu {
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+        }
+    }
+
+    pub fn version(&self) -> Result<CriuVersion, CriuError> {
+        let out = run(Command::new(&self.binary).arg("--version"))?;
+        CriuVersion::parse(&out).ok_or(CriuError::Version { output: out })
+    }
+
+    /// `criu check`: whether this kernel supports what checkpoint/restore
+    /// needs.
+    pub fn check(&self) -> Result<(), CriuError> {
+        match run(Command::new(&self.binary).arg("check")) {
+            Ok(_) => Ok(()),
+            Err(ToolError::Failed { output, .. }) => Err(CriuError::CheckFailed { output }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether iterative pre-dumps can work here: they need the kernel's
+    /// soft-dirty memory tracking.
+    pub fn supports_dirty_tracking(&self) -> bool {
+        run(Command::new(&self.binary).args(["check", "--feature", "mem_dirty_track"])).is_ok()
+    }
+}
+
+/// Options for the configuration file passed through `CRIU_CONFIG_FILE`.
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    /// Script CRIU runs at each action (pre-dump, post-dump, ...).
+    pub action_script: PathBuf,
+    /// Bytes of deleted-but-mapped files CRIU may copy into the images.
+    pub ghost_limit: u64,
+}
+
+impl CheckpointConfig {
+    /// The file's text (CRIU's config syntax: one long option per line,
+    /// without the leading dashes).
+    pub fn render(&self) -> String {
+        format!(
+            "action-script {}\nghost-limit {}\n",
+            self.action_script.display(),
+            self.ghost_limit
+        )
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), CriuError> {
+        std::fs::write(path, self.render()).map_err(|source| CriuError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// The last `lines` lines of a CRIU log, or a note saying why there are none.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            format!("{} (last {} lines):\n{}", path.display(), all.len() - start, all[start..].join("\n"))
+        }
+        Err(e) => format!("{}: no log ({e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions() {
+        let v = CriuVersion::parse("Version: 4.2.1\n").unwrap();
+        assert_eq!(v.to_string(), "4.2.1");
+        let v = CriuVersion::parse("Version: 3.17\nGitID: v3.17\n").unwrap();
+        assert_eq!((v.major, v.minor, v.patch), (3, 17, 0));
+        assert!(v < MIN_VERSION);
+        assert!(CriuVersion::parse("Version: 4.2.1").unwrap() >= MIN_VERSION);
+        assert!(CriuVersion::parse("criu: command not found").is_none());
+    }
+
+    #[test]
+    fn config_names_the_action_script() {
+        let cfg = CheckpointConfig {
+            action_script: "/run/m/hook".into(),
+            ghost_limit: 1 << 20,
+        };
+        assert_eq!(cfg.render(), "action-script /run/m/hook\nghost-limit 1048576\n");
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        let text: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let tail = log_tail(&log, 3);
+        assert!(tail.ends_with("line 38\nline 39\nline 40"), "{tail}");
+        assert!(!tail.contains("line 37"));
+        assert!(log_tail(&dir.path().join("missing.log"), 3).contains("no log"));
+    }
+}

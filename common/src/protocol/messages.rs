@@ -1,0 +1,228 @@
+//! Wire messages. They are plain prost types declared by hand (no protoc
+//! step): field tags are the compatibility contract, so never reuse a tag.
+
+/// The one envelope that travels on the control stream, in both directions.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ControlMessage {
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    pub body: Option<Body>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Body {
+    #[prost(message, tag = "1")]
+    Hello(Hello),
+    #[prost(message, tag = "2")]
+    PreflightReply(PreflightReply),
+    #[prost(message, tag = "3")]
+    LayersSent(LayersSent),
+    #[prost(message, tag = "4")]
+    LayersReady(LayersReady),
+    #[prost(message, tag = "5")]
+    CheckpointSent(CheckpointSent),
+    #[prost(message, tag = "6")]
+    Restored(Restored),
+    #[prost(message, tag = "7")]
+    Failed(Failed),
+    #[prost(message, tag = "8")]
+    Commit(Commit),
+    #[prost(message, tag = "9")]
+    Committed(Committed),
+    #[prost(message, tag = "10")]
+    Abort(Abort),
+}
+
+impl ControlMessage {
+    /// The message's name, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match &self.body {
+            None => "empty message",
+            Some(Body::Hello(_)) => "Hello",
+            Some(Body::PreflightReply(_)) => "PreflightReply",
+            Some(Body::LayersSent(_)) => "LayersSent",
+            Some(Body::LayersReady(_)) => "LayersReady",
+            Some(Body::CheckpointSent(_)) => "CheckpointSent",
+            Some(Body::Restored(_)) => "Restored",
+            Some(Body::Failed(_)) => "Failed",
+            Some(Body::Commit(_)) => "Commit",
+            Some(Body::Committed(_)) => "Committed",
+            Some(Body::Abort(_)) => "Abort",
+        }
+    }
+}
+
+macro_rules! into_control_message {
+    ($($variant:ident),*) => {
+        $(impl From<$variant> for ControlMessage {
+            fn from(msg: $variant) -> Self {
+                ControlMessage { body: Some(Body::$variant(msg)) }
+            }
+        })*
+    };
+}
+into_control_message!(
+    Hello,
+    PreflightReply,
+    LayersSent,
+    LayersReady,
+    CheckpointSent,
+    Restored,
+    Failed,
+    Commit,
+    Committed,
+    Abort
+);
+
+/// Source → destination, first message: who we are, what we want to move, and
+/// how big it is, so the destination can refuse before anything is frozen.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    #[prost(string, tag = "2")]
+    pub container_id: String,
+    /// The container's OCI config.json as found in its bundle on the source.
+    #[prost(string, tag = "3")]
+    pub config_json: String,
+    /// Overlay lower layers, uppermost first (overlayfs `lowerdir` order).
+    #[prost(message, repeated, tag = "4")]
+    pub layers: Vec<LayerInfo>,
+    /// Bytes in the overlay upper dir (the container's rootfs changes).
+    #[prost(uint64, tag = "5")]
+    pub upper_bytes: u64,
+    /// Memory charged to the container's cgroup: a bound on the CRIU images.
+    #[prost(uint64, tag = "6")]
+    pub memory_bytes: u64,
+    #[prost(string, tag = "7")]
+    pub source_criu_version: String,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct LayerInfo {
+    /// Content digest, see [`crate::rootfs::digest::LayerDigest`].
+    #[prost(string, tag = "1")]
+    pub digest: String,
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+}
+
+/// Destination → source: the preflight verdict.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PreflightReply {
+    #[prost(bool, tag = "1")]
+    pub accepted: bool,
+    /// Every reason the destination cannot take the container; empty when
+    /// accepted.
+    #[prost(string, repeated, tag = "2")]
+    pub refusals: Vec<String>,
+    #[prost(string, tag = "3")]
+    pub criu_version: String,
+    #[prost(string, tag = "4")]
+    pub runc_version: String,
+    #[prost(uint64, tag = "5")]
+    pub free_bytes: u64,
+    /// Digests of the layers the destination's store lacks; the source sends
+    /// exactly these.
+    #[prost(string, repeated, tag = "6")]
+    pub missing_layers: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub hostname: String,
+}
+
+/// Source → destination: every missing layer has been sent on its own data
+/// stream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LayersSent {
+    #[prost(message, repeated, tag = "1")]
+    pub files: Vec<FileDigest>,
+}
+
+/// Destination → source: all layers are in the store and verified.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LayersReady {}
+
+/// Source → destination: the container is frozen and every image file and the
+/// upper-dir archive have been sent; this is the manifest to verify them by.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckpointSent {
+    #[prost(message, repeated, tag = "1")]
+    pub files: Vec<FileDigest>,
+}
+
+/// Checksum of one data stream's uncompressed content.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct FileDigest {
+    #[prost(enumeration = "StreamKind", tag = "1")]
+    pub kind: i32,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(uint64, tag = "3")]
+    pub raw_bytes: u64,
+    /// blake3 of the uncompressed bytes, lowercase hex.
+    #[prost(string, tag = "4")]
+    pub blake3: String,
+}
+
+/// Destination → source: the container runs on the destination.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Restored {
+    #[prost(uint64, tag = "1")]
+    pub restore_ms: u64,
+    /// Host pid of the restored container's init, as runc reports it.
+    #[prost(uint32, tag = "2")]
+    pub pid: u32,
+}
+
+/// Destination → source: a step failed; the destination has already removed
+/// what it created.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Failed {
+    /// Which step failed, e.g. "restore".
+    #[prost(string, tag = "1")]
+    pub stage: String,
+    /// The error with its whole chain of causes.
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// The last lines of the destination's CRIU log, when CRIU ran.
+    #[prost(string, tag = "3")]
+    pub criu_log_tail: String,
+}
+
+/// Source → destination: the source container is gone; the destination's copy
+/// is now the only one.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Commit {}
+
+/// Destination → source: the commit is recorded; the connection may close.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Committed {}
+
+/// Either direction, any state: stop the migration and undo.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Abort {
+    #[prost(string, tag = "1")]
+    pub reason: String,
+}
+
+/// First frame of every data stream.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamHeader {
+    #[prost(enumeration = "StreamKind", tag = "1")]
+    pub kind: i32,
+    /// Layer digest, image file name, or empty for the upper dir.
+    #[prost(string, tag = "2")]
+    pub name: String,
+}
+
+/// What a data stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum StreamKind {
+    Invalid = 0,
+    /// A lower layer directory as a tar archive, named by its digest.
+    Layer = 1,
+    /// One CRIU image file, named by its file name.
+    Image = 2,
+    /// The overlay upper dir as a tar archive.
+    UpperDir = 3,
+}

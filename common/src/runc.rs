@@ -1,0 +1,287 @@
+//! The `runc` binary: container state, checkpoint, restore, delete.
+//!
+//! Every call names the runc root explicitly, because a host may run several
+//! runtimes' roots side by side (runc's default, containerd's, Docker's) and
+//! because two test "hosts" sharing one kernel must not see each other's
+//! containers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+use crate::criu::{log_tail, LOG_TAIL_LINES};
+use crate::process::{run, ToolError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuncError {
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("container {id} not found in runc root {root}")]
+    NotFound { id: String, root: PathBuf },
+    #[error("cannot parse `runc state {id}` output")]
+    State {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("`runc restore` of {id} failed ({status})\nrunc: {runc_log}\nCRIU {criu_log}")]
+    Restore {
+        id: String,
+        status: std::process::ExitStatus,
+        runc_log: String,
+        criu_log: String,
+    },
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `runc state` reports.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContainerState {
+    pub id: String,
+    pub pid: u32,
+    pub status: String,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl ContainerState {
+    pub fn is_running(&self) -> bool {
+        self.status == "running"
+    }
+}
+
+/// Options that must be the same at checkpoint and at restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CriuOptions {
+    /// Checkpoint established TCP connections (CRIU `--tcp-established`).
+    pub tcp_established: bool,
+}
+
+impl CriuOptions {
+    fn args(&self) -> Vec<&'static str> {
+        let mut args = Vec::new();
+        if self.tcp_established {
+            args.push("--tcp-established");
+        }
+        args
+    }
+}
+
+/// One runc root, driven through one runc binary.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub binary: PathBuf,
+    pub root: PathBuf,
+    /// CRIU binary runc should use; runc looks up `criu` in PATH otherwise.
+    pub criu: Option<PathBuf>,
+}
+
+impl Runc {
+    pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>, criu: Option<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            root: root.into(),
+            criu,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root);
+        if let Some(criu) = &self.criu {
+            cmd.arg("--criu").arg(criu);
+        }
+        cmd
+    }
+
+    pub fn version(&self) -> Result<String, RuncError> {
+        let out = run(Command::new(&self.binary).arg("--version"))?;
+        Ok(out.lines().next().unwrap_or_default().trim().to_owned())
+    }
+
+    /// The container's state, or [`RuncError::NotFound`].
+    pub fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
+        if !self.root.join(id).join("state.json").exists() {
+            return Err(RuncError::NotFound {
+                id: id.to_owned(),
+                root: self.root.clone(),
+            });
+        }
+        let out = run(self.command().args(["state", id]))?;
+        serde_json::from_str(&out).map_err(|source| RuncError::State {
+            id: id.to_owned(),
+            source,
+        })
+    }
+
+    pub fn exists(&self, id: &str) -> bool {
+        self.root.join(id).join("state.json").exists()
+    }
+
+    /// The directory where runc keeps the container's state; runc mounts its
+    /// `criu-root` here during restore.
+    pub fn state_dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// A `runc checkpoint` command, for the caller to spawn: it blocks in
+    /// CRIU's post-dump action until the migration's outcome is known, so the
+    /// caller must be able to wait for it and for the hook at once. It runs
+    /// in its own process group so that a Ctrl-C at the terminal reaches only
+    /// us, and we decide what CRIU does.
+    pub fn checkpoint_command(
+        &self,
+        id: &str,
+        image_dir: &Path,
+        work_dir: &Path,
+        criu_config: &Path,
+        options: CriuOptions,
+    ) -> Command {
+        let mut cmd = self.command();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(image_dir)
+            .arg("--work-path")
+            .arg(work_dir)
+            .args(options.args())
+            .arg(id)
+            .env("CRIU_CONFIG_FILE", criu_config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd
+    }
+
+    /// `runc restore -d`: restores `id` from `image_dir` with the bundle at
+    /// `bundle`. The restored processes' stdout and stderr are `stdio` when
+    /// they were pipes at checkpoint time (runc maps them through CRIU's
+    /// inherit-fd). runc's own messages go to `runc_log`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        image_dir: &Path,
+        work_dir: &Path,
+        runc_log: &Path,
+        options: CriuOptions,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<(), RuncError> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root).arg("--log").arg(runc_log);
+        if let Some(criu) = &self.criu {
+            cmd.arg("--criu").arg(criu);
+        }
+        cmd.arg("restore")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--image-path")
+            .arg(image_dir)
+            .arg("--work-path")
+            .arg(work_dir)
+            .args(options.args())
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        let status = cmd
+            .status()
+            .map_err(|source| RuncError::Spawn {
+                program: self.binary.display().to_string(),
+                source,
+            })?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(RuncError::Restore {
+            id: id.to_owned(),
+            status,
+            runc_log: last_lines(runc_log, 5),
+            criu_log: log_tail(&work_dir.join("restore.log"), LOG_TAIL_LINES),
+        })
+    }
+
+    pub fn kill(&self, id: &str, signal: &str) -> Result<(), RuncError> {
+        run(self.command().args(["kill", id, signal]))?;
+        Ok(())
+    }
+
+    /// `runc delete --force`. Callers must unmount leftovers under
+    /// [`Runc::state_dir`] first: runc removes that directory recursively,
+    /// and through a leftover `criu-root` bind mount that means the
+    /// container's rootfs.
+    pub fn delete_force(&self, id: &str) -> Result<(), RuncError> {
+        run(self.command().args(["delete", "--force", id]))?;
+        Ok(())
+    }
+}
+
+fn last_lines(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("no log at {} ({e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_runc_state() {
+        let json = r#"{"ociVersion":"1.0.2-dev","id":"c1","pid":9986,"status":"running",
+            "bundle":"/b","rootfs":"/b/rootfs","created":"2026-11-29T02:07:10Z","owner":""}"#;
+        let st: ContainerState = serde_json::from_str(json).unwrap();
+        assert_eq!(st.pid, 9986);
+        assert!(st.is_running());
+        assert_eq!(st.rootfs, PathBuf::from("/b/rootfs"));
+    }
+
+    #[test]
+    fn checkpoint_passes_config_through_the_environment() {
+        let runc = Runc::new("runc", "/run/r", Some("/usr/local/sbin/criu".into()));
+        let cmd = runc.checkpoint_command(
+            "c1",
+            Path::new("/w/img"),
+            Path::new("/w/work"),
+            Path::new("/w/criu.conf"),
+            CriuOptions {
+                tcp_established: true,
+            },
+        );
+        let line = crate::process::describe(&cmd);
+        assert_eq!(
+            line,
+            "runc --root /run/r --criu /usr/local/sbin/criu checkpoint --image-path /w/img \
+             --work-path /w/work --tcp-established c1"
+        );
+        let env: Vec<_> = cmd.get_envs().collect();
+        assert_eq!(
+            env,
+            [(
+                std::ffi::OsStr::new("CRIU_CONFIG_FILE"),
+                Some(std::ffi::OsStr::new("/w/criu.conf"))
+            )]
+        );
+    }
+
+    #[test]
+    fn missing_container_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let runc = Runc::new("runc", dir.path(), None);
+        assert!(matches!(runc.state("nope"), Err(RuncError::NotFound { .. })));
+    }
+}

@@ -1,0 +1,441 @@
+//! Bulk data on QUIC data streams: one file (or one archive) per
+//! unidirectional stream, framed as a [`StreamHeader`] then zstd-compressed
+//! bytes until the stream ends.
+//!
+//! Compression, hashing and file I/O are blocking work, so each stream runs
+//! them on a blocking thread joined to the async QUIC side by a bounded
+//! channel of large chunks; the channel's bound is what applies back-pressure
+//! from a slow link to the disk reader. Checksums are blake3 over the
+//! uncompressed bytes: the sender reports them in the manifest
+//! ([`FileDigest`]) and the receiver compares what it computed itself.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::protocol::{read_frame, write_frame, FileDigest, FrameError, StreamHeader, StreamKind};
+use crate::rootfs::archive::ArchiveError;
+
+/// Size of the chunks passed between the blocking and the async side.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight per stream between the two sides.
+const CHANNEL_DEPTH: usize = 8;
+/// zstd level 1: on a fast link the compressor, not the network, is the
+/// bottleneck, and level 1 already removes most of the zero pages in images.
+const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening a data stream")]
+    Open(#[source] quinn::ConnectionError),
+    #[error("writing to data stream for {name}")]
+    Write {
+        name: String,
+        #[source]
+        source: quinn::WriteError,
+    },
+    #[error("reading data stream for {name}")]
+    Read {
+        name: String,
+        #[source]
+        source: quinn::ReadError,
+    },
+    #[error("data stream header")]
+    Header(#[from] FrameError),
+    #[error("data stream ended before its header")]
+    NoHeader,
+    #[error("data stream of unknown kind {0}")]
+    UnknownKind(i32),
+    #[error("the migration's byte budget of {limit} bytes is exhausted (destination disk space)")]
+    BudgetExceeded { limit: u64 },
+    #[error("archive")]
+    Archive(#[from] ArchiveError),
+    #[error("blocking worker for {name} panicked")]
+    Worker { name: String },
+}
+
+impl TransferError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Byte counters shared by every stream of one migration (progress display
+/// and the final summary read them).
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    raw_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+}
+
+impl TransferStats {
+    pub fn raw_bytes(&self) -> u64 {
+        self.raw_bytes.load(Ordering::Relaxed)
+    }
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// A bound on the uncompressed bytes a receiver accepts over a whole
+/// migration, so a confused or hostile sender cannot fill the disk.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl ByteBudget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    fn charge(&self, n: u64) -> io::Result<()> {
+        let used = self.used.fetch_add(n, Ordering::Relaxed) + n;
+        if used > self.limit {
+            return Err(io::Error::other(TransferError::BudgetExceeded {
+                limit: self.limit,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// Counts and hashes everything written through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    stats: Arc<TransferStats>,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        self.stats.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts, hashes and charges to a budget everything read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    budget: Arc<ByteBudget>,
+    stats: Arc<TransferStats>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.budget.charge(n as u64)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        self.stats.raw_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// The blocking side's writer: hands full chunks to the async side.
+struct ChannelWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "data stream closed"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buf()
+    }
+}
+
+/// The blocking side's reader: takes chunks from the async side.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Opens a data stream, writes `header`, then the compressed output of
+/// `produce` (which runs on a blocking thread). Returns the manifest entry.
+pub async fn send_stream<F>(
+    conn: &quinn::Connection,
+    kind: StreamKind,
+    name: &str,
+    stats: Arc<TransferStats>,
+    produce: F,
+) -> Result<FileDigest, TransferError>
+where
+    F: FnOnce(&mut dyn Write) -> Result<(), TransferError> + Send + 'static,
+{
+    let mut send = conn.open_uni().await.map_err(TransferError::Open)?;
+    let header = StreamHeader {
+        kind: kind as i32,
+        name: name.to_owned(),
+    };
+    write_frame(&mut send, &header).await?;
+
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let worker_stats = stats.clone();
+    let worker = tokio::task::spawn_blocking(move || -> Result<(u64, String), TransferError> {
+        let channel = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let encoder = zstd::stream::write::Encoder::new(channel, ZSTD_LEVEL)
+            .map_err(|e| TransferError::io("starting zstd", e))?;
+        let mut hashing = HashingWriter {
+            inner: encoder,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+            stats: worker_stats,
+        };
+        produce(&mut hashing)?;
+        let HashingWriter {
+            inner: encoder,
+            hasher,
+            bytes,
+            ..
+        } = hashing;
+        let mut channel = encoder
+            .finish()
+            .map_err(|e| TransferError::io("finishing zstd", e))?;
+        channel
+            .flush()
+            .map_err(|e| TransferError::io("flushing stream", e))?;
+        Ok((bytes, hasher.finalize().to_hex().to_string()))
+    });
+
+    let mut write_result = Ok(());
+    while let Some(chunk) = rx.recv().await {
+        let len = chunk.len() as u64;
+        if let Err(source) = send.write_chunk(chunk).await {
+            write_result = Err(TransferError::Write {
+                name: name.to_owned(),
+                source,
+            });
+            break;
+        }
+        stats.wire_bytes.fetch_add(len, Ordering::Relaxed);
+    }
+    // Dropping the receiver unblocks a producer stuck on a full channel.
+    drop(rx);
+    let produced = worker.await.map_err(|_| TransferError::Worker {
+        name: name.to_owned(),
+    })?;
+    write_result?;
+    let (raw_bytes, blake3) = produced?;
+    send.finish().map_err(|_| TransferError::Write {
+        name: name.to_owned(),
+        source: quinn::WriteError::ClosedStream,
+    })?;
+    Ok(FileDigest {
+        kind: kind as i32,
+        name: name.to_owned(),
+        raw_bytes,
+        blake3,
+    })
+}
+
+/// Sends one regular file.
+pub async fn send_file(
+    conn: &quinn::Connection,
+    kind: StreamKind,
+    name: &str,
+    path: PathBuf,
+    stats: Arc<TransferStats>,
+) -> Result<FileDigest, TransferError> {
+    send_stream(conn, kind, name, stats, move |sink| {
+        let mut file = File::open(&path)
+            .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
+        copy_large(&mut file, sink)
+            .map_err(|e| TransferError::io(format!("sending {}", path.display()), e))?;
+        Ok(())
+    })
+    .await
+}
+
+/// Reads the header of an accepted data stream.
+pub async fn read_header(recv: &mut quinn::RecvStream) -> Result<(StreamKind, String), TransferError> {
+    let header: StreamHeader = read_frame(recv).await?.ok_or(TransferError::NoHeader)?;
+    let kind = StreamKind::try_from(header.kind)
+        .ok()
+        .filter(|k| *k != StreamKind::Invalid)
+        .ok_or(TransferError::UnknownKind(header.kind))?;
+    Ok((kind, header.name))
+}
+
+/// Receives the body of a data stream (after [`read_header`]) and hands it,
+/// decompressed, to `consume` on a blocking thread. Whatever `consume` leaves
+/// unread is read and hashed too, so the digest always covers the whole
+/// stream. Returns the consumer's result and the stream's digest.
+pub async fn receive_stream<F, T>(
+    mut recv: quinn::RecvStream,
+    kind: StreamKind,
+    name: &str,
+    budget: Arc<ByteBudget>,
+    stats: Arc<TransferStats>,
+    consume: F,
+) -> Result<(T, FileDigest), TransferError>
+where
+    F: FnOnce(&mut dyn Read) -> Result<T, TransferError> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let wire_stats = stats.clone();
+    let worker = tokio::task::spawn_blocking(move || -> Result<(T, u64, String), TransferError> {
+        let channel = ChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
+        let decoder = zstd::stream::read::Decoder::new(channel)
+            .map_err(|e| TransferError::io("starting zstd", e))?;
+        let mut source = HashingReader {
+            inner: decoder,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+            budget,
+            stats,
+        };
+        let value = consume(&mut source)?;
+        io::copy(&mut source, &mut io::sink())
+            .map_err(|e| TransferError::io("draining data stream", e))?;
+        Ok((value, source.bytes, source.hasher.finalize().to_hex().to_string()))
+    });
+
+    let mut read_result = Ok(());
+    loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                wire_stats
+                    .wire_bytes
+                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                if tx.send(chunk.bytes).await.is_err() {
+                    // The consumer stopped early with an error; it reports it.
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(source) => {
+                read_result = Err(TransferError::Read {
+                    name: name.to_owned(),
+                    source,
+                });
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let consumed = worker.await.map_err(|_| TransferError::Worker {
+        name: name.to_owned(),
+    })?;
+    read_result?;
+    let (value, raw_bytes, blake3) = consumed?;
+    Ok((
+        value,
+        FileDigest {
+            kind: kind as i32,
+            name: name.to_owned(),
+            raw_bytes,
+            blake3,
+        },
+    ))
+}
+
+/// Receives a data stream into a new file at `path`.
+pub async fn receive_file(
+    recv: quinn::RecvStream,
+    kind: StreamKind,
+    name: &str,
+    path: &Path,
+    budget: Arc<ByteBudget>,
+    stats: Arc<TransferStats>,
+) -> Result<FileDigest, TransferError> {
+    let path = path.to_owned();
+    let (_, digest) = receive_stream(recv, kind, name, budget, stats, move |source| {
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| TransferError::io(format!("creating {}", path.display()), e))?;
+        copy_large(source, &mut file)
+            .map_err(|e| TransferError::io(format!("writing {}", path.display()), e))?;
+        file.sync_data()
+            .map_err(|e| TransferError::io(format!("syncing {}", path.display()), e))?;
+        Ok(())
+    })
+    .await?;
+    Ok(digest)
+}
+
+/// `io::copy` with a buffer sized for bulk transfer instead of 8 KiB.
+fn copy_large<R: Read + ?Sized, W: Write + ?Sized>(input: &mut R, out: &mut W) -> io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
