@@ -47,7 +47,9 @@ impl BundleConfig {
     pub fn parse(text: &str) -> Result<Self, BundleError> {
         let value: Value = serde_json::from_str(text)?;
         if !value.is_object() {
-            return Err(BundleError::Unsupported("top level is not an object".into()));
+            return Err(BundleError::Unsupported(
+                "top level is not an object".into(),
+            ));
         }
         Ok(Self { value })
     }
@@ -109,7 +111,9 @@ impl BundleConfig {
         root.insert("path".into(), json!(rw.rootfs));
 
         if let Some(parent) = &rw.cgroup_parent {
-            let current = self.value["linux"]["cgroupsPath"].as_str().unwrap_or_default();
+            let current = self.value["linux"]["cgroupsPath"]
+                .as_str()
+                .unwrap_or_default();
             if current.contains(':') {
                 return Err(BundleError::Unsupported(format!(
                     "cgroupsPath {current:?} uses the systemd driver's slice:prefix:name form; \
@@ -141,7 +145,9 @@ impl BundleConfig {
                     .entry("createRuntime")
                     .or_insert_with(|| json!([]));
                 list.as_array_mut()
-                    .ok_or(BundleError::Unsupported("hooks.createRuntime is not a list".into()))?
+                    .ok_or(BundleError::Unsupported(
+                        "hooks.createRuntime is not a list".into(),
+                    ))?
                     .push(json!({ "path": hook.path, "args": hook.args }));
             }
         }
@@ -201,10 +207,16 @@ mod tests {
         let mut cfg = BundleConfig::parse(CONFIG).unwrap();
         cfg.rewrite_for_destination(&rewrite()).unwrap();
         let v: Value = serde_json::from_str(&cfg.to_json()).unwrap();
-        assert_eq!(v["root"]["path"], "/var/lib/migrate-dst/containers/web1/rootfs");
+        assert_eq!(
+            v["root"]["path"],
+            "/var/lib/migrate-dst/containers/web1/rootfs"
+        );
         assert_eq!(v["root"]["readonly"], false);
         assert_eq!(v["linux"]["cgroupsPath"], "/migrate-dst/web1");
-        assert_eq!(v["hooks"]["createRuntime"][0]["path"], "/usr/local/bin/migrate-dst");
+        assert_eq!(
+            v["hooks"]["createRuntime"][0]["path"],
+            "/usr/local/bin/migrate-dst"
+        );
         assert_eq!(v["hooks"]["createRuntime"][0]["args"][1], "network-hook");
         // Untouched parts stay as they were.
         assert_eq!(v["process"]["args"][0], "sh");
@@ -230,7 +242,10 @@ mod tests {
 
     #[test]
     fn no_network_hook_for_shared_netns() {
-        let text = CONFIG.replace(r#"{"type": "network"}"#, r#"{"type": "network", "path": "/run/netns/x"}"#);
+        let text = CONFIG.replace(
+            r#"{"type": "network"}"#,
+            r#"{"type": "network", "path": "/run/netns/x"}"#,
+        );
         let mut cfg = BundleConfig::parse(&text).unwrap();
         assert!(!cfg.has_private_netns());
         cfg.rewrite_for_destination(&rewrite()).unwrap();

@@ -142,7 +142,12 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
             let text = String::from_utf8_lossy(&bytes);
             let all: Vec<&str> = text.lines().collect();
             let start = all.len().saturating_sub(lines);
-            format!("{} (last {} lines):\n{}", path.display(), all.len() - start, all[start..].join("\n"))
+            format!(
+                "{} (last {} lines):\n{}",
+                path.display(),
+                all.len() - start,
+                all[start..].join("\n")
+            )
         }
         Err(e) => format!("{}: no log ({e})", path.display()),
     }
@@ -170,7 +175,10 @@ mod tests {
             action_script: "/run/m/hook".into(),
             ghost_limit: 1 << 20,
         };
-        assert_eq!(cfg.render(), "action-script /run/m/hook\nghost-limit 1048576\n");
+        assert_eq!(
+            cfg.render(),
+            "action-script /run/m/hook\nghost-limit 1048576\n"
+        );
     }
 
     #[test]

@@ -106,7 +106,11 @@ async fn serve(
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
-            if AsyncBufReader::new(read).read_line(&mut line).await.is_err() {
+            if AsyncBufReader::new(read)
+                .read_line(&mut line)
+                .await
+                .is_err()
+            {
                 return;
             }
             let action = line.trim().to_owned();
@@ -156,7 +160,11 @@ pub fn action_script(migrate_exe: &Path, socket: &Path) -> String {
     )
 }
 
-pub fn write_action_script(path: &Path, migrate_exe: &Path, socket: &Path) -> Result<(), HookError> {
+pub fn write_action_script(
+    path: &Path,
+    migrate_exe: &Path,
+    socket: &Path,
+) -> Result<(), HookError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| HookError::Script {
         path: path.to_owned(),
@@ -186,7 +194,10 @@ mod tests {
     fn script_quotes_paths() {
         let s = action_script(Path::new("/opt/it's/migrate"), Path::new("/run/m/h.sock"));
         assert!(s.starts_with("#!/bin/sh\n"));
-        assert!(s.ends_with("exec '/opt/it'\\''s/migrate' criu-action-hook '/run/m/h.sock'\n"), "{s}");
+        assert!(
+            s.ends_with("exec '/opt/it'\\''s/migrate' criu-action-hook '/run/m/h.sock'\n"),
+            "{s}"
+        );
     }
 
     async fn hook(socket: PathBuf, action: &'static str) -> i32 {
@@ -206,7 +217,10 @@ mod tests {
         let pending = tokio::spawn(hook(socket.clone(), "post-dump"));
         assert_eq!(gate.next_event().await.unwrap().action, "post-dump");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!pending.is_finished(), "post-dump must wait for the verdict");
+        assert!(
+            !pending.is_finished(),
+            "post-dump must wait for the verdict"
+        );
         gate.decide(Verdict::Finish);
         assert_eq!(pending.await.unwrap(), 0);
         // A repeated post-dump gets the same answer at once.

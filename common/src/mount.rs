@@ -42,10 +42,19 @@ pub fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> String 
             .replace(',', "\\,")
     };
     let lower = lowers.iter().map(|p| esc(p)).collect::<Vec<_>>().join(":");
-    format!("lowerdir={lower},upperdir={},workdir={}", esc(upper), esc(work))
+    format!(
+        "lowerdir={lower},upperdir={},workdir={}",
+        esc(upper),
+        esc(work)
+    )
 }
 
-pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<(), MountError> {
+pub fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
     let options = overlay_options(lowers, upper, work);
     if options.len() > MAX_MOUNT_DATA {
         return Err(MountError::OptionsTooLong {
@@ -72,10 +81,12 @@ pub fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Pat
 pub fn unmount(target: &Path) -> Result<(), MountError> {
     match umount2(target, MntFlags::empty()) {
         Ok(()) => Ok(()),
-        Err(nix::Error::EBUSY) => umount2(target, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount {
-            target: target.to_owned(),
-            source,
-        }),
+        Err(nix::Error::EBUSY) => {
+            umount2(target, MntFlags::MNT_DETACH).map_err(|source| MountError::Unmount {
+                target: target.to_owned(),
+                source,
+            })
+        }
         Err(source) => Err(MountError::Unmount {
             target: target.to_owned(),
             source,

@@ -72,7 +72,8 @@ mod tests {
 
     #[test]
     fn reads_pid_from_oci_state() {
-        let state = r#"{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":4242,"bundle":"/b"}"#;
+        let state =
+            r#"{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":4242,"bundle":"/b"}"#;
         assert_eq!(read_hook_state(state.as_bytes()).unwrap().pid, 4242);
         assert!(read_hook_state("{}".as_bytes()).is_err());
     }

@@ -74,7 +74,8 @@ mod tests {
 
     #[test]
     fn failure_carries_status_and_output() {
-        let err = run(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"])).unwrap_err();
+        let err =
+            run(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"])).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("exit status: 3"), "{msg}");
         assert!(msg.contains("out") && msg.contains("err"), "{msg}");

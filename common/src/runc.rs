@@ -83,7 +83,11 @@ pub struct Runc {
 }
 
 impl Runc {
-    pub fn new(binary: impl Into<PathBuf>, root: impl Into<PathBuf>, criu: Option<PathBuf>) -> Self {
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        root: impl Into<PathBuf>,
+        criu: Option<PathBuf>,
+    ) -> Self {
         Self {
             binary: binary.into(),
             root: root.into(),
@@ -193,12 +197,10 @@ impl Runc {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        let status = cmd
-            .status()
-            .map_err(|source| RuncError::Spawn {
-                program: self.binary.display().to_string(),
-                source,
-            })?;
+        let status = cmd.status().map_err(|source| RuncError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })?;
         if status.success() {
             return Ok(());
         }
@@ -282,6 +284,9 @@ mod tests {
     fn missing_container_is_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let runc = Runc::new("runc", dir.path(), None);
-        assert!(matches!(runc.state("nope"), Err(RuncError::NotFound { .. })));
+        assert!(matches!(
+            runc.state("nope"),
+            Err(RuncError::NotFound { .. })
+        ));
     }
 }

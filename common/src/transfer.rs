@@ -312,7 +312,9 @@ pub async fn send_file(
 }
 
 /// Reads the header of an accepted data stream.
-pub async fn read_header(recv: &mut quinn::RecvStream) -> Result<(StreamKind, String), TransferError> {
+pub async fn read_header(
+    recv: &mut quinn::RecvStream,
+) -> Result<(StreamKind, String), TransferError> {
     let header: StreamHeader = read_frame(recv).await?.ok_or(TransferError::NoHeader)?;
     let kind = StreamKind::try_from(header.kind)
         .ok()
@@ -356,7 +358,11 @@ where
         let value = consume(&mut source)?;
         io::copy(&mut source, &mut io::sink())
             .map_err(|e| TransferError::io("draining data stream", e))?;
-        Ok((value, source.bytes, source.hasher.finalize().to_hex().to_string()))
+        Ok((
+            value,
+            source.bytes,
+            source.hasher.finalize().to_hex().to_string(),
+        ))
     });
 
     let mut read_result = Ok(());

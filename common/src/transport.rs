@@ -1,10 +1,553 @@
-// TEMPORARY STUB: replaced by the real module.
-use std::net::SocketAddr;
-use crate::certs::TlsDir;
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError { #[error("x {target}")] BadTarget { target: String } }
+//! QUIC endpoints for the link between the migration source and destination.
+//!
+//! Both ends authenticate with certificates from migrate's own CA
+//! (see [`crate::certs`]): the destination accepts only clients whose
+//! certificate that CA signed, and the source accepts only a server whose
+//! certificate that CA signed for the very name or address it dialed. There is
+//! deliberately no plaintext mode and no way to skip verification.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, Endpoint, IdleTimeout, TransportConfig, VarInt};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use tokio::task::JoinSet;
+
+use crate::certs::{subject_name, TlsDir};
+
+/// The ALPN protocol both sides insist on, so that a stray QUIC client (or a
+/// future incompatible version of migrate) fails the handshake cleanly.
 pub const ALPN: &[u8] = b"migrate/1";
-pub fn server_endpoint(_listen: SocketAddr, _tls: &TlsDir) -> Result<quinn::Endpoint, TransportError> { unimplemented!() }
-pub fn client_endpoint(_peer: SocketAddr, _tls: &TlsDir) -> Result<quinn::Endpoint, TransportError> { unimplemented!() }
-pub async fn connect(_target: &str, _tls: &TlsDir) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> { unimplemented!() }
-pub fn peer_name(_conn: &quinn::Connection) -> Option<String> { unimplemented!() }
+
+const MIB: u32 = 1024 * 1024;
+// Checkpoint images run to gigabytes and must cross in minutes, so the windows
+// are sized for a high bandwidth-delay product rather than quinn's defaults.
+const STREAM_RECEIVE_WINDOW: u32 = 16 * MIB;
+const CONNECTION_RECEIVE_WINDOW: u32 = 64 * MIB;
+const SEND_WINDOW: u64 = 64 * MIB as u64;
+// Image files are sent on parallel uni streams; control exchanges use bi streams.
+const MAX_UNI_STREAMS: u32 = 128;
+const MAX_BIDI_STREAMS: u32 = 16;
+// A frozen container is waiting on the link, so a dead peer has to be noticed
+// within seconds; keep-alives keep a quiet but healthy link from idling out.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const MAX_IDLE_TIMEOUT_MS: u32 = 15_000;
+
+/// Why setting up the QUIC link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{target} is not host:port (write IPv6 addresses in brackets, e.g. [::1]:4433)")]
+    BadTarget { target: String },
+    #[error("resolving {target}")]
+    Resolve {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{target} resolved to no addresses")]
+    NoAddress { target: String },
+    #[error("binding a UDP socket to {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuring TLS 1.3")]
+    TlsVersion {
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the CA certificate cannot serve as a trust anchor")]
+    TrustAnchor {
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("building the client certificate verifier")]
+    ClientVerifier {
+        #[source]
+        source: VerifierBuilderError,
+    },
+    #[error("the host certificate and key cannot be used as this host's TLS identity")]
+    Identity {
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the TLS configuration has no cipher suite usable for QUIC")]
+    Quic {
+        #[source]
+        source: NoInitialCipherSuite,
+    },
+    #[error("dialing {addr}")]
+    Dial {
+        addr: SocketAddr,
+        #[source]
+        source: quinn::ConnectError,
+    },
+    #[error("connecting to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: ConnectionError,
+    },
+}
+
+/// Destination side: listens on `listen`; clients must present a certificate
+/// signed by the CA in `tls` (rustls WebPkiClientVerifier); there is no
+/// plaintext mode and no way to skip verification.
+pub fn server_endpoint(listen: SocketAddr, tls: &TlsDir) -> Result<Endpoint, TransportError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(tls)?), provider.clone())
+            .build()
+            .map_err(|source| TransportError::ClientVerifier { source })?;
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TransportError::TlsVersion { source })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())
+        .map_err(|source| TransportError::Identity { source })?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        QuicServerConfig::try_from(crypto).map_err(|source| TransportError::Quic { source })?;
+
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport_config());
+    Endpoint::server(config, listen).map_err(|source| TransportError::Bind {
+        addr: listen,
+        source,
+    })
+}
+
+/// Source side: an endpoint bound to an ephemeral port on the unspecified
+/// address of `peer`'s family, presenting `tls`'s certificate, trusting only
+/// `tls`'s CA.
+pub fn client_endpoint(peer: SocketAddr, tls: &TlsDir) -> Result<Endpoint, TransportError> {
+    bind_client(peer, client_config(tls)?)
+}
+
+/// Resolves "host:port" (name or IP literal, IPv6 in brackets), dials it, and
+/// verifies that the server's certificate matches `host` (DNS name or IP SAN).
+/// Returns the connection and the endpoint (the caller must keep the endpoint
+/// alive and call `endpoint.wait_idle()` at the end).
+///
+/// When the name resolves to several addresses they are all dialed at once and
+/// the first handshake to complete wins: an address nobody listens on produces
+/// no QUIC error at all, only a timeout after the idle period, so trying the
+/// addresses one after another could stall for that long per address.
+pub async fn connect(
+    target: &str,
+    tls: &TlsDir,
+) -> Result<(Endpoint, quinn::Connection), TransportError> {
+    let (host, port) = split_target(target).ok_or_else(|| TransportError::BadTarget {
+        target: target.to_owned(),
+    })?;
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| TransportError::Resolve {
+            target: target.to_owned(),
+            source,
+        })?
+        .collect();
+    let config = client_config(tls)?;
+
+    let mut failure = None;
+    let mut attempts = JoinSet::new();
+    for addr in addrs {
+        let attempt = bind_client(addr, config.clone()).and_then(|endpoint| {
+            endpoint
+                .connect(addr, host)
+                .map(|connecting| (endpoint, connecting))
+                .map_err(|source| TransportError::Dial { addr, source })
+        });
+        match attempt {
+            Ok((endpoint, connecting)) => {
+                attempts.spawn(async move { (addr, endpoint, connecting.await) });
+            }
+            // The other address family may still work (e.g. a host without IPv6).
+            Err(err) => keep_most_telling(&mut failure, err),
+        }
+    }
+
+    while let Some(joined) = attempts.join_next().await {
+        let (addr, endpoint, result) = match joined {
+            Ok(outcome) => outcome,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            // Only cancelled when the runtime shuts down under us.
+            Err(_) => continue,
+        };
+        match result {
+            Ok(conn) => {
+                tracing::debug!(%addr, peer = target, "connected");
+                // Dropping the set aborts the slower attempts.
+                return Ok((endpoint, conn));
+            }
+            Err(source) => {
+                tracing::debug!(%addr, peer = target, error = %source, "connection attempt failed");
+                keep_most_telling(&mut failure, TransportError::Connect { addr, source });
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(|| TransportError::NoAddress {
+        target: target.to_owned(),
+    }))
+}
+
+/// The peer's certificate subject name (CN or first SAN) of an accepted
+/// connection, for logs.
+pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    subject_name(chain.first()?)
+}
+
+/// Keeps the first failure worth reporting: an address that could not be
+/// bound or reached says little about why the peer is unavailable, so a
+/// handshake failure from another address replaces it.
+fn keep_most_telling(failure: &mut Option<TransportError>, err: TransportError) {
+    let says_little = |err: &TransportError| {
+        matches!(
+            err,
+            TransportError::Bind { .. }
+                | TransportError::Connect {
+                    source: ConnectionError::TimedOut,
+                    ..
+                }
+        )
+    };
+    let replace = match failure {
+        None => true,
+        Some(current) => says_little(current) && !says_little(&err),
+    };
+    if replace {
+        *failure = Some(err);
+    }
+}
+
+/// Splits "host:port" where host is a name, an IPv4 literal or a bracketed IPv6
+/// literal; the brackets are removed from the returned host.
+fn split_target(target: &str) -> Option<(&str, u16)> {
+    let (host, port) = match target.strip_prefix('[') {
+        Some(rest) => {
+            let (host, rest) = rest.split_once(']')?;
+            (host, rest.strip_prefix(':')?)
+        }
+        None => {
+            let (host, port) = target.rsplit_once(':')?;
+            // An unbracketed IPv6 literal cannot be told apart from its port.
+            if host.contains(':') {
+                return None;
+            }
+            (host, port)
+        }
+    };
+    let port = port.parse().ok().filter(|&port| port != 0)?;
+    (!host.is_empty()).then_some((host, port))
+}
+
+/// The one transport configuration both ends use.
+fn transport_config() -> Arc<TransportConfig> {
+    let mut config = TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+            MAX_IDLE_TIMEOUT_MS,
+        ))));
+    Arc::new(config)
+}
+
+/// The ring provider, named explicitly so that behaviour does not depend on
+/// whichever process-wide default some other crate may have installed.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(tls: &TlsDir) -> Result<RootCertStore, TransportError> {
+    let mut roots = RootCertStore::empty();
+    for ca in &tls.ca_certs {
+        roots
+            .add(ca.clone())
+            .map_err(|source| TransportError::TrustAnchor { source })?;
+    }
+    Ok(roots)
+}
+
+fn client_config(tls: &TlsDir) -> Result<quinn::ClientConfig, TransportError> {
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TransportError::TlsVersion { source })?
+        .with_root_certificates(root_store(tls)?)
+        .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())
+        .map_err(|source| TransportError::Identity { source })?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto =
+        QuicClientConfig::try_from(crypto).map_err(|source| TransportError::Quic { source })?;
+
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport_config());
+    Ok(config)
+}
+
+fn bind_client(peer: SocketAddr, config: quinn::ClientConfig) -> Result<Endpoint, TransportError> {
+    let addr = match peer {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let mut endpoint =
+        Endpoint::client(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::certs::{create_ca, issue};
+    use std::future::Future;
+    use std::path::{Path, PathBuf};
+    use tokio::task::JoinHandle;
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    const PAYLOAD: &[u8] = b"checkpoint bytes";
+    // Every rejection is immediate, so anything near the idle timeout is a hang.
+    const TEST_DEADLINE: Duration = Duration::from_secs(10);
+
+    async fn within_deadline<T>(future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(TEST_DEADLINE, future).await.unwrap()
+    }
+
+    fn new_ca(root: &Path, label: &str) -> PathBuf {
+        let dir = root.join(label);
+        create_ca(&dir).unwrap();
+        dir
+    }
+
+    fn host(root: &Path, ca: &Path, name: &str) -> TlsDir {
+        let dir = root.join(format!("host-{name}"));
+        issue(ca, name, &dir).unwrap();
+        TlsDir::load(&dir).unwrap()
+    }
+
+    fn listen(addr: &str, tls: &TlsDir) -> (Endpoint, u16) {
+        let endpoint = server_endpoint(addr.parse().unwrap(), tls).unwrap();
+        let port = endpoint.local_addr().unwrap().port();
+        (endpoint, port)
+    }
+
+    /// Accepts one connection, echoes one bi stream back and returns the
+    /// client's name once the client hangs up.
+    fn echo_once(endpoint: Endpoint) -> JoinHandle<Result<Option<String>, BoxError>> {
+        tokio::spawn(async move {
+            let conn = endpoint.accept().await.ok_or("endpoint closed")?.await?;
+            let name = peer_name(&conn);
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let data = recv.read_to_end(1 << 20).await?;
+            send.write_all(&data).await?;
+            send.finish()?;
+            conn.closed().await;
+            Ok(name)
+        })
+    }
+
+    async fn exchange(conn: &quinn::Connection) -> Result<Vec<u8>, BoxError> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(PAYLOAD).await?;
+        send.finish()?;
+        Ok(recv.read_to_end(1 << 20).await?)
+    }
+
+    /// Dials `target`, echoes PAYLOAD through `server` and checks both sides
+    /// see the other's certificate name.
+    async fn round_trip(target: &str, client: &TlsDir, server: Endpoint, server_name: &str) {
+        let served = echo_once(server);
+        let (endpoint, conn) = within_deadline(connect(target, client)).await.unwrap();
+        assert_eq!(within_deadline(exchange(&conn)).await.unwrap(), PAYLOAD);
+        assert_eq!(peer_name(&conn).as_deref(), Some(server_name));
+        let handshake = conn
+            .handshake_data()
+            .unwrap()
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .unwrap();
+        assert_eq!(handshake.protocol.as_deref(), Some(ALPN));
+        conn.close(0u32.into(), b"done");
+        let client_name = within_deadline(served).await.unwrap().unwrap();
+        assert_eq!(client_name.as_deref(), Some("source.example"));
+        within_deadline(endpoint.wait_idle()).await;
+    }
+
+    #[tokio::test]
+    async fn echo_over_ipv4_literal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let (server, port) = listen("127.0.0.1:0", &host(tmp.path(), &ca, "127.0.0.1"));
+        let client = host(tmp.path(), &ca, "source.example");
+        round_trip(&format!("127.0.0.1:{port}"), &client, server, "127.0.0.1").await;
+    }
+
+    #[tokio::test]
+    async fn echo_over_dns_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        // Listen where "localhost" resolves first; connect() has to find it
+        // among all of localhost's addresses.
+        let local = tokio::net::lookup_host(("localhost", 0))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let (server, port) = listen(&local.to_string(), &host(tmp.path(), &ca, "localhost"));
+        let client = host(tmp.path(), &ca, "source.example");
+        round_trip(&format!("localhost:{port}"), &client, server, "localhost").await;
+    }
+
+    #[tokio::test]
+    async fn echo_over_ipv6_literal() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("skipping: this host has no IPv6 loopback");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let (server, port) = listen("[::1]:0", &host(tmp.path(), &ca, "::1"));
+        let client = host(tmp.path(), &ca, "source.example");
+        round_trip(&format!("[::1]:{port}"), &client, server, "::1").await;
+    }
+
+    #[tokio::test]
+    async fn client_signed_by_another_ca_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let rogue_ca = new_ca(tmp.path(), "rogue-ca");
+        let (server, port) = listen("127.0.0.1:0", &host(tmp.path(), &ca, "127.0.0.1"));
+        let served = echo_once(server);
+        // The rogue client trusts the real CA, so only the server's check can stop it.
+        let mut client = host(tmp.path(), &rogue_ca, "source.example");
+        client.ca_certs = host(tmp.path(), &ca, "other.example").ca_certs;
+
+        let outcome = within_deadline(async {
+            let (_endpoint, conn) = connect(&format!("127.0.0.1:{port}"), &client).await?;
+            exchange(&conn).await
+        })
+        .await;
+        assert!(outcome.is_err(), "rogue client got {outcome:?}");
+        let refusal = within_deadline(served).await.unwrap().unwrap_err();
+        assert!(refusal.to_string().contains("UnknownIssuer"), "{refusal}");
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let server_tls = host(tmp.path(), &ca, "127.0.0.1");
+        let (server, port) = listen("127.0.0.1:0", &server_tls);
+        let served = echo_once(server);
+
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(root_store(&server_tls).unwrap())
+            .with_no_client_auth();
+        crypto.alpn_protocols = vec![ALPN.to_vec()];
+        let config =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(crypto).unwrap()));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let endpoint = bind_client(addr, config).unwrap();
+
+        let outcome = within_deadline(async {
+            let conn = endpoint.connect(addr, "127.0.0.1")?.await?;
+            exchange(&conn).await
+        })
+        .await;
+        assert!(outcome.is_err(), "anonymous client got {outcome:?}");
+        let refusal = within_deadline(served).await.unwrap().unwrap_err();
+        assert!(refusal.to_string().contains("no certificates"), "{refusal}");
+    }
+
+    #[tokio::test]
+    async fn server_certificate_for_another_name_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let (server, port) = listen("127.0.0.1:0", &host(tmp.path(), &ca, "198.18.0.9"));
+        let served = echo_once(server);
+        let client = host(tmp.path(), &ca, "source.example");
+
+        let err = within_deadline(connect(&format!("127.0.0.1:{port}"), &client))
+            .await
+            .unwrap_err();
+        match &err {
+            TransportError::Connect {
+                source: ConnectionError::TransportError(cause),
+                ..
+            } => assert!(cause.to_string().contains("not valid for name"), "{cause}"),
+            other => panic!("expected a handshake failure, got {other:?}"),
+        }
+        assert!(within_deadline(served).await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn server_signed_by_another_ca_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let rogue_ca = new_ca(tmp.path(), "rogue-ca");
+        let mut rogue_server = host(tmp.path(), &rogue_ca, "127.0.0.1");
+        // The rogue server trusts the real CA, so only the client's check can stop it.
+        let client = host(tmp.path(), &ca, "source.example");
+        rogue_server.ca_certs = client.ca_certs.clone();
+        let (server, port) = listen("127.0.0.1:0", &rogue_server);
+        let served = echo_once(server);
+
+        let err = within_deadline(connect(&format!("127.0.0.1:{port}"), &client))
+            .await
+            .unwrap_err();
+        match &err {
+            TransportError::Connect {
+                source: ConnectionError::TransportError(cause),
+                ..
+            } => assert!(cause.to_string().contains("UnknownIssuer"), "{cause}"),
+            other => panic!("expected a handshake failure, got {other:?}"),
+        }
+        assert!(within_deadline(served).await.unwrap().is_err());
+    }
+
+    #[test]
+    fn targets_need_a_port_and_brackets_around_ipv6() {
+        assert_eq!(split_target("127.0.0.1:4433"), Some(("127.0.0.1", 4433)));
+        assert_eq!(split_target("dst.example:1"), Some(("dst.example", 1)));
+        assert_eq!(split_target("[::1]:4433"), Some(("::1", 4433)));
+        for bad in [
+            "dst.example",
+            "dst.example:",
+            "dst.example:0",
+            "dst.example:http",
+            ":4433",
+            "::1:4433",
+            "[::1]",
+            "[::1]4433",
+            "[]:4433",
+        ] {
+            assert_eq!(split_target(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_target_is_reported_before_any_network_activity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = new_ca(tmp.path(), "ca");
+        let client = host(tmp.path(), &ca, "source.example");
+        let err = connect("::1:4433", &client).await.unwrap_err();
+        assert!(matches!(err, TransportError::BadTarget { .. }), "{err:?}");
+    }
+}

@@ -1,1 +1,116 @@
-fn main(){}
+//! `migrate-dst`: the destination daemon of live container migrations.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use migrate_common::certs::TlsDir;
+use migrate_common::criu::Criu;
+use migrate_common::runc::Runc;
+use migrate_dst::Daemon;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migrate-dst",
+    version,
+    about = "Receive and restore live-migrated runc containers",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
+    #[arg(long, required = true)]
+    listen: Option<SocketAddr>,
+    /// Directory with ca.pem, cert.pem and key.pem (see `migrate certs`).
+    #[arg(long, default_value = "/etc/migrate/tls")]
+    tls_dir: PathBuf,
+    /// Where layers, received images and restored containers' files live.
+    #[arg(long, default_value = "/var/lib/migrate-dst")]
+    state_dir: PathBuf,
+    /// runc root to register restored containers in.
+    #[arg(long, default_value = "/run/runc")]
+    runc_root: PathBuf,
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    #[arg(long, default_value = "criu")]
+    criu: PathBuf,
+    /// Cgroup parent for restored containers (cgroupfs path, e.g. /migrate);
+    /// by default they keep the source's cgroupsPath.
+    #[arg(long)]
+    cgroup_parent: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// OCI createRuntime hook run by runc during restore; not for users.
+    #[command(hide = true)]
+    NetworkHook,
+    /// Appends stdin to FILE until EOF: a restored container's stdio sink.
+    #[command(hide = true)]
+    LogShim { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::NetworkHook) => network_hook(),
+        Some(Command::LogShim { file }) => log_shim(&file),
+        None => run_daemon(cli.daemon),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migrate-dst: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn network_hook() -> anyhow::Result<()> {
+    let state = migrate_common::netns::read_hook_state(std::io::stdin())?;
+    migrate_common::netns::bring_up_loopback(state.pid)?;
+    Ok(())
+}
+
+fn log_shim(file: &PathBuf) -> anyhow::Result<()> {
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    let mut input = std::io::stdin().lock();
+    std::io::copy(&mut input, &mut out).context("copying container output")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIGRATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let listen = args.listen.context("--listen is required")?;
+    let tls = TlsDir::load(&args.tls_dir).context("loading TLS material")?;
+    let daemon = Daemon::new(
+        args.state_dir,
+        Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
+        Criu::new(args.criu),
+        args.cgroup_parent,
+    )?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(migrate_dst::serve(listen, &tls, daemon))
+}

@@ -1,1 +1,175 @@
-fn main(){}
+//! `migrate`: live-migrate a runc container to another host, and manage the
+//! certificates both hosts use. Parses arguments and hands over to the
+//! `migrate_src` library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use migrate_common::criu::Criu;
+use migrate_common::runc::{CriuOptions, Runc};
+use migrate_src::progress::Reporter;
+use migrate_src::MigrateOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migrate",
+    version,
+    about = "Live-migrate a running runc container to another host",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    migrate: MigrateArgs,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// The container's id in the runc root.
+    #[arg(required = true)]
+    container_id: Option<String>,
+    /// Destination daemon, host:port; host must match its certificate.
+    #[arg(long, required = true, value_name = "HOST:PORT")]
+    to: Option<String>,
+    /// Directory with ca.pem, cert.pem and key.pem (see `migrate certs`).
+    #[arg(long, default_value = "/etc/migrate/tls")]
+    tls_dir: PathBuf,
+    /// runc root holding the container (containerd: /run/containerd/runc/<namespace>).
+    #[arg(long, default_value = "/run/runc")]
+    runc_root: PathBuf,
+    /// runc binary.
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    /// CRIU binary (passed on to runc).
+    #[arg(long, default_value = "criu")]
+    criu: PathBuf,
+    /// Where checkpoint images are written; should be tmpfs.
+    #[arg(long, default_value = "/dev/shm/migrate")]
+    work_dir: PathBuf,
+    /// Longest the container may stay frozen waiting for the destination,
+    /// in seconds; then it resumes on the source.
+    #[arg(long, default_value_t = 120)]
+    freeze_timeout: u64,
+    /// Bytes of deleted-but-mapped files CRIU may copy into the images.
+    #[arg(long, default_value_t = 64 << 20)]
+    ghost_limit: u64,
+    /// Checkpoint established TCP connections too.
+    #[arg(long)]
+    tcp_established: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and issue TLS certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Called by CRIU's action script during a checkpoint; not for users.
+    #[command(hide = true)]
+    CriuActionHook { socket: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a certificate authority: ca.pem and ca-key.pem.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue one host's certificate into a tls dir (ca.pem, cert.pem, key.pem).
+    Issue {
+        /// Directory holding the CA (ca.pem, ca-key.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The host's DNS name or IP address, as the source will dial it.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CriuActionHook { socket }) => {
+            let action = std::env::var(migrate_common::hook::ACTION_ENV).unwrap_or_default();
+            let code = migrate_common::hook::run_action_hook(&socket, &action);
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
+        Some(Command::Certs(cmd)) => return report(certs(cmd)),
+        None => {}
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MIGRATE_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    report(run_migration(cli.migrate))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migrate: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Ca { out } => {
+            migrate_common::certs::create_ca(&out)?;
+            println!("CA written to {} (keep ca-key.pem private)", out.display());
+        }
+        CertsCommand::Issue { ca, name, out } => {
+            migrate_common::certs::issue(&ca, &name, &out)?;
+            println!("certificate for {name} written to {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
+    let (Some(container_id), Some(destination)) = (args.container_id, args.to) else {
+        anyhow::bail!("a container id and --to are required");
+    };
+    if !migrate_common::valid_container_id(&container_id) {
+        anyhow::bail!("{container_id:?} is not a valid container id");
+    }
+    let opts = MigrateOptions {
+        container_id,
+        destination,
+        tls_dir: args.tls_dir,
+        runc: Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
+        criu: Criu::new(args.criu),
+        work_base: args.work_dir,
+        freeze_timeout: Duration::from_secs(args.freeze_timeout),
+        ghost_limit: args.ghost_limit,
+        criu_options: CriuOptions {
+            tcp_established: args.tcp_established,
+        },
+        migrate_exe: std::env::current_exe().context("locating the migrate executable")?,
+    };
+    let interactive = std::io::stderr().is_terminal() && !args.json;
+    let reporter = Reporter::new(interactive, args.json);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let result = runtime.block_on(migrate_src::migrate(&opts, &reporter));
+    reporter.finish();
+    let summary = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", summary.human());
+    }
+    Ok(())
+}

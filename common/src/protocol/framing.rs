@@ -128,7 +128,10 @@ mod tests {
             let err = read_frame::<_, ControlMessage>(&mut input)
                 .await
                 .unwrap_err();
-            assert!(matches!(err, FrameError::Torn { .. }), "cut at {cut}: {err}");
+            assert!(
+                matches!(err, FrameError::Torn { .. }),
+                "cut at {cut}: {err}"
+            );
         }
     }
 

@@ -95,6 +95,9 @@ pub struct Hello {
     pub memory_bytes: u64,
     #[prost(string, tag = "7")]
     pub source_criu_version: String,
+    /// CRIU options that restore must repeat.
+    #[prost(bool, tag = "8")]
+    pub tcp_established: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, prost::Message)]

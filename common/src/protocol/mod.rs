@@ -38,13 +38,15 @@
 //! preflight refusal, never a guess. Enumerations reserve 0 for "invalid" so
 //! that a zeroed or missing field is never mistaken for a meaningful value.
 
+pub mod control;
 pub mod framing;
 pub mod messages;
 pub mod state;
 
+pub use control::{ControlChannel, ControlError};
 pub use framing::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 pub use messages::*;
-pub use state::{DestinationState, ProtocolError};
+pub use state::{DestinationState, Direction, ProtocolError};
 
 /// Bumped on any incompatible change to messages or to the order of the
 /// exchange.

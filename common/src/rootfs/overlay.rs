@@ -93,12 +93,17 @@ impl OverlayMount {
                 return Err(bad("data-only lower layers"));
             }
         }
-        let upper = upper.ok_or_else(|| bad("no upperdir: a read-only overlay has no changes to move"))?;
+        let upper =
+            upper.ok_or_else(|| bad("no upperdir: a read-only overlay has no changes to move"))?;
         let work = work.ok_or_else(|| bad("no workdir"))?;
         if lowers.is_empty() {
             return Err(bad("no lowerdir"));
         }
-        if !lowers.iter().chain([&upper, &work]).all(|p| p.is_absolute()) {
+        if !lowers
+            .iter()
+            .chain([&upper, &work])
+            .all(|p| p.is_absolute())
+        {
             return Err(bad("relative layer paths"));
         }
         Ok(Self {
@@ -148,7 +153,10 @@ mod tests {
             "rw,lowerdir=/l/top:/l/base,upperdir=/u,workdir=/w,index=off",
         )
         .unwrap();
-        assert_eq!(o.lowers, [PathBuf::from("/l/top"), PathBuf::from("/l/base")]);
+        assert_eq!(
+            o.lowers,
+            [PathBuf::from("/l/top"), PathBuf::from("/l/base")]
+        );
         assert_eq!(o.upper, PathBuf::from("/u"));
         assert_eq!(o.work, PathBuf::from("/w"));
     }

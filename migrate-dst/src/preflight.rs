@@ -1,0 +1,129 @@
+//! Phase 3 on the destination: can this host take the container? Every
+//! check runs, so the source hears all the reasons at once, and none of them
+//! changes anything but the claim on the container's id.
+
+use migrate_common::bundle::BundleConfig;
+use migrate_common::criu::MIN_VERSION;
+use migrate_common::protocol::{Hello, PreflightReply, PROTOCOL_VERSION};
+use migrate_common::rootfs::digest::LayerDigest;
+
+use crate::restore::ContainerDir;
+use crate::Daemon;
+
+/// Room kept free on the state dir's filesystem beyond the estimate.
+const DISK_RESERVE: u64 = 256 << 20;
+
+/// The verdict, and on acceptance the claimed container dir.
+#[derive(Debug)]
+pub struct Preflight {
+    pub reply: PreflightReply,
+    pub claimed: Option<ContainerDir>,
+}
+
+pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
+    let mut refusals = Vec::new();
+    let mut reply = PreflightReply {
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+
+    if hello.protocol_version != PROTOCOL_VERSION {
+        refusals.push(format!(
+            "protocol version {} is not this destination's {PROTOCOL_VERSION}: upgrade the older side",
+            hello.protocol_version
+        ));
+    }
+    let id = hello.container_id.as_str();
+    let id_ok = migrate_common::valid_container_id(id);
+    if !id_ok {
+        refusals.push(format!("{id:?} is not a valid container id"));
+    }
+
+    match daemon.criu.version() {
+        Ok(v) => {
+            reply.criu_version = v.to_string();
+            if v < MIN_VERSION {
+                refusals.push(format!(
+                    "CRIU {v} is older than {MIN_VERSION}, which restore here needs"
+                ));
+            }
+            if let Err(e) = daemon.criu.check() {
+                refusals.push(format!("{e}"));
+            }
+        }
+        Err(e) => refusals.push(format!("CRIU is not usable: {e}")),
+    }
+    match daemon.runc.version() {
+        Ok(v) => reply.runc_version = v,
+        Err(e) => refusals.push(format!("runc is not usable: {e}")),
+    }
+    if id_ok && daemon.runc.exists(id) {
+        refusals.push(format!(
+            "a container named {id} already exists in runc root {}",
+            daemon.runc.root.display()
+        ));
+    }
+
+    match BundleConfig::parse(&hello.config_json) {
+        Ok(config) => {
+            for source in config.bind_mount_sources() {
+                if !source.exists() {
+                    refusals.push(format!(
+                        "bind mount source {} does not exist here",
+                        source.display()
+                    ));
+                }
+            }
+        }
+        Err(e) => refusals.push(format!("the container's config.json: {e}")),
+    }
+
+    let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
+    for layer in &hello.layers {
+        match LayerDigest::parse(&layer.digest) {
+            Ok(digest) if daemon.store.has(&digest) => {}
+            Ok(_) => {
+                reply.missing_layers.push(layer.digest.clone());
+                needed += layer.size_bytes;
+            }
+            Err(e) => refusals.push(format!("layer digest {:?}: {e}", layer.digest)),
+        }
+    }
+    match free_bytes(daemon) {
+        Ok(free) => {
+            reply.free_bytes = free;
+            if free < needed {
+                refusals.push(format!(
+                    "{} has {} MiB free, the migration needs about {} MiB",
+                    daemon.state_dir.display(),
+                    free >> 20,
+                    needed >> 20
+                ));
+            }
+        }
+        Err(e) => refusals.push(format!(
+            "cannot measure free space in {}: {e}",
+            daemon.state_dir.display()
+        )),
+    }
+
+    // Claiming the directory is the lock against a second migration of the
+    // same id, so it comes last, and only when everything else passed.
+    let mut claimed = None;
+    if refusals.is_empty() {
+        match ContainerDir::claim(&daemon.state_dir, id) {
+            Ok(dir) => claimed = Some(dir),
+            Err(e) => refusals.push(format!("{e:#}")),
+        }
+    }
+    reply.accepted = refusals.is_empty();
+    reply.refusals = refusals;
+    Preflight { reply, claimed }
+}
+
+fn free_bytes(daemon: &Daemon) -> nix::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(&daemon.state_dir)?;
+    Ok(st.blocks_available() * st.fragment_size())
+}

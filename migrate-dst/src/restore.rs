@@ -1,0 +1,229 @@
+//! Phase 7 on the destination: rebuild the rootfs, write the bundle, and
+//! `runc restore` the container; or, on failure, remove every trace of it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use migrate_common::bundle::{BundleConfig, DestinationRewrite, Hook};
+use migrate_common::mount::{mount_overlay, unmount_all_under};
+use migrate_common::protocol::{Failed, Hello, Restored};
+use migrate_common::rootfs::digest::LayerDigest;
+use migrate_common::runc::{CriuOptions, RuncError};
+
+use crate::Daemon;
+
+/// `<state>/containers/<id>`: everything the destination keeps for one
+/// container.
+#[derive(Debug, Clone)]
+pub struct ContainerDir {
+    pub root: PathBuf,
+}
+
+impl ContainerDir {
+    /// Creates the directory; fails if it exists, which means another
+    /// migration of this id is under way or left its state behind.
+    pub fn claim(state_dir: &Path, id: &str) -> Result<Self> {
+        let parent = state_dir.join("containers");
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let root = parent.join(id);
+        match std::fs::create_dir(&root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                "{} exists: another migration of {id} is under way, or a container of that name was restored \
+                 here before (remove it first)",
+                root.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("creating {}", root.display())),
+        }
+        let dir = Self { root };
+        for sub in [
+            dir.upper(),
+            dir.work(),
+            dir.rootfs(),
+            dir.bundle(),
+            dir.images(),
+            dir.criu_work(),
+        ] {
+            std::fs::create_dir(&sub).with_context(|| format!("creating {}", sub.display()))?;
+        }
+        Ok(dir)
+    }
+
+    pub fn upper(&self) -> PathBuf {
+        self.root.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.root.join("work")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.root.join("rootfs")
+    }
+    pub fn bundle(&self) -> PathBuf {
+        self.root.join("bundle")
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn criu_work(&self) -> PathBuf {
+        self.root.join("criu")
+    }
+    pub fn stdio_log(&self) -> PathBuf {
+        self.root.join("stdio.log")
+    }
+    pub fn runc_log(&self) -> PathBuf {
+        self.root.join("runc.log")
+    }
+}
+
+/// Restores the container; on failure returns the message for the source.
+pub fn restore(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Restored, Failed> {
+    let started = Instant::now();
+    prepare(daemon, hello, dir).map_err(|e| failed("preparing the bundle", &e, String::new()))?;
+    let id = &hello.container_id;
+    let (stdout, stderr) = spawn_log_shim(daemon, dir)
+        .map_err(|e| failed("starting the log shim", &e, String::new()))?;
+    let options = CriuOptions {
+        tcp_established: hello.tcp_established,
+    };
+    daemon
+        .runc
+        .restore(
+            id,
+            &dir.bundle(),
+            &dir.images(),
+            &dir.criu_work(),
+            &dir.runc_log(),
+            options,
+            stdout,
+            stderr,
+        )
+        .map_err(|e| match e {
+            RuncError::Restore {
+                status,
+                runc_log,
+                criu_log,
+                ..
+            } => Failed {
+                stage: "restore".into(),
+                message: format!("`runc restore` exited with {status}: {runc_log}"),
+                criu_log_tail: criu_log,
+            },
+            other => failed("restore", &other.into(), String::new()),
+        })?;
+    let state = daemon
+        .runc
+        .state(id)
+        .map_err(|e| failed("checking the restored container", &e.into(), String::new()))?;
+    if !state.is_running() {
+        return Err(Failed {
+            stage: "restore".into(),
+            message: format!(
+                "runc reports the restored container {}, not running",
+                state.status
+            ),
+            criu_log_tail: migrate_common::criu::log_tail(&dir.criu_work().join("restore.log"), 15),
+        });
+    }
+    Ok(Restored {
+        restore_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        pid: state.pid,
+    })
+}
+
+fn failed(stage: &str, error: &anyhow::Error, criu_log_tail: String) -> Failed {
+    Failed {
+        stage: stage.into(),
+        message: format!("{error:#}"),
+        criu_log_tail,
+    }
+}
+
+/// Mounts the overlay from the layer store and the received upper dir, and
+/// writes config.json rewritten for this host.
+fn prepare(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<()> {
+    let lowers = hello
+        .layers
+        .iter()
+        .map(|l| Ok(daemon.store.path(&LayerDigest::parse(&l.digest)?)))
+        .collect::<Result<Vec<_>>>()?;
+    mount_overlay(&lowers, &dir.upper(), &dir.work(), &dir.rootfs())?;
+    let mut config = BundleConfig::parse(&hello.config_json)?;
+    config.rewrite_for_destination(&DestinationRewrite {
+        container_id: hello.container_id.clone(),
+        rootfs: dir.rootfs(),
+        cgroup_parent: daemon.cgroup_parent.clone(),
+        network_hook: Some(Hook {
+            path: daemon.exe.clone(),
+            args: vec!["migrate-dst".into(), "network-hook".into()],
+        }),
+    })?;
+    let path = dir.bundle().join("config.json");
+    std::fs::write(&path, config.to_json())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Starts `migrate-dst log-shim`, a small process of its own that appends
+/// what the container writes to its stdout and stderr to `stdio.log`; returns
+/// the pipe ends to give the restored processes. A pipe, not the file
+/// itself, so that the container stays checkpointable: CRIU cannot dump a
+/// descriptor on a host file.
+fn spawn_log_shim(daemon: &Daemon, dir: &ContainerDir) -> Result<(Stdio, Stdio)> {
+    let (read_end, write_end) = nix::unistd::pipe().context("creating the stdio pipe")?;
+    let mut cmd = tokio::process::Command::new(&daemon.exe);
+    cmd.arg("log-shim")
+        .arg(dir.stdio_log())
+        .stdin(Stdio::from(read_end))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(false);
+    // Dropping the child leaves it running; tokio reaps it when it exits.
+    cmd.spawn().context("starting migrate-dst log-shim")?;
+    let stderr = write_end
+        .try_clone()
+        .context("duplicating the stdio pipe")?;
+    Ok((Stdio::from(write_end), Stdio::from(stderr)))
+}
+
+/// Removes every trace of a container that is not (or no longer) wanted
+/// here: the restored processes if any, runc's record, mounts, files.
+/// Leftover mounts under runc's state dir go first: `runc delete` removes
+/// that dir recursively, through a leftover `criu-root` bind mount into the
+/// container's rootfs.
+pub fn discard(daemon: &Daemon, id: &str, dir: &ContainerDir) {
+    let runc_dir = daemon.runc.state_dir(id);
+    if let Err(e) = unmount_all_under(&runc_dir) {
+        tracing::error!(error = %e, "unmounting leftovers under {}; not deleting", runc_dir.display());
+        return;
+    }
+    if daemon.runc.exists(id) {
+        let _ = daemon.runc.kill(id, "KILL");
+        // The kill is asynchronous; give the processes a moment to go.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Err(e) = daemon.runc.delete_force(id) {
+            tracing::warn!(error = %e, "runc delete {id}");
+        }
+    }
+    match unmount_all_under(&dir.root) {
+        Ok(_) => {
+            if let Err(e) = std::fs::remove_dir_all(&dir.root) {
+                tracing::warn!(error = %e, "removing {}", dir.root.display());
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "unmounting under {}; leaving it in place", dir.root.display())
+        }
+    }
+}
+
+/// After the commit: the images are no longer needed (they can be large);
+/// CRIU's logs stay for the record.
+pub fn drop_images(dir: &ContainerDir) {
+    if let Err(e) = std::fs::remove_dir_all(dir.images()) {
+        tracing::warn!(error = %e, "removing {}", dir.images().display());
+    }
+}

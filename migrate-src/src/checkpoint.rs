@@ -1,0 +1,190 @@
+//! Phase 5: checkpoint with `runc checkpoint` while keeping the container
+//! frozen, not killed, until the destination has answered.
+//!
+//! The images go to a working dir on tmpfs. The container's fate is held by
+//! the post-dump gate ([`migrate_common::hook`]): [`Checkpoint::finish`] lets
+//! CRIU kill the frozen processes; [`Checkpoint::resume`] (or this process
+//! dying) makes CRIU resume them.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use migrate_common::criu::{log_tail, CheckpointConfig, LOG_TAIL_LINES};
+use migrate_common::hook::{write_action_script, PostDumpGate, Verdict};
+use migrate_common::runc::{CriuOptions, Runc};
+use tokio::process::{Child, Command};
+
+/// A migration's private working directory on the source.
+#[derive(Debug)]
+pub struct WorkDir {
+    pub root: PathBuf,
+}
+
+impl WorkDir {
+    /// Creates `<base>/<id>-<pid>` (0700).
+    pub fn create(base: &Path, id: &str) -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(base)
+            .with_context(|| format!("creating work dir base {}", base.display()))?;
+        let root = base.join(format!("{id}-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&root)
+            .with_context(|| format!("creating work dir {}", root.display()))?;
+        Ok(Self { root })
+    }
+
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn remove(&self) -> Result<()> {
+        std::fs::remove_dir_all(&self.root)
+            .with_context(|| format!("removing {}", self.root.display()))
+    }
+}
+
+/// A running `runc checkpoint` that has dumped the container and waits in
+/// post-dump for a verdict.
+#[derive(Debug)]
+pub struct Checkpoint {
+    child: Option<Child>,
+    gate: PostDumpGate,
+    image_dir: PathBuf,
+    /// When CRIU started freezing the container (its pre-dump action).
+    pub frozen_at: Instant,
+    /// When the images were complete (its post-dump action).
+    pub dumped_at: Instant,
+}
+
+/// How the checkpoint ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// runc checkpoint exited 0: the source copy is gone.
+    Finished,
+    /// CRIU resumed the container on the source.
+    Resumed,
+}
+
+impl Checkpoint {
+    /// Starts `runc checkpoint` and returns once CRIU has written every image
+    /// and is blocked in post-dump with the container frozen. If CRIU fails
+    /// before that, the container is still running and the error carries the
+    /// tail of CRIU's dump log.
+    pub async fn start(
+        runc: &Runc,
+        id: &str,
+        work: &WorkDir,
+        migrate_exe: &Path,
+        ghost_limit: u64,
+        options: CriuOptions,
+    ) -> Result<Self> {
+        let image_dir = work.images();
+        std::fs::create_dir(&image_dir)
+            .with_context(|| format!("creating {}", image_dir.display()))?;
+        let socket = work.root.join("criu-action.sock");
+        let script = work.root.join("criu-action.sh");
+        let config = work.root.join("criu.conf");
+        let mut gate = PostDumpGate::bind(&socket)?;
+        write_action_script(&script, migrate_exe, &socket)?;
+        CheckpointConfig {
+            action_script: script,
+            ghost_limit,
+        }
+        .write(&config)?;
+
+        let std_cmd = runc.checkpoint_command(id, &image_dir, &image_dir, &config, options);
+        let mut child = Command::from(std_cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .with_context(|| format!("starting {}", runc.binary.display()))?;
+
+        let mut frozen_at = None;
+        loop {
+            tokio::select! {
+                event = gate.next_event() => {
+                    let Some(event) = event else { bail!("the CRIU action gate closed unexpectedly") };
+                    match event.action.as_str() {
+                        "pre-dump" => frozen_at = Some(event.at),
+                        "post-dump" => {
+                            return Ok(Self {
+                                frozen_at: frozen_at.unwrap_or(event.at),
+                                dumped_at: event.at,
+                                child: Some(child),
+                                gate,
+                                image_dir,
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                status = child.wait() => {
+                    let status = status.context("waiting for runc checkpoint")?;
+                    let output = read_output(&mut child).await;
+                    return Err(anyhow!(
+                        "source: `runc checkpoint {id}` failed before the images were complete ({status}); \
+                         the container keeps running on the source\nrunc: {}\nCRIU {}",
+                        output.trim(),
+                        log_tail(&image_dir.join("dump.log"), LOG_TAIL_LINES)
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn image_dir(&self) -> &Path {
+        &self.image_dir
+    }
+
+    /// The destination runs the container: let CRIU kill the frozen source
+    /// copy, and wait for runc to finish.
+    pub async fn finish(mut self) -> Result<Outcome> {
+        self.gate.decide(Verdict::Finish);
+        self.wait("finish").await
+    }
+
+    /// Something failed: CRIU resumes the container on the source.
+    pub async fn resume(mut self) -> Result<Outcome> {
+        self.gate.decide(Verdict::Resume);
+        self.wait("resume").await
+    }
+
+    async fn wait(&mut self, what: &str) -> Result<Outcome> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("checkpoint already waited for"))?;
+        let status = child.wait().await.context("waiting for runc checkpoint")?;
+        if status.success() {
+            return Ok(Outcome::Finished);
+        }
+        let output = read_output(&mut child).await;
+        let log = std::fs::read_to_string(self.image_dir.join("dump.log")).unwrap_or_default();
+        // CRIU logs this when the post-dump script told it to stop; the
+        // processes were unfrozen right after.
+        if log.contains("Post dump script passed with") || log.contains("Unfreezing tasks") {
+            return Ok(Outcome::Resumed);
+        }
+        bail!(
+            "source: `runc checkpoint` ended unexpectedly after the {what} verdict ({status})\nrunc: {}\nCRIU {}",
+            output.trim(),
+            log_tail(&self.image_dir.join("dump.log"), LOG_TAIL_LINES)
+        )
+    }
+}
+
+async fn read_output(child: &mut Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut text).await;
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut text).await;
+    }
+    text
+}
