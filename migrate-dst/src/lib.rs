@@ -28,6 +28,10 @@ use store::LayerStore;
 /// runs CRIU, so a few is plenty.
 const MAX_CONCURRENT_MIGRATIONS: usize = 4;
 
+/// How long the daemon waits for the source to close the connection after
+/// its last message.
+const LAST_WORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What every session of this daemon shares.
 #[derive(Debug)]
 pub struct Daemon {
@@ -68,6 +72,10 @@ impl Daemon {
 pub async fn serve(listen: SocketAddr, tls: &TlsDir, daemon: Daemon) -> Result<()> {
     let endpoint = transport::server_endpoint(listen, tls)?;
     info!(addr = %endpoint.local_addr()?, "listening");
+    daemon.store.remove_incomplete()?;
+    for id in restore::remove_stale(&daemon)? {
+        info!(container = id, "removed state left by an interrupted migration");
+    }
     let daemon = Arc::new(daemon);
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS));
     let mut sessions = tokio::task::JoinSet::new();
@@ -102,6 +110,9 @@ pub async fn serve(listen: SocketAddr, tls: &TlsDir, daemon: Daemon) -> Result<(
                 if let Err(e) = session::serve(conn.clone(), daemon).await {
                     warn!(error = %format!("{e:#}"), "migration ended with an error");
                 }
+                // The source closes once it has read our last message;
+                // closing first could discard that message in flight.
+                let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, conn.closed()).await;
                 conn.close(0u32.into(), b"done");
                 drop(permit);
             }

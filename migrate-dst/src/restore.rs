@@ -172,7 +172,10 @@ fn prepare(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<()> {
 /// itself, so that the container stays checkpointable: CRIU cannot dump a
 /// descriptor on a host file.
 fn spawn_log_shim(daemon: &Daemon, dir: &ContainerDir) -> Result<(Stdio, Stdio)> {
-    let (read_end, write_end) = nix::unistd::pipe().context("creating the stdio pipe")?;
+    // Close-on-exec, so that no other child of this daemon (the shim itself
+    // included) holds the write end and keeps the shim from seeing EOF.
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the stdio pipe")?;
     let mut cmd = tokio::process::Command::new(&daemon.exe);
     cmd.arg("log-shim")
         .arg(dir.stdio_log())
@@ -226,4 +229,27 @@ pub fn drop_images(dir: &ContainerDir) {
     if let Err(e) = std::fs::remove_dir_all(dir.images()) {
         tracing::warn!(error = %e, "removing {}", dir.images().display());
     }
+}
+
+/// At start-up: removes what migrations interrupted by a crash or kill of
+/// this daemon left behind. A container dir whose container runc does not
+/// know was never restored (or was deleted since), so nothing runs from it.
+pub fn remove_stale(daemon: &Daemon) -> Result<Vec<String>> {
+    let parent = daemon.state_dir.join("containers");
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(&parent) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", parent.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let id = entry.file_name().to_string_lossy().into_owned();
+        if !migrate_common::valid_container_id(&id) || daemon.runc.exists(&id) {
+            continue;
+        }
+        discard(daemon, &id, &ContainerDir { root: entry.path() });
+        removed.push(id);
+    }
+    Ok(removed)
 }

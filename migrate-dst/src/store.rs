@@ -23,6 +23,17 @@ impl LayerStore {
         })
     }
 
+    /// Removes layers whose transfer was interrupted.
+    pub fn remove_incomplete(&self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(".incoming-") {
+                discard(&entry.path());
+            }
+        }
+        Ok(())
+    }
+
     pub fn path(&self, digest: &LayerDigest) -> PathBuf {
         self.root.join(digest.as_str())
     }

@@ -52,7 +52,7 @@ impl Failure {
 /// the container is now.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("the destination refused the migration:\n  - {}\n{outcome}", reasons.join("\n  - "))]
+    #[error("the destination refused the migration:\n  - {}", reasons.join("\n  - "))]
     Refused {
         reasons: Vec<String>,
         outcome: String,
@@ -67,28 +67,43 @@ pub enum MigrationError {
         criu_log_tail: String,
         outcome: String,
     },
-    #[error("the connection to the destination failed\n{outcome}")]
+    #[error("the connection to the destination failed")]
     Link {
         #[source]
         source: ControlError,
         outcome: String,
     },
-    #[error("the destination answered {got} where {expected} was due\n{outcome}")]
+    #[error("the destination answered {got} where {expected} was due")]
     Protocol {
         expected: &'static str,
         got: String,
         outcome: String,
     },
-    #[error("the source side failed\n{outcome}")]
+    #[error("the source side failed")]
     Source {
         #[source]
         source: anyhow::Error,
         outcome: String,
     },
-    #[error("no answer from the destination within the freeze timeout ({timeout:?})\n{outcome}")]
+    #[error("no answer from the destination within the freeze timeout ({timeout:?})")]
     Timeout { timeout: Duration, outcome: String },
-    #[error("interrupted\n{outcome}")]
+    #[error("interrupted")]
     Interrupted { outcome: String },
+}
+
+impl MigrationError {
+    /// Where the container is now, confirmed from runc after the rollback.
+    pub fn outcome(&self) -> &str {
+        match self {
+            Self::Refused { outcome, .. }
+            | Self::Destination { outcome, .. }
+            | Self::Link { outcome, .. }
+            | Self::Protocol { outcome, .. }
+            | Self::Source { outcome, .. }
+            | Self::Timeout { outcome, .. }
+            | Self::Interrupted { outcome } => outcome,
+        }
+    }
 }
 
 fn log_section(tail: &str) -> String {

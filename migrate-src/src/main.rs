@@ -120,6 +120,9 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("migrate: error: {e:#}");
+            if let Some(failure) = e.downcast_ref::<migrate_src::MigrationError>() {
+                eprintln!("migrate: {}", failure.outcome());
+            }
             ExitCode::FAILURE
         }
     }

@@ -1,1 +1,463 @@
+//! Harness for the end-to-end tests: two "hosts" (network namespaces joined
+//! by a veth pair), a busybox rootfs layer, certificates, a destination
+//! daemon and a source container, each removed by a guard's `Drop` even
+//! when a test fails.
+//!
+//! Both hosts share one kernel, so each side gets its own runc root, state
+//! dir and cgroup parent. The tests need root, CRIU >= 4.2, runc, iproute2,
+//! iptables and busybox-static; `scripts/setup.sh` installs them. A missing
+//! prerequisite fails the test with what to install: nothing is skipped.
 
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const SRC_ADDR: &str = "198.18.0.1";
+pub const DST_ADDR: &str = "198.18.0.2";
+pub const DST_PORT: u16 = 7070;
+
+/// Fails the test unless everything it needs is installed.
+pub fn require_prerequisites() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (CRIU, runc, namespaces, mounts)"
+    );
+    let criu = Command::new("criu").arg("--version").output();
+    let version = criu
+        .as_ref()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let parsed = migrate_common::criu::CriuVersion::parse(&version);
+    assert!(
+        parsed.is_some_and(|v| v >= migrate_common::criu::MIN_VERSION),
+        "CRIU >= {} is required (found {version:?}): run scripts/setup.sh",
+        migrate_common::criu::MIN_VERSION
+    );
+    for (tool, args, package) in [
+        ("runc", &["--version"][..], "runc"),
+        ("ip", &["-V"][..], "iproute2"),
+        ("nsenter", &["--version"][..], "util-linux"),
+        ("iptables-restore", &["--version"][..], "iptables"),
+    ] {
+        let ok = Command::new(tool)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "{tool} is missing: install {package} (scripts/setup.sh does)");
+    }
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox is missing: install busybox-static (scripts/setup.sh does)"
+    );
+    for name in ["migrate", "migrate-dst"] {
+        assert!(
+            bin(name).exists(),
+            "{} is missing: run `cargo build --workspace` first",
+            bin(name).display()
+        );
+    }
+}
+
+/// A binary of this workspace, from the same target dir as the test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test-binary>
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+/// Runs a command and returns its output; panics with the output if it
+/// fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn unique() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    std::process::id() % 100_000 * 10 + NEXT.fetch_add(1, Ordering::Relaxed) % 10
+}
+
+/// Unmounts every mount at or below `dir` (deepest first).
+pub fn unmount_under(dir: &Path) {
+    if let Ok(done) = migrate_common::mount::unmount_all_under(dir) {
+        drop(done);
+    }
+}
+
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let entries = migrate_common::rootfs::mountinfo::read_own().unwrap();
+    migrate_common::rootfs::mountinfo::mounts_under(&entries, dir)
+        .into_iter()
+        .map(|e| e.mount_point.clone())
+        .collect()
+}
+
+/// Two network namespaces joined by a veth pair.
+#[derive(Debug)]
+pub struct Hosts {
+    pub src: String,
+    pub dst: String,
+}
+
+impl Hosts {
+    pub fn new(n: u32) -> Self {
+        let hosts = Self {
+            src: format!("me{n}s"),
+            dst: format!("me{n}d"),
+        };
+        let ip = |args: &[&str]| sh(Command::new("ip").args(args));
+        ip(&["netns", "add", &hosts.src]);
+        ip(&["netns", "add", &hosts.dst]);
+        let (vs, vd) = (format!("ve{n}s"), format!("ve{n}d"));
+        ip(&["link", "add", &vs, "type", "veth", "peer", "name", &vd]);
+        ip(&["link", "set", &vs, "netns", &hosts.src]);
+        ip(&["link", "set", &vd, "netns", &hosts.dst]);
+        ip(&["-n", &hosts.src, "addr", "add", &format!("{SRC_ADDR}/24"), "dev", &vs]);
+        ip(&["-n", &hosts.dst, "addr", "add", &format!("{DST_ADDR}/24"), "dev", &vd]);
+        for (ns, dev) in [(&hosts.src, &vs), (&hosts.dst, &vd)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        hosts
+    }
+
+    /// A command run "on" a host: in its network namespace only (not `ip
+    /// netns exec`, whose private mount namespace would hide our mounts).
+    pub fn on(&self, ns: &str, program: &Path) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+        cmd
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.src, &self.dst] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Everything one test needs; fields drop in order, the temp dir last.
+#[derive(Debug)]
+pub struct Lab {
+    pub n: u32,
+    pub hosts: Hosts,
+    /// The busybox layer (overlay lower dir).
+    pub layer: PathBuf,
+    pub tls_src: PathBuf,
+    pub tls_dst: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        require_prerequisites();
+        let n = unique();
+        let dir = tempfile::Builder::new().prefix("migrate-e2e.").tempdir().unwrap();
+        let hosts = Hosts::new(n);
+        let root = dir.path();
+        let migrate = bin("migrate");
+        sh(Command::new(&migrate).args(["certs", "ca", "--out"]).arg(root.join("ca")));
+        for (name, out) in [(DST_ADDR, "tls-dst"), (SRC_ADDR, "tls-src")] {
+            sh(Command::new(&migrate)
+                .args(["certs", "issue", "--ca"])
+                .arg(root.join("ca"))
+                .args(["--name", name, "--out"])
+                .arg(root.join(out)));
+        }
+        let layer = root.join("layer");
+        make_busybox_rootfs(&layer);
+        Self {
+            n,
+            hosts,
+            layer,
+            tls_src: root.join("tls-src"),
+            tls_dst: root.join("tls-dst"),
+            dir,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts `migrate-dst` on the destination host with `extra` arguments.
+    pub fn start_destination(&self, extra: &[&str]) -> Destination {
+        let state_dir = self.path("dst-state");
+        let runc_root = self.path("runc-dst");
+        let log = self.path(&format!("migrate-dst-{}.log", unique()));
+        let mut cmd = self.hosts.on(&self.hosts.dst, &bin("migrate-dst"));
+        cmd.arg("--listen")
+            .arg(format!("{DST_ADDR}:{DST_PORT}"))
+            .arg("--tls-dir")
+            .arg(&self.tls_dst)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--runc-root")
+            .arg(&runc_root)
+            .arg("--cgroup-parent")
+            .arg(format!("/migrate-e2e-{}-dst", self.n))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        let dst = Destination {
+            child: Some(child),
+            state_dir,
+            runc_root,
+            log,
+            cgroup_parent: format!("migrate-e2e-{}-dst", self.n),
+        };
+        wait_until("migrate-dst to listen", Duration::from_secs(10), || {
+            std::fs::read_to_string(&dst.log).unwrap_or_default().contains("listening")
+        });
+        dst
+    }
+
+    /// Starts container `id` on the source host, running `script` under
+    /// busybox sh, with its stdout and stderr on a pipe the test reads.
+    pub fn start_container(&self, id: &str, script: &str) -> SourceContainer {
+        let base = self.path(&format!("src-{id}"));
+        let (upper, work, rootfs, bundle) = (base.join("upper"), base.join("work"), base.join("rootfs"), base.join("bundle"));
+        for d in [&upper, &work, &rootfs, &bundle] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        migrate_common::mount::mount_overlay(std::slice::from_ref(&self.layer), &upper, &work, &rootfs).unwrap();
+        let runc_root = self.path("runc-src");
+        let cgroup_parent = format!("migrate-e2e-{}-src", self.n);
+        let mut container = SourceContainer {
+            id: id.to_owned(),
+            runc_root: runc_root.clone(),
+            rootfs: rootfs.clone(),
+            upper,
+            cgroup_parent: cgroup_parent.clone(),
+            output: Arc::new(Mutex::new(String::new())),
+        };
+        sh(Command::new("runc").arg("spec").current_dir(&bundle));
+        let config_path = bundle.join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["process"]["terminal"] = false.into();
+        config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
+        config["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+        config["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{id}").into();
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+
+        let mut run = self.hosts.on(&self.hosts.src, Path::new("runc"));
+        run.arg("--root")
+            .arg(&runc_root)
+            .args(["run", "--detach", "--bundle"])
+            .arg(&bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = run.spawn().unwrap();
+        let mut pipe = child.stdout.take().unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "runc run {id} failed: {status}");
+        let output = container.output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        container.runc_root = runc_root;
+        container
+    }
+
+    /// Runs `migrate` on the source host; returns its output.
+    pub fn migrate(&self, container: &SourceContainer, extra: &[&str]) -> Output {
+        self.migrate_command(container, extra).output().unwrap()
+    }
+
+    pub fn migrate_command(&self, container: &SourceContainer, extra: &[&str]) -> Command {
+        let mut cmd = self.hosts.on(&self.hosts.src, &bin("migrate"));
+        cmd.arg(&container.id)
+            .arg("--to")
+            .arg(format!("{DST_ADDR}:{DST_PORT}"))
+            .arg("--tls-dir")
+            .arg(&self.tls_src)
+            .arg("--runc-root")
+            .arg(&container.runc_root)
+            .arg("--work-dir")
+            .arg(self.work_dir())
+            .arg("--json")
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The source's base for per-migration working dirs.
+    pub fn work_dir(&self) -> PathBuf {
+        self.path("src-work")
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn make_busybox_rootfs(dir: &Path) {
+    for sub in ["bin", "dev", "proc", "sys", "tmp", "etc", "root", "var"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    let list = sh(Command::new("/bin/busybox").arg("--list"));
+    for applet in list.lines().filter(|a| *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+    std::fs::write(dir.join("etc/game.conf"), "level=1\n").unwrap();
+}
+
+fn runc_delete(root: &Path, id: &str) {
+    let _ = Command::new("runc").arg("--root").arg(root).args(["kill", id, "KILL"]).output();
+    std::thread::sleep(Duration::from_millis(200));
+    // Leftover criu-root mounts first: runc delete removes through them.
+    unmount_under(&root.join(id));
+    let _ = Command::new("runc").arg("--root").arg(root).args(["delete", "--force", id]).output();
+}
+
+fn remove_cgroup_parent(name: &str) {
+    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+        for ctl in controllers.flatten() {
+            let _ = std::fs::remove_dir(ctl.path().join(name));
+        }
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(name));
+}
+
+/// The `migrate-dst` daemon of a test.
+#[derive(Debug)]
+pub struct Destination {
+    child: Option<Child>,
+    pub state_dir: PathBuf,
+    pub runc_root: PathBuf,
+    pub log: PathBuf,
+    cgroup_parent: String,
+}
+
+impl Destination {
+    pub fn runc(&self, args: &[&str]) -> Output {
+        Command::new("runc").arg("--root").arg(&self.runc_root).args(args).output().unwrap()
+    }
+
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("containers").join(id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.runc_root) {
+            for entry in entries.flatten() {
+                runc_delete(&self.runc_root, &entry.file_name().to_string_lossy());
+            }
+        }
+        unmount_under(&self.state_dir);
+        remove_cgroup_parent(&self.cgroup_parent);
+    }
+}
+
+/// A container started on the source host.
+#[derive(Debug)]
+pub struct SourceContainer {
+    pub id: String,
+    pub runc_root: PathBuf,
+    pub rootfs: PathBuf,
+    pub upper: PathBuf,
+    cgroup_parent: String,
+    /// Everything the container wrote to stdout and stderr on the source.
+    pub output: Arc<Mutex<String>>,
+}
+
+impl SourceContainer {
+    pub fn state(&self) -> Option<serde_json::Value> {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(["state", &self.id])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    pub fn pid(&self) -> Option<u64> {
+        self.state()
+            .filter(|s| s["status"] == "running")
+            .and_then(|s| s["pid"].as_u64())
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        sh(Command::new("runc").arg("--root").arg(&self.runc_root).arg("exec").arg(&self.id).args(args))
+    }
+}
+
+impl Drop for SourceContainer {
+    fn drop(&mut self) {
+        runc_delete(&self.runc_root, &self.id);
+        unmount_under(&self.rootfs);
+        remove_cgroup_parent(&self.cgroup_parent);
+    }
+}
+
+/// Runs `args` in container `id` of runc root `root`.
+pub fn runc_exec(root: &Path, id: &str, args: &[&str]) -> String {
+    sh(Command::new("runc").arg("--root").arg(root).arg("exec").arg(id).args(args))
+}

@@ -1,0 +1,219 @@
+//! End-to-end migrations between two network-namespace hosts with real CRIU
+//! and runc. Run as root, one at a time (`--test-threads=1`: CRIU and runc
+//! use host-wide resources).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use migrate_e2e::{mounts_under, runc_exec, wait_until, Lab, SourceContainer};
+
+/// The container's game: a random token and a counter kept only in the
+/// shell's memory, a file held open on descriptor 3, a cwd, a file deleted
+/// from the lower layer (an overlay whiteout), a file created in the upper
+/// dir, and an HTTP server on the container's own loopback.
+const GAME: &str = r#"
+set -e
+mkdir -p /work
+cd /work
+exec 3</etc/game.conf
+token=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+rm /etc/group
+echo "made before the migration" > /work/made-before
+httpd -p 127.0.0.1:8080 -h /work
+i=0
+while true; do
+    i=$((i + 1))
+    echo "$token $i" > /work/counter
+    echo "tick $token $i"
+    sleep 0.2
+done
+"#;
+
+/// (token, count) as the game last wrote them, read through `exec`.
+fn counter(exec: impl Fn(&[&str]) -> String) -> (String, u64) {
+    let text = exec(&["cat", "/work/counter"]);
+    let (token, count) = text.trim().split_once(' ').unwrap();
+    (token.to_owned(), count.parse().unwrap())
+}
+
+fn wait_for_ticks(container: &SourceContainer, ticks: u64) -> (String, u64) {
+    let mut last = (String::new(), 0);
+    wait_until("the game to tick", Duration::from_secs(20), || {
+        if let Ok(text) = std::fs::read_to_string(container.rootfs.join("work/counter")) {
+            if let Some((t, c)) = text.trim().split_once(' ') {
+                last = (t.to_owned(), c.parse().unwrap_or(0));
+            }
+        }
+        last.1 >= ticks
+    });
+    last
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The container still runs on the source with the same process and memory:
+/// same pid, same token, and the counter goes on past `before`.
+fn assert_running_on_source_unchanged(container: &SourceContainer, pid: u64, before: &(String, u64)) {
+    assert_eq!(container.pid(), Some(pid), "the container must run on the source with its original pid");
+    let now = wait_for_ticks(container, before.1 + 3);
+    assert_eq!(now.0, before.0, "the in-memory token changed: the container was restarted, not resumed");
+}
+
+fn assert_work_dir_clean(lab: &Lab) {
+    let left: Vec<_> = std::fs::read_dir(lab.work_dir())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the source left working dirs behind: {left:?}");
+}
+
+#[test]
+fn migration_preserves_memory_files_and_rootfs_changes() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("game1", GAME);
+    let before = wait_for_ticks(&container, 5);
+
+    let out = lab.migrate(&container, &[]);
+    assert!(out.status.success(), "migrate failed:\n{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["container"], "game1");
+    assert!(summary["downtime_ms"].as_u64().unwrap() > 0, "{summary}");
+    assert!(summary["bytes_raw"].as_u64().unwrap() > summary["bytes_wire"].as_u64().unwrap() / 2);
+    assert_eq!(summary["layers_sent"], 1);
+    assert_eq!(summary["mode"], "stop-and-copy");
+
+    // Gone from the source, with nothing left behind.
+    assert!(container.state().is_none(), "the container is still registered on the source");
+    assert!(mounts_under(&container.runc_root).is_empty());
+    assert_work_dir_clean(&lab);
+
+    // Running on the destination under the same id, registered with runc.
+    let state: serde_json::Value = serde_json::from_slice(&dst.runc(&["state", "game1"]).stdout).unwrap();
+    assert_eq!(state["status"], "running");
+    let exec = |args: &[&str]| runc_exec(&dst.runc_root, "game1", args);
+    let after = counter(exec);
+    assert_eq!(after.0, before.0, "the in-memory token changed: restarted, not migrated");
+    assert!(after.1 >= before.1, "the counter went back: {before:?} -> {after:?}");
+    let start = Instant::now();
+    wait_until("the game to go on on the destination", Duration::from_secs(10), || {
+        counter(exec).1 >= after.1 + 3
+    });
+    assert!(start.elapsed() < Duration::from_secs(10));
+
+    // Open files, cwd and pids inside the pid namespace are as they were.
+    assert_eq!(exec(&["readlink", "/proc/1/cwd"]).trim(), "/work");
+    assert_eq!(exec(&["readlink", "/proc/1/fd/3"]).trim(), "/etc/game.conf");
+    // Rootfs changes: the file created in the upper dir, and the whiteout.
+    assert_eq!(exec(&["cat", "/work/made-before"]).trim(), "made before the migration");
+    assert_eq!(exec(&["sh", "-c", "test -e /etc/group && echo present || echo absent"]).trim(), "absent");
+    // The server on the container's loopback answers (the network hook).
+    let served = exec(&["wget", "-qO-", "http://127.0.0.1:8080/counter"]);
+    assert!(served.starts_with(&before.0), "served {served:?}");
+    // The container's output now goes to the destination's log.
+    let log_path = dst.container_dir("game1").join("stdio.log");
+    wait_until("output in the destination's stdio.log", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log_path).unwrap_or_default().contains(&format!("tick {}", before.0))
+    });
+    assert!(container.output.lock().unwrap().contains(&format!("tick {} 1\n", before.0)));
+    // runc kill works on it like on any container of that root.
+    assert!(dst.runc(&["kill", "game1", "KILL"]).status.success());
+    wait_until("the container to stop", Duration::from_secs(5), || {
+        let state: serde_json::Value =
+            serde_json::from_slice(&dst.runc(&["state", "game1"]).stdout).unwrap_or_default();
+        state["status"] == "stopped"
+    });
+}
+
+#[test]
+fn destination_that_refuses_leaves_the_container_untouched() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&["--criu", "/nonexistent/criu"]);
+    let container = lab.start_container("game2", GAME);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let out = lab.migrate(&container, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("the destination refused the migration"), "{err}");
+    assert!(err.contains("CRIU is not usable"), "{err}");
+    assert!(err.contains("was not touched and is running on the source"), "{err}");
+
+    assert_running_on_source_unchanged(&container, pid, &before);
+    assert!(!dst.container_dir("game2").exists(), "the destination kept state for a refused migration");
+    assert!(dst.runc(&["state", "game2"]).stdout.is_empty());
+    assert_work_dir_clean(&lab);
+}
+
+#[test]
+fn failed_restore_resumes_the_container_on_the_source() {
+    let lab = Lab::new();
+    // The destination's copy of the layer lacks the file the game holds open,
+    // so CRIU's restore fails to reopen it: a real restore failure.
+    let digest = migrate_common::rootfs::digest::layer_digest(&lab.layer).unwrap();
+    let state_dir = lab.path("dst-state");
+    let corrupt = state_dir.join("layers").join(digest.as_str());
+    std::fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
+    migrate_e2e::sh(std::process::Command::new("cp").arg("-a").arg(&lab.layer).arg(&corrupt));
+    std::fs::remove_file(corrupt.join("etc/game.conf")).unwrap();
+
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("game3", GAME);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let out = lab.migrate(&container, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("the destination failed at restore"), "{err}");
+    assert!(err.contains("restore.log"), "the error must show the destination's CRIU log: {err}");
+    assert!(err.contains("was resumed and is running on the source"), "{err}");
+
+    assert_running_on_source_unchanged(&container, pid, &before);
+    assert!(dst.runc(&["state", "game3"]).stdout.is_empty(), "runc still knows the failed container");
+    assert!(!dst.container_dir("game3").exists(), "the destination kept the failed container's state");
+    assert!(mounts_under(&dst.state_dir).is_empty(), "mounts left: {:?}", mounts_under(&dst.state_dir));
+    assert!(mounts_under(&dst.runc_root).is_empty());
+    assert_work_dir_clean(&lab);
+}
+
+#[test]
+fn killing_the_destination_mid_transfer_resumes_the_container() {
+    let lab = Lab::new();
+    let mut dst = lab.start_destination(&[]);
+    // 192 MiB of incompressible data in the rootfs: the transfer of the
+    // upper dir, which happens while the container is frozen, takes long
+    // enough to cut it in the middle.
+    let script = format!("head -c 201326592 /dev/urandom > /blob\n{GAME}");
+    let container = lab.start_container("game4", &script);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let mut migrate = lab.migrate_command(&container, &[]);
+    migrate.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let child = migrate.spawn().unwrap();
+    let upper = dst.container_dir("game4").join("upper");
+    wait_until("the upper dir to be arriving", Duration::from_secs(60), || {
+        std::fs::metadata(upper.join("blob")).is_ok_and(|m| m.len() > 16 << 20)
+    });
+    dst.kill();
+
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("was resumed and is running on the source"), "{err}");
+    assert_running_on_source_unchanged(&container, pid, &before);
+    assert_work_dir_clean(&lab);
+
+    // A restarted destination removes what the killed one left half-done.
+    let dst = lab.start_destination(&[]);
+    wait_until("the stale container dir to go", Duration::from_secs(10), || {
+        !dst.container_dir("game4").exists()
+    });
+    assert!(mounts_under(&dst.state_dir).is_empty());
+    assert!(dst.log_text().contains("removed state left by an interrupted migration"));
+}
