@@ -74,7 +74,10 @@ pub async fn serve(listen: SocketAddr, tls: &TlsDir, daemon: Daemon) -> Result<(
     info!(addr = %endpoint.local_addr()?, "listening");
     daemon.store.remove_incomplete()?;
     for id in restore::remove_stale(&daemon)? {
-        info!(container = id, "removed state left by an interrupted migration");
+        info!(
+            container = id,
+            "removed state left by an interrupted migration"
+        );
     }
     let daemon = Arc::new(daemon);
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS));

@@ -252,7 +252,7 @@ mod tests {
             (StreamKind::Image, "a.img".into()),
             Ok(digest(StreamKind::Image, "a.img", 3, "ab")),
         );
-        let err = inbox.verify(&[sent.clone()]).await.unwrap_err();
+        let err = inbox.verify(std::slice::from_ref(&sent)).await.unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
 
         let inbox = Inbox::default();

@@ -25,9 +25,15 @@ impl LayerStore {
 
     /// Removes layers whose transfer was interrupted.
     pub fn remove_incomplete(&self) -> Result<()> {
-        for entry in std::fs::read_dir(&self.root).with_context(|| format!("listing {}", self.root.display()))? {
+        for entry in std::fs::read_dir(&self.root)
+            .with_context(|| format!("listing {}", self.root.display()))?
+        {
             let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(".incoming-") {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".incoming-")
+            {
                 discard(&entry.path());
             }
         }

@@ -82,7 +82,7 @@ pub async fn send_checkpoint(
     }
     // Largest first, so the big page files start at once and the small ones
     // fill the gaps.
-    images.sort_by(|a, b| b.0.cmp(&a.0));
+    images.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
     items.extend(images.into_iter().map(|(_, item)| item));
     send_all(conn, items, stats).await
 }

@@ -48,7 +48,10 @@ pub fn require_prerequisites() {
             .args(args)
             .output()
             .is_ok_and(|o| o.status.success());
-        assert!(ok, "{tool} is missing: install {package} (scripts/setup.sh does)");
+        assert!(
+            ok,
+            "{tool} is missing: install {package} (scripts/setup.sh does)"
+        );
     }
     assert!(
         Path::new("/bin/busybox").exists(),
@@ -73,7 +76,9 @@ pub fn bin(name: &str) -> PathBuf {
 /// Runs a command and returns its output; panics with the output if it
 /// fails.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}{}",
@@ -88,7 +93,10 @@ pub fn sh(cmd: &mut Command) -> String {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -133,8 +141,24 @@ impl Hosts {
         ip(&["link", "add", &vs, "type", "veth", "peer", "name", &vd]);
         ip(&["link", "set", &vs, "netns", &hosts.src]);
         ip(&["link", "set", &vd, "netns", &hosts.dst]);
-        ip(&["-n", &hosts.src, "addr", "add", &format!("{SRC_ADDR}/24"), "dev", &vs]);
-        ip(&["-n", &hosts.dst, "addr", "add", &format!("{DST_ADDR}/24"), "dev", &vd]);
+        ip(&[
+            "-n",
+            &hosts.src,
+            "addr",
+            "add",
+            &format!("{SRC_ADDR}/24"),
+            "dev",
+            &vs,
+        ]);
+        ip(&[
+            "-n",
+            &hosts.dst,
+            "addr",
+            "add",
+            &format!("{DST_ADDR}/24"),
+            "dev",
+            &vd,
+        ]);
         for (ns, dev) in [(&hosts.src, &vs), (&hosts.dst, &vd)] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
@@ -175,11 +199,16 @@ impl Lab {
     pub fn new() -> Self {
         require_prerequisites();
         let n = unique();
-        let dir = tempfile::Builder::new().prefix("migrate-e2e.").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("migrate-e2e.")
+            .tempdir()
+            .unwrap();
         let hosts = Hosts::new(n);
         let root = dir.path();
         let migrate = bin("migrate");
-        sh(Command::new(&migrate).args(["certs", "ca", "--out"]).arg(root.join("ca")));
+        sh(Command::new(&migrate)
+            .args(["certs", "ca", "--out"])
+            .arg(root.join("ca")));
         for (name, out) in [(DST_ADDR, "tls-dst"), (SRC_ADDR, "tls-src")] {
             sh(Command::new(&migrate)
                 .args(["certs", "issue", "--ca"])
@@ -232,7 +261,9 @@ impl Lab {
             cgroup_parent: format!("migrate-e2e-{}-dst", self.n),
         };
         wait_until("migrate-dst to listen", Duration::from_secs(10), || {
-            std::fs::read_to_string(&dst.log).unwrap_or_default().contains("listening")
+            std::fs::read_to_string(&dst.log)
+                .unwrap_or_default()
+                .contains("listening")
         });
         dst
     }
@@ -241,11 +272,22 @@ impl Lab {
     /// busybox sh, with its stdout and stderr on a pipe the test reads.
     pub fn start_container(&self, id: &str, script: &str) -> SourceContainer {
         let base = self.path(&format!("src-{id}"));
-        let (upper, work, rootfs, bundle) = (base.join("upper"), base.join("work"), base.join("rootfs"), base.join("bundle"));
+        let (upper, work, rootfs, bundle) = (
+            base.join("upper"),
+            base.join("work"),
+            base.join("rootfs"),
+            base.join("bundle"),
+        );
         for d in [&upper, &work, &rootfs, &bundle] {
             std::fs::create_dir_all(d).unwrap();
         }
-        migrate_common::mount::mount_overlay(std::slice::from_ref(&self.layer), &upper, &work, &rootfs).unwrap();
+        migrate_common::mount::mount_overlay(
+            std::slice::from_ref(&self.layer),
+            &upper,
+            &work,
+            &rootfs,
+        )
+        .unwrap();
         let runc_root = self.path("runc-src");
         let cgroup_parent = format!("migrate-e2e-{}-src", self.n);
         let mut container = SourceContainer {
@@ -258,7 +300,8 @@ impl Lab {
         };
         sh(Command::new("runc").arg("spec").current_dir(&bundle));
         let config_path = bundle.join("config.json");
-        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
         config["process"]["terminal"] = false.into();
         config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
         config["root"] = serde_json::json!({"path": rootfs, "readonly": false});
@@ -285,7 +328,10 @@ impl Lab {
                 if n == 0 {
                     break;
                 }
-                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         container.runc_root = runc_root;
@@ -341,11 +387,19 @@ pub fn make_busybox_rootfs(dir: &Path) {
 }
 
 fn runc_delete(root: &Path, id: &str) {
-    let _ = Command::new("runc").arg("--root").arg(root).args(["kill", id, "KILL"]).output();
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["kill", id, "KILL"])
+        .output();
     std::thread::sleep(Duration::from_millis(200));
     // Leftover criu-root mounts first: runc delete removes through them.
     unmount_under(&root.join(id));
-    let _ = Command::new("runc").arg("--root").arg(root).args(["delete", "--force", id]).output();
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["delete", "--force", id])
+        .output();
 }
 
 fn remove_cgroup_parent(name: &str) {
@@ -369,7 +423,12 @@ pub struct Destination {
 
 impl Destination {
     pub fn runc(&self, args: &[&str]) -> Output {
-        Command::new("runc").arg("--root").arg(&self.runc_root).args(args).output().unwrap()
+        Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     pub fn container_dir(&self, id: &str) -> PathBuf {
@@ -445,7 +504,12 @@ impl SourceContainer {
     }
 
     pub fn exec(&self, args: &[&str]) -> String {
-        sh(Command::new("runc").arg("--root").arg(&self.runc_root).arg("exec").arg(&self.id).args(args))
+        sh(Command::new("runc")
+            .arg("--root")
+            .arg(&self.runc_root)
+            .arg("exec")
+            .arg(&self.id)
+            .args(args))
     }
 }
 
@@ -459,5 +523,10 @@ impl Drop for SourceContainer {
 
 /// Runs `args` in container `id` of runc root `root`.
 pub fn runc_exec(root: &Path, id: &str, args: &[&str]) -> String {
-    sh(Command::new("runc").arg("--root").arg(root).arg("exec").arg(id).args(args))
+    sh(Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .arg("exec")
+        .arg(id)
+        .args(args))
 }

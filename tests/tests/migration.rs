@@ -57,17 +57,31 @@ fn stderr(out: &Output) -> String {
 
 /// The container still runs on the source with the same process and memory:
 /// same pid, same token, and the counter goes on past `before`.
-fn assert_running_on_source_unchanged(container: &SourceContainer, pid: u64, before: &(String, u64)) {
-    assert_eq!(container.pid(), Some(pid), "the container must run on the source with its original pid");
+fn assert_running_on_source_unchanged(
+    container: &SourceContainer,
+    pid: u64,
+    before: &(String, u64),
+) {
+    assert_eq!(
+        container.pid(),
+        Some(pid),
+        "the container must run on the source with its original pid"
+    );
     let now = wait_for_ticks(container, before.1 + 3);
-    assert_eq!(now.0, before.0, "the in-memory token changed: the container was restarted, not resumed");
+    assert_eq!(
+        now.0, before.0,
+        "the in-memory token changed: the container was restarted, not resumed"
+    );
 }
 
 fn assert_work_dir_clean(lab: &Lab) {
     let left: Vec<_> = std::fs::read_dir(lab.work_dir())
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(left.is_empty(), "the source left working dirs behind: {left:?}");
+    assert!(
+        left.is_empty(),
+        "the source left working dirs behind: {left:?}"
+    );
 }
 
 #[test]
@@ -87,38 +101,71 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
     assert_eq!(summary["mode"], "stop-and-copy");
 
     // Gone from the source, with nothing left behind.
-    assert!(container.state().is_none(), "the container is still registered on the source");
+    assert!(
+        container.state().is_none(),
+        "the container is still registered on the source"
+    );
     assert!(mounts_under(&container.runc_root).is_empty());
     assert_work_dir_clean(&lab);
 
     // Running on the destination under the same id, registered with runc.
-    let state: serde_json::Value = serde_json::from_slice(&dst.runc(&["state", "game1"]).stdout).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&dst.runc(&["state", "game1"]).stdout).unwrap();
     assert_eq!(state["status"], "running");
     let exec = |args: &[&str]| runc_exec(&dst.runc_root, "game1", args);
     let after = counter(exec);
-    assert_eq!(after.0, before.0, "the in-memory token changed: restarted, not migrated");
-    assert!(after.1 >= before.1, "the counter went back: {before:?} -> {after:?}");
+    assert_eq!(
+        after.0, before.0,
+        "the in-memory token changed: restarted, not migrated"
+    );
+    assert!(
+        after.1 >= before.1,
+        "the counter went back: {before:?} -> {after:?}"
+    );
     let start = Instant::now();
-    wait_until("the game to go on on the destination", Duration::from_secs(10), || {
-        counter(exec).1 >= after.1 + 3
-    });
+    wait_until(
+        "the game to go on on the destination",
+        Duration::from_secs(10),
+        || counter(exec).1 >= after.1 + 3,
+    );
     assert!(start.elapsed() < Duration::from_secs(10));
 
     // Open files, cwd and pids inside the pid namespace are as they were.
     assert_eq!(exec(&["readlink", "/proc/1/cwd"]).trim(), "/work");
     assert_eq!(exec(&["readlink", "/proc/1/fd/3"]).trim(), "/etc/game.conf");
     // Rootfs changes: the file created in the upper dir, and the whiteout.
-    assert_eq!(exec(&["cat", "/work/made-before"]).trim(), "made before the migration");
-    assert_eq!(exec(&["sh", "-c", "test -e /etc/group && echo present || echo absent"]).trim(), "absent");
+    assert_eq!(
+        exec(&["cat", "/work/made-before"]).trim(),
+        "made before the migration"
+    );
+    assert_eq!(
+        exec(&[
+            "sh",
+            "-c",
+            "test -e /etc/group && echo present || echo absent"
+        ])
+        .trim(),
+        "absent"
+    );
     // The server on the container's loopback answers (the network hook).
     let served = exec(&["wget", "-qO-", "http://127.0.0.1:8080/counter"]);
     assert!(served.starts_with(&before.0), "served {served:?}");
     // The container's output now goes to the destination's log.
     let log_path = dst.container_dir("game1").join("stdio.log");
-    wait_until("output in the destination's stdio.log", Duration::from_secs(5), || {
-        std::fs::read_to_string(&log_path).unwrap_or_default().contains(&format!("tick {}", before.0))
-    });
-    assert!(container.output.lock().unwrap().contains(&format!("tick {} 1\n", before.0)));
+    wait_until(
+        "output in the destination's stdio.log",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .contains(&format!("tick {}", before.0))
+        },
+    );
+    assert!(container
+        .output
+        .lock()
+        .unwrap()
+        .contains(&format!("tick {} 1\n", before.0)));
     // runc kill works on it like on any container of that root.
     assert!(dst.runc(&["kill", "game1", "KILL"]).status.success());
     wait_until("the container to stop", Duration::from_secs(5), || {
@@ -139,12 +186,21 @@ fn destination_that_refuses_leaves_the_container_untouched() {
     let out = lab.migrate(&container, &[]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("the destination refused the migration"), "{err}");
+    assert!(
+        err.contains("the destination refused the migration"),
+        "{err}"
+    );
     assert!(err.contains("CRIU is not usable"), "{err}");
-    assert!(err.contains("was not touched and is running on the source"), "{err}");
+    assert!(
+        err.contains("was not touched and is running on the source"),
+        "{err}"
+    );
 
     assert_running_on_source_unchanged(&container, pid, &before);
-    assert!(!dst.container_dir("game2").exists(), "the destination kept state for a refused migration");
+    assert!(
+        !dst.container_dir("game2").exists(),
+        "the destination kept state for a refused migration"
+    );
     assert!(dst.runc(&["state", "game2"]).stdout.is_empty());
     assert_work_dir_clean(&lab);
 }
@@ -158,7 +214,12 @@ fn failed_restore_resumes_the_container_on_the_source() {
     let state_dir = lab.path("dst-state");
     let corrupt = state_dir.join("layers").join(digest.as_str());
     std::fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
-    migrate_e2e::sh(std::process::Command::new("cp").arg("-a").arg(&lab.layer).arg(&corrupt));
+    migrate_e2e::sh(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&lab.layer)
+            .arg(&corrupt),
+    );
     std::fs::remove_file(corrupt.join("etc/game.conf")).unwrap();
 
     let dst = lab.start_destination(&[]);
@@ -170,13 +231,29 @@ fn failed_restore_resumes_the_container_on_the_source() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("the destination failed at restore"), "{err}");
-    assert!(err.contains("restore.log"), "the error must show the destination's CRIU log: {err}");
-    assert!(err.contains("was resumed and is running on the source"), "{err}");
+    assert!(
+        err.contains("restore.log"),
+        "the error must show the destination's CRIU log: {err}"
+    );
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
 
     assert_running_on_source_unchanged(&container, pid, &before);
-    assert!(dst.runc(&["state", "game3"]).stdout.is_empty(), "runc still knows the failed container");
-    assert!(!dst.container_dir("game3").exists(), "the destination kept the failed container's state");
-    assert!(mounts_under(&dst.state_dir).is_empty(), "mounts left: {:?}", mounts_under(&dst.state_dir));
+    assert!(
+        dst.runc(&["state", "game3"]).stdout.is_empty(),
+        "runc still knows the failed container"
+    );
+    assert!(
+        !dst.container_dir("game3").exists(),
+        "the destination kept the failed container's state"
+    );
+    assert!(
+        mounts_under(&dst.state_dir).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&dst.state_dir)
+    );
     assert!(mounts_under(&dst.runc_root).is_empty());
     assert_work_dir_clean(&lab);
 }
@@ -194,26 +271,37 @@ fn killing_the_destination_mid_transfer_resumes_the_container() {
     let pid = container.pid().unwrap();
 
     let mut migrate = lab.migrate_command(&container, &[]);
-    migrate.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    migrate
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let child = migrate.spawn().unwrap();
     let upper = dst.container_dir("game4").join("upper");
-    wait_until("the upper dir to be arriving", Duration::from_secs(60), || {
-        std::fs::metadata(upper.join("blob")).is_ok_and(|m| m.len() > 16 << 20)
-    });
+    wait_until(
+        "the upper dir to be arriving",
+        Duration::from_secs(60),
+        || std::fs::metadata(upper.join("blob")).is_ok_and(|m| m.len() > 16 << 20),
+    );
     dst.kill();
 
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("was resumed and is running on the source"), "{err}");
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
     assert_running_on_source_unchanged(&container, pid, &before);
     assert_work_dir_clean(&lab);
 
     // A restarted destination removes what the killed one left half-done.
     let dst = lab.start_destination(&[]);
-    wait_until("the stale container dir to go", Duration::from_secs(10), || {
-        !dst.container_dir("game4").exists()
-    });
+    wait_until(
+        "the stale container dir to go",
+        Duration::from_secs(10),
+        || !dst.container_dir("game4").exists(),
+    );
     assert!(mounts_under(&dst.state_dir).is_empty());
-    assert!(dst.log_text().contains("removed state left by an interrupted migration"));
+    assert!(dst
+        .log_text()
+        .contains("removed state left by an interrupted migration"));
 }

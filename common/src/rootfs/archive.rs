@@ -968,7 +968,7 @@ mod tests {
     }
 
     fn long_component(c: char) -> String {
-        std::iter::repeat(c).take(150).collect()
+        std::iter::repeat_n(c, 150).collect()
     }
 
     /// Every kind of thing an upper dir can hold, with distinct old mtimes everywhere.
