@@ -308,6 +308,9 @@ impl Lab {
         config["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{id}").into();
         std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
 
+        // stdout and stderr on one pipe the test reads, as under a logging
+        // shim: a terminal or a host file could not be checkpointed.
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let mut run = self.hosts.on(&self.hosts.src, Path::new("runc"));
         run.arg("--root")
             .arg(&runc_root)
@@ -315,13 +318,13 @@ impl Lab {
             .arg(&bundle)
             .arg(id)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = run.spawn().unwrap();
-        let mut pipe = child.stdout.take().unwrap();
-        let status = child.wait().unwrap();
+            .stdout(Stdio::from(write_end.try_clone().unwrap()))
+            .stderr(Stdio::from(write_end));
+        let status = run.status().unwrap();
+        drop(run);
         assert!(status.success(), "runc run {id} failed: {status}");
         let output = container.output.clone();
+        let mut pipe = std::fs::File::from(read_end);
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
