@@ -366,6 +366,7 @@ where
     });
 
     let mut read_result = Ok(());
+    let mut consumer_stopped = false;
     loop {
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
@@ -373,7 +374,7 @@ where
                     .wire_bytes
                     .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                 if tx.send(chunk.bytes).await.is_err() {
-                    // The consumer stopped early with an error; it reports it.
+                    consumer_stopped = true;
                     break;
                 }
             }
@@ -391,7 +392,13 @@ where
     let consumed = worker.await.map_err(|_| TransferError::Worker {
         name: name.to_owned(),
     })?;
-    read_result?;
+    if consumer_stopped {
+        // The consumer gave up first (bad data, budget, disk): its error is
+        // the cause; nothing more will be read from this stream.
+        let _ = recv.stop(0u32.into());
+    } else {
+        read_result?;
+    }
     let (value, raw_bytes, blake3) = consumed?;
     Ok((
         value,
@@ -443,5 +450,166 @@ fn copy_large<R: Read + ?Sized, W: Write + ?Sized>(input: &mut R, out: &mut W) -
         };
         out.write_all(&buf[..n])?;
         total += n as u64;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::certs::{create_ca, issue, TlsDir};
+    use crate::transport;
+
+    /// A connected pair of QUIC connections on loopback with fresh
+    /// certificates: (both endpoints, source side, destination side).
+    async fn link(dir: &Path) -> ([quinn::Endpoint; 2], quinn::Connection, quinn::Connection) {
+        create_ca(&dir.join("ca")).unwrap();
+        issue(&dir.join("ca"), "127.0.0.1", &dir.join("dst")).unwrap();
+        issue(&dir.join("ca"), "127.0.0.1", &dir.join("src")).unwrap();
+        let server = transport::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &TlsDir::load(&dir.join("dst")).unwrap(),
+        )
+        .unwrap();
+        let port = server.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            (server, conn)
+        });
+        let (client, conn) = transport::connect(
+            &format!("127.0.0.1:{port}"),
+            &TlsDir::load(&dir.join("src")).unwrap(),
+        )
+        .await
+        .unwrap();
+        let (server, server_conn) = accept.await.unwrap();
+        ([client, server], conn, server_conn)
+    }
+
+    fn patterned(len: usize) -> Vec<u8> {
+        // Compressible but not trivially so: repeating 251-byte runs.
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn files_and_streams_arrive_intact_with_matching_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_endpoints, src, dst) = link(dir.path()).await;
+        let payload = patterned(3 * CHUNK + 123);
+        let file = dir.path().join("pages-1.img");
+        std::fs::write(&file, &payload).unwrap();
+        let generated = patterned(CHUNK / 3);
+
+        let send_stats = Arc::new(TransferStats::default());
+        let sender = {
+            let (src, stats, generated) = (src.clone(), send_stats.clone(), generated.clone());
+            tokio::spawn(async move {
+                let a = send_file(&src, StreamKind::Image, "pages-1.img", file, stats.clone())
+                    .await
+                    .unwrap();
+                let b = send_stream(&src, StreamKind::UpperDir, "", stats, move |sink| {
+                    sink.write_all(&generated)
+                        .map_err(|e| TransferError::io("test", e))
+                })
+                .await
+                .unwrap();
+                (a, b)
+            })
+        };
+
+        let recv_stats = Arc::new(TransferStats::default());
+        let budget = Arc::new(ByteBudget::new(u64::MAX));
+        let out = dir.path().join("received.img");
+        let mut recv = dst.accept_uni().await.unwrap();
+        let (kind, name) = read_header(&mut recv).await.unwrap();
+        assert_eq!((kind, name.as_str()), (StreamKind::Image, "pages-1.img"));
+        let got_file = receive_file(recv, kind, &name, &out, budget.clone(), recv_stats.clone())
+            .await
+            .unwrap();
+        let mut recv = dst.accept_uni().await.unwrap();
+        let (kind, name) = read_header(&mut recv).await.unwrap();
+        assert_eq!(kind, StreamKind::UpperDir);
+        let (bytes, got_stream) =
+            receive_stream(recv, kind, &name, budget, recv_stats.clone(), |source| {
+                let mut all = Vec::new();
+                source
+                    .read_to_end(&mut all)
+                    .map_err(|e| TransferError::io("test", e))?;
+                Ok(all)
+            })
+            .await
+            .unwrap();
+
+        let (sent_file, sent_stream) = sender.await.unwrap();
+        assert_eq!(got_file, sent_file);
+        assert_eq!(got_stream, sent_stream);
+        assert_eq!(sent_file.raw_bytes, payload.len() as u64);
+        assert_eq!(
+            sent_file.blake3,
+            blake3::hash(&payload).to_hex().to_string()
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), payload);
+        assert_eq!(bytes, generated);
+        assert_eq!(send_stats.raw_bytes(), recv_stats.raw_bytes());
+        assert_eq!(send_stats.wire_bytes(), recv_stats.wire_bytes());
+        assert!(
+            send_stats.wire_bytes() < send_stats.raw_bytes() / 4,
+            "zstd should shrink patterned data: {} wire for {} raw",
+            send_stats.wire_bytes(),
+            send_stats.raw_bytes()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn receiver_enforces_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_endpoints, src, dst) = link(dir.path()).await;
+        let keep_open = src.clone();
+        let sender = tokio::spawn(async move {
+            // The sender may see the stream reset once the receiver gives up.
+            let _ = send_stream(&src, StreamKind::Image, "big.img", Arc::default(), |sink| {
+                sink.write_all(&vec![0u8; 4 * CHUNK])
+                    .map_err(|e| TransferError::io("test", e))
+            })
+            .await;
+        });
+        let mut recv = dst.accept_uni().await.unwrap();
+        let (kind, name) = read_header(&mut recv).await.unwrap();
+        let budget = Arc::new(ByteBudget::new(CHUNK as u64));
+        let err = receive_file(
+            recv,
+            kind,
+            &name,
+            &dir.path().join("big.img"),
+            budget,
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(format!("{err:?}").contains("BudgetExceeded"), "{err:?}");
+        sender.abort();
+        drop(keep_open);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unknown_stream_kind_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_endpoints, src, dst) = link(dir.path()).await;
+        let mut send = src.open_uni().await.unwrap();
+        write_frame(
+            &mut send,
+            &StreamHeader {
+                kind: 42,
+                name: "x".into(),
+            },
+        )
+        .await
+        .unwrap();
+        send.finish().unwrap();
+        let mut recv = dst.accept_uni().await.unwrap();
+        assert!(matches!(
+            read_header(&mut recv).await,
+            Err(TransferError::UnknownKind(42))
+        ));
     }
 }
