@@ -87,7 +87,9 @@ impl Inbox {
     }
 }
 
-/// Accepts data streams until the connection closes.
+/// Accepts data streams until the connection closes, then waits for the
+/// streams under way to end, so that once this returns nothing writes into
+/// the migration's directories any more.
 pub async fn accept_streams(
     conn: quinn::Connection,
     inbox: Arc<Inbox>,
@@ -95,12 +97,14 @@ pub async fn accept_streams(
     budget: Arc<ByteBudget>,
     stats: Arc<TransferStats>,
 ) {
+    let mut streams = tokio::task::JoinSet::new();
     while let Ok(mut recv) = conn.accept_uni().await {
+        while streams.try_join_next().is_some() {}
         let inbox = inbox.clone();
         let store = store.clone();
         let budget = budget.clone();
         let stats = stats.clone();
-        tokio::spawn(async move {
+        streams.spawn(async move {
             let (kind, name) = match transfer::read_header(&mut recv).await {
                 Ok(header) => header,
                 Err(e) => {
@@ -117,6 +121,7 @@ pub async fn accept_streams(
             inbox.record((kind, name), result);
         });
     }
+    while streams.join_next().await.is_some() {}
 }
 
 async fn receive_one(

@@ -93,10 +93,11 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
         stats.clone(),
     ));
 
+    let mut acceptor = acceptor;
     let result = exchange(&mut session, &daemon, &hello, &dir, &inbox).await;
-    acceptor.abort();
     match result {
         Ok(()) => {
+            acceptor.abort();
             info!(
                 container = hello.container_id,
                 bytes_raw = stats.raw_bytes(),
@@ -121,12 +122,26 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
                 };
                 let _ = session.send(failed).await;
             }
+            // Streams still under way end when the source, told of the
+            // failure, closes the connection; wait for them, so that nothing
+            // writes into the directory about to be removed.
+            if tokio::time::timeout(STREAMS_DRAIN_TIMEOUT, &mut acceptor)
+                .await
+                .is_err()
+            {
+                conn.close(1u32.into(), b"aborted");
+                let _ = (&mut acceptor).await;
+            }
             let (daemon, id, dir) = (daemon.clone(), hello.container_id.clone(), dir.clone());
             tokio::task::spawn_blocking(move || restore::discard(&daemon, &id, &dir)).await?;
             Err(e)
         }
     }
 }
+
+/// How long a failed migration waits for the source to close the link
+/// before closing it itself.
+const STREAMS_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes of the free space the byte budget leaves untouched.
 fn preflight_reserve() -> u64 {

@@ -7,7 +7,7 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use migrate_e2e::{mounts_under, runc_exec, wait_until, Lab, SourceContainer};
+use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
 
 /// The container's game: a random token and a counter kept only in the
 /// shell's memory, a file held open on descriptor 3, a cwd, a file deleted
@@ -166,6 +166,20 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
         .lock()
         .unwrap()
         .contains(&format!("tick {} 1\n", before.0)));
+    // A second container on the same layer: the destination has the layer
+    // now, so only the new container's own state crosses.
+    let second = lab.start_container("game1b", GAME);
+    wait_for_ticks(&second, 2);
+    let out = lab.migrate(&second, &[]);
+    assert!(
+        out.status.success(),
+        "second migrate failed:\n{}",
+        stderr(&out)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["layers_sent"], 0, "{summary}");
+    assert_eq!(summary["layers_reused"], 1, "{summary}");
+
     // runc kill works on it like on any container of that root.
     assert!(dst.runc(&["kill", "game1", "KILL"]).status.success());
     wait_until("the container to stop", Duration::from_secs(5), || {
@@ -241,13 +255,20 @@ fn failed_restore_resumes_the_container_on_the_source() {
     );
 
     assert_running_on_source_unchanged(&container, pid, &before);
-    assert!(
-        dst.runc(&["state", "game3"]).stdout.is_empty(),
-        "runc still knows the failed container"
+    assert_destination_discarded(&dst, "game3");
+    assert_work_dir_clean(&lab);
+}
+
+/// The destination removed everything it had made for `id`.
+fn assert_destination_discarded(dst: &Destination, id: &str) {
+    wait_until(
+        "the destination to remove its partial state",
+        Duration::from_secs(20),
+        || !dst.container_dir(id).exists(),
     );
     assert!(
-        !dst.container_dir("game3").exists(),
-        "the destination kept the failed container's state"
+        dst.runc(&["state", id]).stdout.is_empty(),
+        "runc still knows {id} on the destination"
     );
     assert!(
         mounts_under(&dst.state_dir).is_empty(),
@@ -255,6 +276,87 @@ fn failed_restore_resumes_the_container_on_the_source() {
         mounts_under(&dst.state_dir)
     );
     assert!(mounts_under(&dst.runc_root).is_empty());
+}
+
+/// 192 MiB of incompressible data in the rootfs: sending the upper dir,
+/// which happens while the container is frozen, takes long enough to cut
+/// the migration in the middle.
+const BLOB: &str = "head -c 201326592 /dev/urandom > /blob\n";
+
+/// Starts migrating a container made with [`BLOB`] and returns once its
+/// upper dir is arriving at the destination: the container is frozen then.
+fn migrate_until_mid_transfer(
+    lab: &Lab,
+    dst: &Destination,
+    container: &SourceContainer,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut migrate = lab.migrate_command(container, extra);
+    migrate
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = migrate.spawn().unwrap();
+    let upper = dst.container_dir(&container.id).join("upper");
+    wait_until(
+        "the upper dir to be arriving",
+        Duration::from_secs(60),
+        || std::fs::metadata(upper.join("blob")).is_ok_and(|m| m.len() > 16 << 20),
+    );
+    child
+}
+
+#[test]
+fn interrupting_the_source_resumes_the_container() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("game5", &format!("{BLOB}{GAME}"));
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    // nsenter execs migrate, so this is migrate's own pid: Ctrl-C reaches
+    // it (and, because runc runs in its own process group, only it).
+    let child = migrate_until_mid_transfer(&lab, &dst, &container, &[]);
+    let migrate_pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(migrate_pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("error: interrupted"), "{err}");
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
+    assert_running_on_source_unchanged(&container, pid, &before);
+    assert_destination_discarded(&dst, "game5");
+    assert_work_dir_clean(&lab);
+}
+
+#[test]
+fn freeze_timeout_resumes_the_container() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("game6", &format!("{BLOB}{GAME}"));
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let started = Instant::now();
+    let out = lab.migrate(&container, &["--freeze-timeout", "1"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("no answer from the destination within the freeze timeout"),
+        "{err}"
+    );
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the timeout did not cut the migration short"
+    );
+    assert_running_on_source_unchanged(&container, pid, &before);
+    assert_destination_discarded(&dst, "game6");
     assert_work_dir_clean(&lab);
 }
 
@@ -262,27 +364,12 @@ fn failed_restore_resumes_the_container_on_the_source() {
 fn killing_the_destination_mid_transfer_resumes_the_container() {
     let lab = Lab::new();
     let mut dst = lab.start_destination(&[]);
-    // 192 MiB of incompressible data in the rootfs: the transfer of the
-    // upper dir, which happens while the container is frozen, takes long
-    // enough to cut it in the middle.
-    let script = format!("head -c 201326592 /dev/urandom > /blob\n{GAME}");
-    let container = lab.start_container("game4", &script);
+    let container = lab.start_container("game4", &format!("{BLOB}{GAME}"));
     let before = wait_for_ticks(&container, 3);
     let pid = container.pid().unwrap();
 
-    let mut migrate = lab.migrate_command(&container, &[]);
-    migrate
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = migrate.spawn().unwrap();
-    let upper = dst.container_dir("game4").join("upper");
-    wait_until(
-        "the upper dir to be arriving",
-        Duration::from_secs(60),
-        || std::fs::metadata(upper.join("blob")).is_ok_and(|m| m.len() > 16 << 20),
-    );
+    let child = migrate_until_mid_transfer(&lab, &dst, &container, &[]);
     dst.kill();
-
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -295,12 +382,7 @@ fn killing_the_destination_mid_transfer_resumes_the_container() {
 
     // A restarted destination removes what the killed one left half-done.
     let dst = lab.start_destination(&[]);
-    wait_until(
-        "the stale container dir to go",
-        Duration::from_secs(10),
-        || !dst.container_dir("game4").exists(),
-    );
-    assert!(mounts_under(&dst.state_dir).is_empty());
+    assert_destination_discarded(&dst, "game4");
     assert!(dst
         .log_text()
         .contains("removed state left by an interrupted migration"));
