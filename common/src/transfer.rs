@@ -75,19 +75,20 @@ impl TransferError {
 }
 
 /// Byte counters shared by every stream of one migration (progress display
-/// and the final summary read them).
+/// and the final summary read them): uncompressed bytes, and what zstd made
+/// of them.
 #[derive(Debug, Default)]
 pub struct TransferStats {
     raw_bytes: AtomicU64,
-    wire_bytes: AtomicU64,
+    compressed_bytes: AtomicU64,
 }
 
 impl TransferStats {
     pub fn raw_bytes(&self) -> u64 {
         self.raw_bytes.load(Ordering::Relaxed)
     }
-    pub fn wire_bytes(&self) -> u64 {
-        self.wire_bytes.load(Ordering::Relaxed)
+    pub fn compressed_bytes(&self) -> u64 {
+        self.compressed_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -272,7 +273,7 @@ where
             });
             break;
         }
-        stats.wire_bytes.fetch_add(len, Ordering::Relaxed);
+        stats.compressed_bytes.fetch_add(len, Ordering::Relaxed);
     }
     // Dropping the receiver unblocks a producer stuck on a full channel.
     drop(rx);
@@ -371,7 +372,7 @@ where
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => {
                 wire_stats
-                    .wire_bytes
+                    .compressed_bytes
                     .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
                 if tx.send(chunk.bytes).await.is_err() {
                     consumer_stopped = true;
@@ -551,11 +552,11 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), payload);
         assert_eq!(bytes, generated);
         assert_eq!(send_stats.raw_bytes(), recv_stats.raw_bytes());
-        assert_eq!(send_stats.wire_bytes(), recv_stats.wire_bytes());
+        assert_eq!(send_stats.compressed_bytes(), recv_stats.compressed_bytes());
         assert!(
-            send_stats.wire_bytes() < send_stats.raw_bytes() / 4,
-            "zstd should shrink patterned data: {} wire for {} raw",
-            send_stats.wire_bytes(),
+            send_stats.compressed_bytes() < send_stats.raw_bytes() / 4,
+            "zstd should shrink patterned data: {} compressed for {} raw",
+            send_stats.compressed_bytes(),
             send_stats.raw_bytes()
         );
     }

@@ -101,7 +101,7 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
             info!(
                 container = hello.container_id,
                 bytes_raw = stats.raw_bytes(),
-                bytes_wire = stats.wire_bytes(),
+                bytes_compressed = stats.compressed_bytes(),
                 "migration committed"
             );
             restore::drop_images(&dir);

@@ -22,7 +22,9 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
-    /// Creates `<base>/<id>-<pid>` (0700).
+    /// Creates `<base>/<id>-<pid>` (0700), after removing the dirs of
+    /// migrations whose process is gone (killed: its container was resumed
+    /// by CRIU, but nobody removed the images).
     pub fn create(base: &Path, id: &str) -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -30,6 +32,7 @@ impl WorkDir {
             .mode(0o700)
             .create(base)
             .with_context(|| format!("creating work dir base {}", base.display()))?;
+        remove_orphans(base);
         let root = base.join(format!("{id}-{}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -46,6 +49,37 @@ impl WorkDir {
         std::fs::remove_dir_all(&self.root)
             .with_context(|| format!("removing {}", self.root.display()))
     }
+}
+
+fn remove_orphans(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
+        if !process_alive(pid) {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove an orphaned work dir");
+            }
+        }
+    }
+}
+
+/// The pid in a work dir's name `<container-id>-<pid>`.
+pub fn owner_pid(dir_name: &str) -> Option<i32> {
+    let (_, pid) = dir_name.rsplit_once('-')?;
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence; EPERM would mean it exists under another user.
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::Error::ESRCH)
+    )
 }
 
 /// A running `runc checkpoint` that has dumped the container and waits in
@@ -187,4 +221,27 @@ async fn read_output(child: &mut Child) -> String {
         let _ = err.read_to_string(&mut text).await;
     }
     text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphaned_work_dirs_are_removed_and_live_ones_kept() {
+        assert_eq!(owner_pid("web-1-4242"), Some(4242));
+        assert_eq!(owner_pid("web"), None);
+        let base = tempfile::tempdir().unwrap();
+        // A pid far above pid_max cannot be alive.
+        let dead = base.path().join("c1-99999999");
+        let live = base.path().join(format!("c2-{}", std::process::id()));
+        let other = base.path().join("not-a-work-dir");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let work = WorkDir::create(base.path(), "c3").unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists() && work.root.exists());
+    }
 }

@@ -209,6 +209,7 @@ async fn run_phases(
     let (restored, files) = restored;
     let restored_at = Instant::now();
 
+    let link = conn.stats();
     reporter.phase("finishing on the source");
     let warnings = finish::complete(session, opts).await;
 
@@ -221,7 +222,8 @@ async fn run_phases(
         transfer_and_restore_ms: millis(restored_at - dumped_at),
         restore_ms: restored.restore_ms,
         bytes_raw: stats.raw_bytes(),
-        bytes_wire: stats.wire_bytes(),
+        bytes_compressed: stats.compressed_bytes(),
+        bytes_wire: link.udp_tx.bytes + link.udp_rx.bytes,
         layers_sent,
         layers_reused,
         files,

@@ -80,7 +80,12 @@ pub struct Summary {
     pub transfer_and_restore_ms: u64,
     /// The destination's `runc restore` alone.
     pub restore_ms: u64,
+    /// Uncompressed bytes of layers, images and the upper dir.
     pub bytes_raw: u64,
+    /// The same after zstd.
+    pub bytes_compressed: u64,
+    /// UDP payload bytes the migration's QUIC connection carried, both
+    /// directions (QUIC and TLS overhead and the control stream included).
     pub bytes_wire: u64,
     pub layers_sent: usize,
     pub layers_reused: usize,
@@ -96,8 +101,8 @@ pub struct Summary {
 impl Summary {
     pub fn human(&self) -> String {
         let mut out = String::new();
-        let ratio = if self.bytes_wire > 0 {
-            self.bytes_raw as f64 / self.bytes_wire as f64
+        let ratio = if self.bytes_compressed > 0 {
+            self.bytes_raw as f64 / self.bytes_compressed as f64
         } else {
             1.0
         };
@@ -117,8 +122,9 @@ impl Summary {
         let _ = writeln!(out, "  total     {}", ms(self.total_ms));
         let _ = writeln!(
             out,
-            "  data      {} raw, {} on the wire ({ratio:.1}x), {} files",
+            "  data      {} raw, {} compressed ({ratio:.1}x), {} on the wire, {} files",
             bytes(self.bytes_raw),
+            bytes(self.bytes_compressed),
             bytes(self.bytes_wire),
             self.files
         );
@@ -191,6 +197,7 @@ mod tests {
             transfer_and_restore_ms: 4,
             restore_ms: 5,
             bytes_raw: 6,
+            bytes_compressed: 11,
             bytes_wire: 7,
             layers_sent: 8,
             layers_reused: 9,

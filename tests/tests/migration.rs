@@ -96,7 +96,19 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["container"], "game1");
     assert!(summary["downtime_ms"].as_u64().unwrap() > 0, "{summary}");
-    assert!(summary["bytes_raw"].as_u64().unwrap() > summary["bytes_wire"].as_u64().unwrap() / 2);
+    let (raw, compressed, wire) = (
+        summary["bytes_raw"].as_u64().unwrap(),
+        summary["bytes_compressed"].as_u64().unwrap(),
+        summary["bytes_wire"].as_u64().unwrap(),
+    );
+    assert!(
+        compressed < raw,
+        "zstd did not shrink the checkpoint: {summary}"
+    );
+    assert!(
+        wire > compressed,
+        "the link carried less than the payload: {summary}"
+    );
     assert_eq!(summary["layers_sent"], 1);
     assert_eq!(summary["mode"], "stop-and-copy");
 
@@ -386,4 +398,39 @@ fn killing_the_destination_mid_transfer_resumes_the_container() {
     assert!(dst
         .log_text()
         .contains("removed state left by an interrupted migration"));
+}
+
+#[test]
+fn killing_the_source_agent_mid_transfer_resumes_the_container() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("game7", &format!("{BLOB}{GAME}"));
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    // SIGKILL: no rollback code runs. CRIU's post-dump hook loses the agent
+    // and makes CRIU resume the container by itself.
+    let mut child = migrate_until_mid_transfer(&lab, &dst, &container, &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_running_on_source_unchanged(&container, pid, &before);
+    // The destination notices the silent link (idle timeout) and cleans up.
+    wait_until(
+        "the destination to give up on the link",
+        Duration::from_secs(40),
+        || !dst.container_dir("game7").exists(),
+    );
+    assert_destination_discarded(&dst, "game7");
+
+    // The container can still be moved, and that run removes the killed
+    // agent's work dir.
+    let out = lab.migrate(&container, &[]);
+    assert!(
+        out.status.success(),
+        "migrate after the kill failed:\n{}",
+        stderr(&out)
+    );
+    assert_work_dir_clean(&lab);
+    let (token, _) = counter(|args| runc_exec(&dst.runc_root, "game7", args));
+    assert_eq!(token, before.0);
 }
