@@ -135,22 +135,31 @@ impl CheckpointConfig {
     }
 }
 
-/// The last `lines` lines of a CRIU log, or a note saying why there are none.
+/// The part of a CRIU log that explains a failure: its `Error` lines (the
+/// first ones, where the cause usually is), or when it has none its last
+/// `lines` lines; or a note saying why there is no log.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            let start = all.len().saturating_sub(lines);
-            format!(
-                "{} (last {} lines):\n{}",
-                path.display(),
-                all.len() - start,
-                all[start..].join("\n")
-            )
-        }
+        Ok(bytes) => format!(
+            "{}:\n{}",
+            path.display(),
+            explain(&String::from_utf8_lossy(&bytes), lines)
+        ),
         Err(e) => format!("{}: no log ({e})", path.display()),
     }
+}
+
+fn explain(log: &str, lines: usize) -> String {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error ("))
+        .take(lines)
+        .collect();
+    if !errors.is_empty() {
+        return errors.join("\n");
+    }
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]
@@ -182,14 +191,24 @@ mod tests {
     }
 
     #[test]
-    fn log_tail_keeps_the_last_lines() {
+    fn log_tail_shows_errors_first_else_the_last_lines() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("dump.log");
         let text: String = (1..=40).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&log, text).unwrap();
+        std::fs::write(&log, &text).unwrap();
         let tail = log_tail(&log, 3);
         assert!(tail.ends_with("line 38\nline 39\nline 40"), "{tail}");
         assert!(!tail.contains("line 37"));
+
+        let with_errors = format!(
+            "{text}(00.09) 1: Error (criu/files-reg.c:2353): Can't open file etc/game.conf\nline 41\n\
+             (00.10) Error (criu/cr-restore.c:2331): Restoring FAILED.\n"
+        );
+        std::fs::write(&log, with_errors).unwrap();
+        let tail = log_tail(&log, 3);
+        assert!(tail.contains("Can't open file etc/game.conf\n"), "{tail}");
+        assert!(tail.ends_with("Restoring FAILED."), "{tail}");
+        assert!(!tail.contains("line 41"));
         assert!(log_tail(&dir.path().join("missing.log"), 3).contains("no log"));
     }
 }

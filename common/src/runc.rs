@@ -207,7 +207,7 @@ impl Runc {
         Err(RuncError::Restore {
             id: id.to_owned(),
             status,
-            runc_log: last_lines(runc_log, 5),
+            runc_log: runc_errors(runc_log),
             criu_log: log_tail(&work_dir.join("restore.log"), LOG_TAIL_LINES),
         })
     }
@@ -227,14 +227,24 @@ impl Runc {
     }
 }
 
-fn last_lines(path: &Path, lines: usize) -> String {
+/// runc's own error lines from its log (it also logs retries and warnings
+/// that do not explain a failure), without the logfmt time prefix.
+fn runc_errors(path: &Path) -> String {
     match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("no log at {} ({e})", path.display()),
+        Ok(text) => error_lines(&text),
+        Err(e) => format!("no runc log at {} ({e})", path.display()),
     }
+}
+
+fn error_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("level=error") || l.contains("level=fatal"))
+        .map(|l| match l.find("msg=") {
+            Some(at) => &l[at + 4..],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -278,6 +288,13 @@ mod tests {
                 Some(std::ffi::OsStr::new("/w/criu.conf"))
             )]
         );
+    }
+
+    #[test]
+    fn keeps_only_runc_error_lines() {
+        let log = "time=\"t\" level=warning msg=\"Failed to remove cgroup (will retry)\"\n\
+                   time=\"t\" level=error msg=\"criu failed: type NOTIFY errno 0\"\n";
+        assert_eq!(error_lines(log), "\"criu failed: type NOTIFY errno 0\"");
     }
 
     #[test]

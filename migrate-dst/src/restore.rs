@@ -78,8 +78,54 @@ impl ContainerDir {
     }
 }
 
-/// Restores the container; on failure returns the message for the source.
+/// Restores the container; on failure returns the message for the source,
+/// after moving CRIU's and runc's logs out of the container dir (which the
+/// rollback removes) to `<state>/failed/<id>-<time>/`, where the message
+/// points.
 pub fn restore(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Restored, Failed> {
+    restore_in(daemon, hello, dir).map_err(|mut failed| {
+        match keep_logs(daemon, &hello.container_id, dir) {
+            Ok(kept) => {
+                let old = dir.root.to_string_lossy().into_owned();
+                let new = kept.to_string_lossy().into_owned();
+                failed.message = failed.message.replace(&old, &new);
+                failed.criu_log_tail = failed.criu_log_tail.replace(&old, &new);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "keeping the logs of a failed restore")
+            }
+        }
+        failed
+    })
+}
+
+/// Moves the logs of a failed restore where the rollback will not remove
+/// them. The copy mirrors the container dir's layout, so paths in messages
+/// can be rewritten by prefix.
+fn keep_logs(daemon: &Daemon, id: &str, dir: &ContainerDir) -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let kept = daemon
+        .state_dir
+        .join("failed")
+        .join(format!("{id}-{stamp}"));
+    std::fs::create_dir_all(&kept).with_context(|| format!("creating {}", kept.display()))?;
+    for (from, to) in [
+        (dir.criu_work(), kept.join("criu")),
+        (dir.runc_log(), kept.join("runc.log")),
+        (dir.stdio_log(), kept.join("stdio.log")),
+    ] {
+        if from.exists() {
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(kept)
+}
+
+fn restore_in(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Restored, Failed> {
     let started = Instant::now();
     prepare(daemon, hello, dir).map_err(|e| failed("preparing the bundle", &e, String::new()))?;
     let id = &hello.container_id;

@@ -58,7 +58,7 @@ pub enum MigrationError {
         outcome: String,
     },
     #[error(
-        "the destination failed at {stage}: {message}{}\n{outcome}",
+        "the destination failed at {stage}: {message}{}",
         log_section(criu_log_tail)
     )]
     Destination {

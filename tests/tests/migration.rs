@@ -51,8 +51,12 @@ fn wait_for_ticks(container: &SourceContainer, ticks: u64) -> (String, u64) {
     last
 }
 
+/// What migrate printed on stderr; echoed into the test's output, which
+/// cargo shows when the test fails.
 fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("--- migrate ({}) said:\n{text}---", out.status);
+    text
 }
 
 /// The container still runs on the source with the same process and memory:
@@ -258,9 +262,22 @@ fn failed_restore_resumes_the_container_on_the_source() {
     let err = stderr(&out);
     assert!(err.contains("the destination failed at restore"), "{err}");
     assert!(
-        err.contains("restore.log"),
+        err.contains("Can't open file etc/game.conf"),
         "the error must show the destination's CRIU log: {err}"
     );
+    // The logs outlive the rollback, where the message says they are.
+    let kept = lab.path("dst-state").join("failed");
+    let log_dir = std::fs::read_dir(&kept)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let restore_log = log_dir.join("criu/restore.log");
+    assert!(err.contains(&restore_log.display().to_string()), "{err}");
+    assert!(std::fs::read_to_string(&restore_log)
+        .unwrap()
+        .contains("Restoring FAILED"));
     assert!(
         err.contains("was resumed and is running on the source"),
         "{err}"
