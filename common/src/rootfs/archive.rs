@@ -17,7 +17,8 @@
 //!   splits records at `\n` rather than honouring their length prefix, so a name containing
 //!   `=` or `\n` or non-UTF-8 bytes, or a value containing `\n` (binary ones such as
 //!   `trusted.overlay.origin`, ACLs or file capabilities easily do), is written in libarchive's
-//!   `LIBARCHIVE.xattr.<percent-encoded name>=<base64 value>` form instead.
+//!   `LIBARCHIVE.xattr.<percent-encoded name>=<base64 value>` form instead (standard alphabet,
+//!   unpadded as libarchive writes it; padded values are read too).
 //! * Files that share an inode are stored once; later names become hard-link entries
 //!   pointing at the first name.
 //! * Files with holes (found with `SEEK_DATA`/`SEEK_HOLE`) are written as old-GNU sparse
@@ -40,11 +41,15 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{self, FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{self, Gid, Uid, Whence};
+use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
 use tar::{Builder, Entry, EntryType, GnuExtSparseHeader, Header};
 
 /// Size of the name and link-name fields of a tar header.
@@ -56,6 +61,16 @@ const EXT_SPARSE_SLOTS: usize = 21;
 const TAR_BLOCK: u64 = 512;
 const SCHILY_XATTR: &str = "SCHILY.xattr.";
 const LIBARCHIVE_XATTR: &str = "LIBARCHIVE.xattr.";
+/// What libarchive escapes in xattr names: everything but printable ASCII (the crate always
+/// escapes non-ASCII bytes), and `%` and `=`, which would break the escaping or the record.
+const XATTR_NAME_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'=');
+/// libarchive writes xattr values without padding and its reader takes them either way.
+const XATTR_VALUE_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Why packing or unpacking a tree failed.
 ///
@@ -397,8 +412,11 @@ fn pax_xattr_records(xattrs: &[(OsString, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
             match raw_name {
                 Some(n) if !value.contains(&b'\n') => (format!("{SCHILY_XATTR}{n}"), value.clone()),
                 _ => (
-                    format!("{LIBARCHIVE_XATTR}{}", percent_encode(name.as_bytes())),
-                    base64_encode(value),
+                    format!(
+                        "{LIBARCHIVE_XATTR}{}",
+                        percent_encode(name.as_bytes(), XATTR_NAME_ESCAPES)
+                    ),
+                    XATTR_VALUE_BASE64.encode(value).into_bytes(),
                 ),
             }
         })
@@ -786,10 +804,11 @@ fn entry_meta<R: Read>(entry: &mut Entry<'_, R>, rel: &Path) -> Result<EntryMeta
                     record.value_bytes().to_vec(),
                 );
             } else if let Some(encoded) = key.strip_prefix(LIBARCHIVE_XATTR.as_bytes()) {
-                let name = percent_decode(encoded)
-                    .ok_or_else(|| malformed("a badly percent-encoded xattr name"))?;
-                let value = base64_decode(record.value_bytes())
-                    .ok_or_else(|| malformed("a badly base64-encoded xattr value"))?;
+                // Like libarchive's reader, a `%` without two hex digits stands for itself.
+                let name = percent_decode(encoded).collect();
+                let value = XATTR_VALUE_BASE64
+                    .decode(record.value_bytes())
+                    .map_err(|err| decode_error(io::Error::new(io::ErrorKind::InvalidData, err)))?;
                 xattrs.insert(OsString::from_vec(name), value);
             }
         }
@@ -842,78 +861,6 @@ fn apply_metadata(path: &Path, meta: &EntryMeta, is_symlink: bool) -> Result<(),
     stat::utimensat(None, path, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
         .map_err(metadata_error("mtime"))?;
     Ok(())
-}
-
-/// libarchive's escaping of xattr names in PAX keys.
-fn percent_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_graphic() && b != b'%' && b != b'=' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(text: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut rest = text;
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            out.push(b);
-            rest = tail;
-        }
-    }
-    Some(out)
-}
-
-const BASE64_ALPHABET: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 without padding, as libarchive writes it.
-fn base64_encode(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let bits = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
-        // n input bytes carry n + 1 six-bit digits.
-        for i in 0..=chunk.len() {
-            out.push(BASE64_ALPHABET[(bits >> (18 - 6 * i)) as usize & 0x3f]);
-        }
-    }
-    out
-}
-
-/// Accepts standard base64 with or without padding.
-fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
-    let digits = text
-        .strip_suffix(b"==")
-        .or_else(|| text.strip_suffix(b"="))
-        .unwrap_or(text);
-    if digits.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in digits {
-        let value = BASE64_ALPHABET.iter().position(|&a| a == c)?;
-        acc = (acc << 6) | value as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -1226,19 +1173,71 @@ mod tests {
     }
 
     #[test]
-    fn xattr_encodings_round_trip() {
-        let all_bytes: Vec<u8> = (0..=255).collect();
-        for len in 0..all_bytes.len() {
-            let data = &all_bytes[..len];
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
-            assert_eq!(
-                percent_decode(percent_encode(data).as_bytes()).unwrap(),
-                data
-            );
+    fn awkward_xattrs_travel_in_libarchive_form() {
+        let src = tempfile::tempdir().unwrap();
+        let file = src.path().join("f");
+        fs::write(&file, b"").unwrap();
+        xattr::set(&file, OsStr::from_bytes(b"user.a=b c%\n\xff"), b"foob").unwrap();
+        let archive = pack(src.path());
+        let mut reader = tar::Archive::new(archive.as_slice());
+        let mut entry = reader
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .find(|e| e.path_bytes().as_ref() == b"f")
+            .unwrap();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = entry
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .map(|r| {
+                let r = r.unwrap();
+                (r.key_bytes().to_vec(), r.value_bytes().to_vec())
+            })
+            .collect();
+        // Byte for byte what bsdtar writes: escaped name, unpadded base64.
+        assert_eq!(
+            records,
+            vec![(
+                b"LIBARCHIVE.xattr.user.a%3Db%20c%25%0A%FF".to_vec(),
+                b"Zm9vYg".to_vec()
+            )]
+        );
+
+        // Padded values, which libarchive also reads, come back the same; broken ones are
+        // refused with the decoder's reason.
+        let dst = tempfile::tempdir().unwrap();
+        let padded = single_xattr_archive(b"g", "LIBARCHIVE.xattr.user.padded", b"Zm9vYg==");
+        unpack_dir(padded.as_slice(), dst.path()).unwrap();
+        assert_eq!(
+            xattr::get(dst.path().join("g"), "user.padded").unwrap(),
+            Some(b"foob".to_vec())
+        );
+        let broken = single_xattr_archive(b"h", "LIBARCHIVE.xattr.user.broken", b"Zm9vY");
+        match unpack_dir(broken.as_slice(), dst.path()) {
+            Err(ArchiveError::Decode { path, source }) => {
+                assert_eq!(path, Path::new("h"));
+                assert_eq!(source.kind(), io::ErrorKind::InvalidData);
+            }
+            other => panic!("expected Decode, got {other:?}"),
         }
-        assert_eq!(base64_encode(b"foob"), b"Zm9vYg");
-        assert_eq!(base64_decode(b"Zm9vYg==").unwrap(), b"foob");
-        assert_eq!(percent_encode(b"user.a=b c%"), "user.a%3Db%20c%25");
+    }
+
+    /// An archive holding one empty file, owned by the caller, with one PAX record.
+    fn single_xattr_archive(name: &[u8], key: &str, value: &[u8]) -> Vec<u8> {
+        let mut builder = Builder::new(Vec::new());
+        builder.append_pax_extensions([(key, value)]).unwrap();
+        let mut header = Header::new_gnu();
+        fill_name_field(&mut header.as_old_mut().name, name);
+        header.set_entry_type(EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_uid(u64::from(unistd::getuid().as_raw()));
+        header.set_gid(u64::from(unistd::getgid().as_raw()));
+        header.set_mtime(0);
+        header.set_size(0);
+        header.set_cksum();
+        builder.append(&header, io::empty()).unwrap();
+        builder.into_inner().unwrap()
     }
 
     /// Name, type and link target of an entry.
