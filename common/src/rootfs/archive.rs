@@ -874,6 +874,8 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const SPARSE_SIZE: u64 = 64 * MIB;
     const ISLANDS: u64 = 30;
+    /// A value with `\n`, `=`, NUL and non-UTF-8 bytes, like overlayfs's binary xattrs.
+    const BINARY_XATTR: &[u8] = b"\x00\x0a\xfb\x0a\n=\xff";
 
     fn require_root() {
         assert!(
@@ -882,16 +884,17 @@ mod tests {
         );
     }
 
-    /// A temporary directory on a filesystem that takes trusted.* and user.* xattrs.
-    fn xattr_capable_tempdir() -> tempfile::TempDir {
+    /// A temporary directory on a filesystem that takes xattrs of each of `namespaces`.
+    fn xattr_capable_tempdir(namespaces: &[&str]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["trusted.probe", "user.probe"] {
+        for namespace in namespaces {
+            let name = format!("{namespace}.probe");
             assert!(
-                xattr::set(dir.path(), name, b"1").is_ok(),
-                "the filesystem of {} must support {name} xattrs for this test",
+                xattr::set(dir.path(), &name, b"1").is_ok(),
+                "the filesystem of {} must support {namespace}.* xattrs for this test",
                 dir.path().display()
             );
-            xattr::remove(dir.path(), name).unwrap();
+            xattr::remove(dir.path(), &name).unwrap();
         }
         dir
     }
@@ -918,17 +921,13 @@ mod tests {
         std::iter::repeat_n(c, 150).collect()
     }
 
-    /// Every kind of thing an upper dir can hold, with distinct old mtimes everywhere.
-    fn build_tree(root: &Path) {
+    /// Every kind of thing an upper dir can hold that an unprivileged user can make: whiteouts
+    /// included, since Linux 5.8 lets anyone mknod a 0:0 character device.
+    fn build_unprivileged_tree(root: &Path) {
         fs::write(root.join("file.txt"), b"hello\n").unwrap();
         xattr::set(root.join("file.txt"), "user.comment", b"a user xattr").unwrap();
         // Binary values and awkward names take the LIBARCHIVE.xattr form.
-        xattr::set(
-            root.join("file.txt"),
-            "trusted.overlay.origin",
-            b"\x00\x0a\xfb\x0a\n=\xff",
-        )
-        .unwrap();
+        xattr::set(root.join("file.txt"), "user.binary", BINARY_XATTR).unwrap();
         xattr::set(
             root.join("file.txt"),
             OsStr::from_bytes(b"user.we=ird\nna me\xff"),
@@ -938,8 +937,8 @@ mod tests {
         fs::write(root.join("empty"), b"").unwrap();
         fs::create_dir_all(root.join("a/b/c")).unwrap();
         fs::create_dir(root.join("emptydir")).unwrap();
+        xattr::set(root.join("emptydir"), "user.on-a-dir", b"d").unwrap();
         symlink("file.txt", root.join("link")).unwrap();
-        xattr::set(root.join("link"), "trusted.overlay.test", b"on a symlink").unwrap();
         symlink("/nonexistent/target", root.join("dangling")).unwrap();
         let long_target = format!("../{}/{}", long_component('t'), long_component('u'));
         symlink(&long_target, root.join("longlink")).unwrap();
@@ -961,22 +960,8 @@ mod tests {
 
         unistd::mkfifo(&root.join("fifo"), Mode::from_bits_truncate(0o640)).unwrap();
         mknod_at(&root.join("a/whiteout"), SFlag::S_IFCHR, 0, 0, 0);
-        mknod_at(&root.join("null"), SFlag::S_IFCHR, 0o666, 1, 3);
-        mknod_at(&root.join("loop9"), SFlag::S_IFBLK, 0o660, 7, 9);
-        fs::create_dir(root.join("opaque")).unwrap();
-        fs::write(root.join("opaque/inside"), b"x").unwrap();
-        xattr::set(root.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
-
-        let suid = root.join("suid");
-        fs::write(&suid, b"#!/bin/sh\n").unwrap();
-        unistd::chown(&suid, Some(Uid::from_raw(1234)), Some(Gid::from_raw(5678))).unwrap();
-        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
         fs::create_dir(root.join("sticky")).unwrap();
         fs::set_permissions(root.join("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
-        fs::create_dir(root.join("sgid")).unwrap();
-        unistd::chown(&root.join("sgid"), None, Some(Gid::from_raw(5678))).unwrap();
-        fs::set_permissions(root.join("sgid"), fs::Permissions::from_mode(0o2750)).unwrap();
-        fs::write(root.join("sgid/child"), b"c").unwrap();
 
         // More than 4 + 21 data segments, so two extension blocks, and a trailing hole.
         let sparse = File::create(root.join("sparse")).unwrap();
@@ -997,11 +982,41 @@ mod tests {
             .unwrap();
 
         UnixListener::bind(root.join("socket")).unwrap();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o751)).unwrap();
+    }
+
+    /// What only root can add to [`build_unprivileged_tree`]: foreign owners, setuid and
+    /// setgid on them, trusted.* xattrs (overlayfs's own, an opaque dir among them) and
+    /// device nodes other than whiteouts.
+    fn add_privileged_entries(root: &Path) {
+        xattr::set(
+            root.join("file.txt"),
+            "trusted.overlay.origin",
+            BINARY_XATTR,
+        )
+        .unwrap();
+        xattr::set(root.join("link"), "trusted.overlay.test", b"on a symlink").unwrap();
+        mknod_at(&root.join("null"), SFlag::S_IFCHR, 0o666, 1, 3);
+        mknod_at(&root.join("loop9"), SFlag::S_IFBLK, 0o660, 7, 9);
+        fs::create_dir(root.join("opaque")).unwrap();
+        fs::write(root.join("opaque/inside"), b"x").unwrap();
+        xattr::set(root.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
+
+        let suid = root.join("suid");
+        fs::write(&suid, b"#!/bin/sh\n").unwrap();
+        unistd::chown(&suid, Some(Uid::from_raw(1234)), Some(Gid::from_raw(5678))).unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::create_dir(root.join("sgid")).unwrap();
+        unistd::chown(&root.join("sgid"), None, Some(Gid::from_raw(5678))).unwrap();
+        fs::set_permissions(root.join("sgid"), fs::Permissions::from_mode(0o2750)).unwrap();
+        fs::write(root.join("sgid/child"), b"c").unwrap();
 
         unistd::chown(root, Some(Uid::from_raw(100)), Some(Gid::from_raw(200))).unwrap();
-        fs::set_permissions(root, fs::Permissions::from_mode(0o751)).unwrap();
         xattr::set(root, "trusted.overlay.impure", b"y").unwrap();
+    }
 
+    /// Gives every entry a distinct old mtime; last, since building the tree bumps them.
+    fn set_distinct_mtimes(root: &Path) {
         let mut all = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(path) = stack.pop() {
@@ -1072,16 +1087,17 @@ mod tests {
         pack_dir(dir, Vec::new()).unwrap()
     }
 
-    #[test]
-    fn round_trip_preserves_everything() {
-        require_root();
-        let src = xattr_capable_tempdir();
-        build_tree(src.path());
-        let archive = pack(src.path());
-        let dst = xattr_capable_tempdir();
+    /// Packs `src` and unpacks it into a fresh directory, checks that everything but the
+    /// socket came back identical, and returns the archive, the copy and its snapshot.
+    fn round_trip(
+        src: &Path,
+        namespaces: &[&str],
+    ) -> (Vec<u8>, tempfile::TempDir, BTreeMap<PathBuf, Node>) {
+        let archive = pack(src);
+        let dst = xattr_capable_tempdir(namespaces);
         unpack_dir(archive.as_slice(), dst.path()).unwrap();
 
-        let mut expected = snapshot(src.path());
+        let mut expected = snapshot(src);
         assert!(expected.remove(Path::new("socket")).is_some());
         let actual = snapshot(dst.path());
         assert_eq!(
@@ -1091,30 +1107,35 @@ mod tests {
         for (path, node) in &expected {
             assert_eq!(Some(node), actual.get(path), "{}", path.display());
         }
+        (archive, dst, actual)
+    }
+
+    #[test]
+    fn round_trip_without_root() {
+        let src = xattr_capable_tempdir(&["user"]);
+        build_unprivileged_tree(src.path());
+        set_distinct_mtimes(src.path());
+        let (archive, dst, actual) = round_trip(src.path(), &["user"]);
+
         // Spot checks that the comparison covers what matters.
-        let root = &actual[Path::new("")];
-        assert_eq!((root.mode & 0o7777, root.uid, root.gid), (0o751, 100, 200));
-        let suid = &actual[Path::new("suid")];
-        assert_eq!(
-            (suid.mode & 0o7777, suid.uid, suid.gid),
-            (0o4755, 1234, 5678)
-        );
-        assert_eq!(actual[Path::new("sgid")].mode & 0o7777, 0o2750);
+        assert_eq!(actual[Path::new("")].mode & 0o7777, 0o751);
         assert_eq!(actual[Path::new("sticky")].mode & 0o7777, 0o1777);
         let whiteout = &actual[Path::new("a/whiteout")];
         assert_eq!(whiteout.mode & libc::S_IFMT, libc::S_IFCHR);
         assert_eq!(whiteout.rdev, 0);
-        assert_eq!(actual[Path::new("loop9")].rdev, stat::makedev(7, 9));
-        assert_eq!(
-            actual[Path::new("opaque")].xattrs,
-            vec![(OsString::from("trusted.overlay.opaque"), b"y".to_vec())]
-        );
-        assert_eq!(actual[Path::new("link")].xattrs.len(), 1);
-        assert_eq!(actual[Path::new("file.txt")].xattrs.len(), 3);
+        assert_eq!(actual[Path::new("fifo")].mode & libc::S_IFMT, libc::S_IFIFO);
+        let xattrs = &actual[Path::new("file.txt")].xattrs;
+        assert_eq!(xattrs.len(), 3);
+        assert!(xattrs.contains(&(OsString::from("user.binary"), BINARY_XATTR.to_vec())));
+        assert!(xattrs
+            .iter()
+            .any(|(name, _)| name.as_bytes() == b"user.we=ird\nna me\xff"));
+        assert_eq!(actual[Path::new("emptydir")].xattrs.len(), 1);
         assert_eq!(
             actual[Path::new("dangling")].target.as_deref(),
             Some(Path::new("/nonexistent/target"))
         );
+        assert!(actual.contains_key(Path::new(OsStr::from_bytes(b"caf\xe9"))));
 
         let long_file = dst
             .path()
@@ -1145,18 +1166,52 @@ mod tests {
     }
 
     #[test]
-    fn packing_is_deterministic() {
+    fn round_trip_preserves_everything() {
         require_root();
-        let src = xattr_capable_tempdir();
-        build_tree(src.path());
+        let src = xattr_capable_tempdir(&["trusted", "user"]);
+        build_unprivileged_tree(src.path());
+        add_privileged_entries(src.path());
+        set_distinct_mtimes(src.path());
+        let (_, _, actual) = round_trip(src.path(), &["trusted", "user"]);
+
+        // Spot checks that the comparison covers what matters.
+        let root = &actual[Path::new("")];
+        assert_eq!((root.mode & 0o7777, root.uid, root.gid), (0o751, 100, 200));
+        let suid = &actual[Path::new("suid")];
+        assert_eq!(
+            (suid.mode & 0o7777, suid.uid, suid.gid),
+            (0o4755, 1234, 5678)
+        );
+        let sgid = &actual[Path::new("sgid")];
+        assert_eq!((sgid.mode & 0o7777, sgid.gid), (0o2750, 5678));
+        assert_eq!(actual[Path::new("null")].rdev, stat::makedev(1, 3));
+        let loop9 = &actual[Path::new("loop9")];
+        assert_eq!(loop9.mode & libc::S_IFMT, libc::S_IFBLK);
+        assert_eq!(loop9.rdev, stat::makedev(7, 9));
+        assert_eq!(
+            actual[Path::new("opaque")].xattrs,
+            vec![(OsString::from("trusted.overlay.opaque"), b"y".to_vec())]
+        );
+        assert_eq!(actual[Path::new("link")].xattrs.len(), 1);
+        let xattrs = &actual[Path::new("file.txt")].xattrs;
+        assert_eq!(xattrs.len(), 4);
+        assert!(xattrs.contains(&(
+            OsString::from("trusted.overlay.origin"),
+            BINARY_XATTR.to_vec()
+        )));
+    }
+
+    #[test]
+    fn packing_is_deterministic() {
+        let src = xattr_capable_tempdir(&["user"]);
+        build_unprivileged_tree(src.path());
         assert!(pack(src.path()) == pack(src.path()));
     }
 
     #[test]
     fn sparse_entries_use_gnu_extension_blocks() {
-        require_root();
-        let src = xattr_capable_tempdir();
-        build_tree(src.path());
+        let src = xattr_capable_tempdir(&["user"]);
+        build_unprivileged_tree(src.path());
         let archive = pack(src.path());
         let mut reader = tar::Archive::new(archive.as_slice());
         let entry = reader
@@ -1174,7 +1229,7 @@ mod tests {
 
     #[test]
     fn awkward_xattrs_travel_in_libarchive_form() {
-        let src = tempfile::tempdir().unwrap();
+        let src = xattr_capable_tempdir(&["user"]);
         let file = src.path().join("f");
         fs::write(&file, b"").unwrap();
         xattr::set(&file, OsStr::from_bytes(b"user.a=b c%\n\xff"), b"foob").unwrap();
@@ -1206,7 +1261,7 @@ mod tests {
 
         // Padded values, which libarchive also reads, come back the same; broken ones are
         // refused with the decoder's reason.
-        let dst = tempfile::tempdir().unwrap();
+        let dst = xattr_capable_tempdir(&["user"]);
         let padded = single_xattr_archive(b"g", "LIBARCHIVE.xattr.user.padded", b"Zm9vYg==");
         unpack_dir(padded.as_slice(), dst.path()).unwrap();
         assert_eq!(
