@@ -1278,21 +1278,29 @@ mod tests {
         }
     }
 
-    /// An archive holding one empty file, owned by the caller, with one PAX record.
+    /// An archive holding one empty file with one PAX record.
     fn single_xattr_archive(name: &[u8], key: &str, value: &[u8]) -> Vec<u8> {
         let mut builder = Builder::new(Vec::new());
         builder.append_pax_extensions([(key, value)]).unwrap();
+        let header = raw_header(name, EntryType::Regular, b"", 0);
+        builder.append(&header, io::empty()).unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    /// A header with `name` and link `target` written verbatim, owned by the caller so that
+    /// unpacking it needs no privileges.
+    fn raw_header(name: &[u8], kind: EntryType, target: &[u8], size: u64) -> Header {
         let mut header = Header::new_gnu();
         fill_name_field(&mut header.as_old_mut().name, name);
-        header.set_entry_type(EntryType::Regular);
+        fill_name_field(&mut header.as_old_mut().linkname, target);
+        header.set_entry_type(kind);
         header.set_mode(0o644);
         header.set_uid(u64::from(unistd::getuid().as_raw()));
         header.set_gid(u64::from(unistd::getgid().as_raw()));
         header.set_mtime(0);
-        header.set_size(0);
+        header.set_size(size);
         header.set_cksum();
-        builder.append(&header, io::empty()).unwrap();
-        builder.into_inner().unwrap()
+        header
     }
 
     /// Name, type and link target of an entry.
@@ -1303,21 +1311,12 @@ mod tests {
     fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
         let mut builder = Builder::new(Vec::new());
         for &(name, kind, target) in entries {
-            let mut header = Header::new_gnu();
-            fill_name_field(&mut header.as_old_mut().name, name);
-            fill_name_field(&mut header.as_old_mut().linkname, target);
-            header.set_entry_type(kind);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
             let data: &[u8] = if kind == EntryType::Regular {
                 b"evil"
             } else {
                 b""
             };
-            header.set_size(data.len() as u64);
-            header.set_cksum();
+            let header = raw_header(name, kind, target, data.len() as u64);
             builder.append(&header, data).unwrap();
         }
         builder.into_inner().unwrap()
