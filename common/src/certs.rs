@@ -21,6 +21,9 @@ use rustls::server::ParsedCertificate;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
 
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca-key.pem";
@@ -69,6 +72,12 @@ pub enum CertError {
     },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
+    #[error("{path} holds a certificate that cannot be used to issue certificates")]
+    CaCert {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
     #[error("{path} holds a private key that cannot sign certificates")]
@@ -168,13 +177,17 @@ pub fn issue(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<(), CertError>
         path: ca_key_path.clone(),
         source,
     })?;
-    // rcgen (without its x509 parser) cannot read ca.pem back, but signing only
-    // needs the issuer's name and key, and the name is derived from the key, so
-    // rebuilding the CA certificate from the key yields an equivalent issuer.
-    let issuer = ca_params(&ca_key)
-        .self_signed(&ca_key)
-        .map_err(|source| CertError::Generate {
-            what: "the CA certificate",
+    // Parsed from the DER that the CaMismatch check below verifies against, not
+    // by re-reading ca.pem with rcgen's own PEM parser, so both see the same
+    // certificate. rcgen wants the issuer as a `Certificate`; self-signing the
+    // parsed parameters with the CA key gives one with ca.pem's name and key id.
+    let ca_cert = ca_certs.first().ok_or_else(|| CertError::NoCertificate {
+        path: ca_cert_path.clone(),
+    })?;
+    let issuer = CertificateParams::from_ca_cert_der(ca_cert)
+        .and_then(|params| params.self_signed(&ca_key))
+        .map_err(|source| CertError::CaCert {
+            path: ca_cert_path.clone(),
             source,
         })?;
 
@@ -265,104 +278,31 @@ impl TlsDir {
 /// The subject of `cert` for display: its common name, or else its first DNS or
 /// IP subjectAltName.
 pub(crate) fn subject_name(cert: &CertificateDer<'_>) -> Option<String> {
-    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
-    //   serialNumber, signature, issuer, validity, subject, ..., [3] extensions } }
-    let (_, certificate) = der_items(cert).next()?;
-    let (_, tbs) = der_items(certificate).next()?;
-    let fields: Vec<(u8, &[u8])> = der_items(tbs).collect();
-    let first = usize::from(fields.first()?.0 == DER_CONTEXT_0);
-    let (_, subject) = fields.get(first + 4)?;
-    common_name(subject).or_else(|| {
-        fields
-            .iter()
-            .find(|(tag, _)| *tag == DER_CONTEXT_3)
-            .and_then(|(_, extensions)| first_alt_name(extensions))
-    })
-}
-
-const DER_OCTET_STRING: u8 = 0x04;
-const DER_OID: u8 = 0x06;
-const DER_UTF8_STRING: u8 = 0x0c;
-const DER_PRINTABLE_STRING: u8 = 0x13;
-const DER_IA5_STRING: u8 = 0x16;
-const DER_CONTEXT_0: u8 = 0xa0;
-const DER_CONTEXT_3: u8 = 0xa3;
-const SAN_DNS_NAME: u8 = 0x82;
-const SAN_IP_ADDRESS: u8 = 0x87;
-const OID_COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
-const OID_SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
-
-/// Splits DER `input` into its consecutive (tag, contents) elements, stopping at
-/// the first malformed one.
-fn der_items(mut input: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
-    std::iter::from_fn(move || {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let width = usize::from(first & 0x7f);
-            if width == 0 || width > 4 || rest.len() < width {
-                return None;
-            }
-            let (len, rest) = rest.split_at(width);
-            let len = len
-                .iter()
-                .fold(0usize, |acc, &byte| (acc << 8) | usize::from(byte));
-            (len, rest)
-        };
-        if rest.len() < len {
-            return None;
-        }
-        let (contents, rest) = rest.split_at(len);
-        input = rest;
-        Some((tag, contents))
-    })
-}
-
-/// The CN of an X.501 Name (SEQUENCE OF SET OF SEQUENCE { type, value }).
-fn common_name(name: &[u8]) -> Option<String> {
-    der_items(name)
-        .flat_map(|(_, rdn)| der_items(rdn))
-        .find_map(|(_, attribute)| {
-            let mut parts = der_items(attribute);
-            let (DER_OID, OID_COMMON_NAME) = parts.next()? else {
-                return None;
-            };
-            match parts.next()? {
-                (DER_UTF8_STRING | DER_PRINTABLE_STRING | DER_IA5_STRING, value) => {
-                    String::from_utf8(value.to_vec()).ok()
-                }
-                _ => None,
-            }
+    let (_, cert) = X509Certificate::from_der(cert).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .find_map(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_owned());
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|general_name| match *general_name {
+            GeneralName::DNSName(dns) => Some(dns.to_owned()),
+            // The parser hands over the raw octets: 4 for IPv4, 16 for IPv6.
+            GeneralName::IPAddress(octets) => <[u8; 4]>::try_from(octets)
+                .map(IpAddr::from)
+                .or_else(|_| <[u8; 16]>::try_from(octets).map(IpAddr::from))
+                .ok()
+                .map(|ip| ip.to_string()),
+            _ => None,
         })
 }
 
-/// The first DNS or IP entry of the subjectAltName in an `[3]` extensions block.
-fn first_alt_name(extensions: &[u8]) -> Option<String> {
-    let (_, extensions) = der_items(extensions).next()?;
-    let (_, san) = der_items(extensions).find_map(|(_, extension)| {
-        let mut parts = der_items(extension);
-        let (DER_OID, OID_SUBJECT_ALT_NAME) = parts.next()? else {
-            return None;
-        };
-        // The optional `critical` BOOLEAN may precede the value.
-        parts.find(|(tag, _)| *tag == DER_OCTET_STRING)
-    })?;
-    let (_, general_names) = der_items(san).next()?;
-    der_items(general_names).find_map(|(tag, value)| match tag {
-        SAN_DNS_NAME => String::from_utf8(value.to_vec()).ok(),
-        SAN_IP_ADDRESS => <[u8; 4]>::try_from(value)
-            .map(IpAddr::from)
-            .or_else(|_| <[u8; 16]>::try_from(value).map(IpAddr::from))
-            .ok()
-            .map(|ip| ip.to_string()),
-        _ => None,
-    })
-}
-
-/// The CA's parameters, derived from its key alone so that `issue` can rebuild
-/// the issuer from ca-key.pem.
+/// The parameters of a new CA with `key`.
 fn ca_params(key: &KeyPair) -> CertificateParams {
     // A per-CA name keeps certificates of different migrate CAs apart in logs
     // and in chain building.
@@ -627,14 +567,21 @@ mod tests {
     }
 
     #[test]
-    fn subject_name_falls_back_to_the_first_alt_name() {
+    fn subject_name_is_the_cn_or_else_the_first_alt_name() {
         let key = KeyPair::generate().unwrap();
-        for (sans, expected) in [
-            (["fd00::7", "b.example"], "fd00::7"),
-            (["a.example", "10.0.0.1"], "a.example"),
+        for (cn, sans, expected) in [
+            (Some("cn.example"), vec!["san.example"], "cn.example"),
+            (None, vec!["fd00::7", "b.example"], "fd00::7"),
+            (None, vec!["10.0.0.1", "b.example"], "10.0.0.1"),
+            (None, vec!["a.example", "10.0.0.1"], "a.example"),
         ] {
-            let mut params = CertificateParams::new(sans.map(str::to_owned)).unwrap();
+            let mut params =
+                CertificateParams::new(sans.into_iter().map(str::to_owned).collect::<Vec<_>>())
+                    .unwrap();
             params.distinguished_name = DistinguishedName::new();
+            if let Some(cn) = cn {
+                params.distinguished_name.push(DnType::CommonName, cn);
+            }
             let cert = params.self_signed(&key).unwrap();
             assert_eq!(subject_name(cert.der()).as_deref(), Some(expected));
         }

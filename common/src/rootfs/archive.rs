@@ -17,7 +17,8 @@
 //!   splits records at `\n` rather than honouring their length prefix, so a name containing
 //!   `=` or `\n` or non-UTF-8 bytes, or a value containing `\n` (binary ones such as
 //!   `trusted.overlay.origin`, ACLs or file capabilities easily do), is written in libarchive's
-//!   `LIBARCHIVE.xattr.<percent-encoded name>=<base64 value>` form instead.
+//!   `LIBARCHIVE.xattr.<percent-encoded name>=<base64 value>` form instead (standard alphabet,
+//!   unpadded as libarchive writes it; padded values are read too).
 //! * Files that share an inode are stored once; later names become hard-link entries
 //!   pointing at the first name.
 //! * Files with holes (found with `SEEK_DATA`/`SEEK_HOLE`) are written as old-GNU sparse
@@ -40,11 +41,15 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine as _;
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{self, FchmodatFlags, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{self, Gid, Uid, Whence};
+use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
 use tar::{Builder, Entry, EntryType, GnuExtSparseHeader, Header};
 
 /// Size of the name and link-name fields of a tar header.
@@ -56,6 +61,16 @@ const EXT_SPARSE_SLOTS: usize = 21;
 const TAR_BLOCK: u64 = 512;
 const SCHILY_XATTR: &str = "SCHILY.xattr.";
 const LIBARCHIVE_XATTR: &str = "LIBARCHIVE.xattr.";
+/// What libarchive escapes in xattr names: everything but printable ASCII (the crate always
+/// escapes non-ASCII bytes), and `%` and `=`, which would break the escaping or the record.
+const XATTR_NAME_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'=');
+/// libarchive writes xattr values without padding and its reader takes them either way.
+const XATTR_VALUE_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Why packing or unpacking a tree failed.
 ///
@@ -397,8 +412,11 @@ fn pax_xattr_records(xattrs: &[(OsString, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
             match raw_name {
                 Some(n) if !value.contains(&b'\n') => (format!("{SCHILY_XATTR}{n}"), value.clone()),
                 _ => (
-                    format!("{LIBARCHIVE_XATTR}{}", percent_encode(name.as_bytes())),
-                    base64_encode(value),
+                    format!(
+                        "{LIBARCHIVE_XATTR}{}",
+                        percent_encode(name.as_bytes(), XATTR_NAME_ESCAPES)
+                    ),
+                    XATTR_VALUE_BASE64.encode(value).into_bytes(),
                 ),
             }
         })
@@ -786,10 +804,11 @@ fn entry_meta<R: Read>(entry: &mut Entry<'_, R>, rel: &Path) -> Result<EntryMeta
                     record.value_bytes().to_vec(),
                 );
             } else if let Some(encoded) = key.strip_prefix(LIBARCHIVE_XATTR.as_bytes()) {
-                let name = percent_decode(encoded)
-                    .ok_or_else(|| malformed("a badly percent-encoded xattr name"))?;
-                let value = base64_decode(record.value_bytes())
-                    .ok_or_else(|| malformed("a badly base64-encoded xattr value"))?;
+                // Like libarchive's reader, a `%` without two hex digits stands for itself.
+                let name = percent_decode(encoded).collect();
+                let value = XATTR_VALUE_BASE64
+                    .decode(record.value_bytes())
+                    .map_err(|err| decode_error(io::Error::new(io::ErrorKind::InvalidData, err)))?;
                 xattrs.insert(OsString::from_vec(name), value);
             }
         }
@@ -844,78 +863,6 @@ fn apply_metadata(path: &Path, meta: &EntryMeta, is_symlink: bool) -> Result<(),
     Ok(())
 }
 
-/// libarchive's escaping of xattr names in PAX keys.
-fn percent_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_graphic() && b != b'%' && b != b'=' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(text: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut rest = text;
-    while let Some((&b, tail)) = rest.split_first() {
-        if b == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            out.push(b);
-            rest = tail;
-        }
-    }
-    Some(out)
-}
-
-const BASE64_ALPHABET: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 without padding, as libarchive writes it.
-fn base64_encode(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let bits = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
-        // n input bytes carry n + 1 six-bit digits.
-        for i in 0..=chunk.len() {
-            out.push(BASE64_ALPHABET[(bits >> (18 - 6 * i)) as usize & 0x3f]);
-        }
-    }
-    out
-}
-
-/// Accepts standard base64 with or without padding.
-fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
-    let digits = text
-        .strip_suffix(b"==")
-        .or_else(|| text.strip_suffix(b"="))
-        .unwrap_or(text);
-    if digits.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in digits {
-        let value = BASE64_ALPHABET.iter().position(|&a| a == c)?;
-        acc = (acc << 6) | value as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -927,6 +874,8 @@ mod tests {
     const MIB: u64 = 1 << 20;
     const SPARSE_SIZE: u64 = 64 * MIB;
     const ISLANDS: u64 = 30;
+    /// A value with `\n`, `=`, NUL and non-UTF-8 bytes, like overlayfs's binary xattrs.
+    const BINARY_XATTR: &[u8] = b"\x00\x0a\xfb\x0a\n=\xff";
 
     fn require_root() {
         assert!(
@@ -935,16 +884,17 @@ mod tests {
         );
     }
 
-    /// A temporary directory on a filesystem that takes trusted.* and user.* xattrs.
-    fn xattr_capable_tempdir() -> tempfile::TempDir {
+    /// A temporary directory on a filesystem that takes xattrs of each of `namespaces`.
+    fn xattr_capable_tempdir(namespaces: &[&str]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["trusted.probe", "user.probe"] {
+        for namespace in namespaces {
+            let name = format!("{namespace}.probe");
             assert!(
-                xattr::set(dir.path(), name, b"1").is_ok(),
-                "the filesystem of {} must support {name} xattrs for this test",
+                xattr::set(dir.path(), &name, b"1").is_ok(),
+                "the filesystem of {} must support {namespace}.* xattrs for this test",
                 dir.path().display()
             );
-            xattr::remove(dir.path(), name).unwrap();
+            xattr::remove(dir.path(), &name).unwrap();
         }
         dir
     }
@@ -971,17 +921,13 @@ mod tests {
         std::iter::repeat_n(c, 150).collect()
     }
 
-    /// Every kind of thing an upper dir can hold, with distinct old mtimes everywhere.
-    fn build_tree(root: &Path) {
+    /// Every kind of thing an upper dir can hold that an unprivileged user can make: whiteouts
+    /// included, since Linux 5.8 lets anyone mknod a 0:0 character device.
+    fn build_unprivileged_tree(root: &Path) {
         fs::write(root.join("file.txt"), b"hello\n").unwrap();
         xattr::set(root.join("file.txt"), "user.comment", b"a user xattr").unwrap();
         // Binary values and awkward names take the LIBARCHIVE.xattr form.
-        xattr::set(
-            root.join("file.txt"),
-            "trusted.overlay.origin",
-            b"\x00\x0a\xfb\x0a\n=\xff",
-        )
-        .unwrap();
+        xattr::set(root.join("file.txt"), "user.binary", BINARY_XATTR).unwrap();
         xattr::set(
             root.join("file.txt"),
             OsStr::from_bytes(b"user.we=ird\nna me\xff"),
@@ -991,8 +937,8 @@ mod tests {
         fs::write(root.join("empty"), b"").unwrap();
         fs::create_dir_all(root.join("a/b/c")).unwrap();
         fs::create_dir(root.join("emptydir")).unwrap();
+        xattr::set(root.join("emptydir"), "user.on-a-dir", b"d").unwrap();
         symlink("file.txt", root.join("link")).unwrap();
-        xattr::set(root.join("link"), "trusted.overlay.test", b"on a symlink").unwrap();
         symlink("/nonexistent/target", root.join("dangling")).unwrap();
         let long_target = format!("../{}/{}", long_component('t'), long_component('u'));
         symlink(&long_target, root.join("longlink")).unwrap();
@@ -1014,22 +960,8 @@ mod tests {
 
         unistd::mkfifo(&root.join("fifo"), Mode::from_bits_truncate(0o640)).unwrap();
         mknod_at(&root.join("a/whiteout"), SFlag::S_IFCHR, 0, 0, 0);
-        mknod_at(&root.join("null"), SFlag::S_IFCHR, 0o666, 1, 3);
-        mknod_at(&root.join("loop9"), SFlag::S_IFBLK, 0o660, 7, 9);
-        fs::create_dir(root.join("opaque")).unwrap();
-        fs::write(root.join("opaque/inside"), b"x").unwrap();
-        xattr::set(root.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
-
-        let suid = root.join("suid");
-        fs::write(&suid, b"#!/bin/sh\n").unwrap();
-        unistd::chown(&suid, Some(Uid::from_raw(1234)), Some(Gid::from_raw(5678))).unwrap();
-        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
         fs::create_dir(root.join("sticky")).unwrap();
         fs::set_permissions(root.join("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
-        fs::create_dir(root.join("sgid")).unwrap();
-        unistd::chown(&root.join("sgid"), None, Some(Gid::from_raw(5678))).unwrap();
-        fs::set_permissions(root.join("sgid"), fs::Permissions::from_mode(0o2750)).unwrap();
-        fs::write(root.join("sgid/child"), b"c").unwrap();
 
         // More than 4 + 21 data segments, so two extension blocks, and a trailing hole.
         let sparse = File::create(root.join("sparse")).unwrap();
@@ -1050,11 +982,41 @@ mod tests {
             .unwrap();
 
         UnixListener::bind(root.join("socket")).unwrap();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o751)).unwrap();
+    }
+
+    /// What only root can add to [`build_unprivileged_tree`]: foreign owners, setuid and
+    /// setgid on them, trusted.* xattrs (overlayfs's own, an opaque dir among them) and
+    /// device nodes other than whiteouts.
+    fn add_privileged_entries(root: &Path) {
+        xattr::set(
+            root.join("file.txt"),
+            "trusted.overlay.origin",
+            BINARY_XATTR,
+        )
+        .unwrap();
+        xattr::set(root.join("link"), "trusted.overlay.test", b"on a symlink").unwrap();
+        mknod_at(&root.join("null"), SFlag::S_IFCHR, 0o666, 1, 3);
+        mknod_at(&root.join("loop9"), SFlag::S_IFBLK, 0o660, 7, 9);
+        fs::create_dir(root.join("opaque")).unwrap();
+        fs::write(root.join("opaque/inside"), b"x").unwrap();
+        xattr::set(root.join("opaque"), "trusted.overlay.opaque", b"y").unwrap();
+
+        let suid = root.join("suid");
+        fs::write(&suid, b"#!/bin/sh\n").unwrap();
+        unistd::chown(&suid, Some(Uid::from_raw(1234)), Some(Gid::from_raw(5678))).unwrap();
+        fs::set_permissions(&suid, fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::create_dir(root.join("sgid")).unwrap();
+        unistd::chown(&root.join("sgid"), None, Some(Gid::from_raw(5678))).unwrap();
+        fs::set_permissions(root.join("sgid"), fs::Permissions::from_mode(0o2750)).unwrap();
+        fs::write(root.join("sgid/child"), b"c").unwrap();
 
         unistd::chown(root, Some(Uid::from_raw(100)), Some(Gid::from_raw(200))).unwrap();
-        fs::set_permissions(root, fs::Permissions::from_mode(0o751)).unwrap();
         xattr::set(root, "trusted.overlay.impure", b"y").unwrap();
+    }
 
+    /// Gives every entry a distinct old mtime; last, since building the tree bumps them.
+    fn set_distinct_mtimes(root: &Path) {
         let mut all = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(path) = stack.pop() {
@@ -1125,16 +1087,17 @@ mod tests {
         pack_dir(dir, Vec::new()).unwrap()
     }
 
-    #[test]
-    fn round_trip_preserves_everything() {
-        require_root();
-        let src = xattr_capable_tempdir();
-        build_tree(src.path());
-        let archive = pack(src.path());
-        let dst = xattr_capable_tempdir();
+    /// Packs `src` and unpacks it into a fresh directory, checks that everything but the
+    /// socket came back identical, and returns the archive, the copy and its snapshot.
+    fn round_trip(
+        src: &Path,
+        namespaces: &[&str],
+    ) -> (Vec<u8>, tempfile::TempDir, BTreeMap<PathBuf, Node>) {
+        let archive = pack(src);
+        let dst = xattr_capable_tempdir(namespaces);
         unpack_dir(archive.as_slice(), dst.path()).unwrap();
 
-        let mut expected = snapshot(src.path());
+        let mut expected = snapshot(src);
         assert!(expected.remove(Path::new("socket")).is_some());
         let actual = snapshot(dst.path());
         assert_eq!(
@@ -1144,30 +1107,35 @@ mod tests {
         for (path, node) in &expected {
             assert_eq!(Some(node), actual.get(path), "{}", path.display());
         }
+        (archive, dst, actual)
+    }
+
+    #[test]
+    fn round_trip_without_root() {
+        let src = xattr_capable_tempdir(&["user"]);
+        build_unprivileged_tree(src.path());
+        set_distinct_mtimes(src.path());
+        let (archive, dst, actual) = round_trip(src.path(), &["user"]);
+
         // Spot checks that the comparison covers what matters.
-        let root = &actual[Path::new("")];
-        assert_eq!((root.mode & 0o7777, root.uid, root.gid), (0o751, 100, 200));
-        let suid = &actual[Path::new("suid")];
-        assert_eq!(
-            (suid.mode & 0o7777, suid.uid, suid.gid),
-            (0o4755, 1234, 5678)
-        );
-        assert_eq!(actual[Path::new("sgid")].mode & 0o7777, 0o2750);
+        assert_eq!(actual[Path::new("")].mode & 0o7777, 0o751);
         assert_eq!(actual[Path::new("sticky")].mode & 0o7777, 0o1777);
         let whiteout = &actual[Path::new("a/whiteout")];
         assert_eq!(whiteout.mode & libc::S_IFMT, libc::S_IFCHR);
         assert_eq!(whiteout.rdev, 0);
-        assert_eq!(actual[Path::new("loop9")].rdev, stat::makedev(7, 9));
-        assert_eq!(
-            actual[Path::new("opaque")].xattrs,
-            vec![(OsString::from("trusted.overlay.opaque"), b"y".to_vec())]
-        );
-        assert_eq!(actual[Path::new("link")].xattrs.len(), 1);
-        assert_eq!(actual[Path::new("file.txt")].xattrs.len(), 3);
+        assert_eq!(actual[Path::new("fifo")].mode & libc::S_IFMT, libc::S_IFIFO);
+        let xattrs = &actual[Path::new("file.txt")].xattrs;
+        assert_eq!(xattrs.len(), 3);
+        assert!(xattrs.contains(&(OsString::from("user.binary"), BINARY_XATTR.to_vec())));
+        assert!(xattrs
+            .iter()
+            .any(|(name, _)| name.as_bytes() == b"user.we=ird\nna me\xff"));
+        assert_eq!(actual[Path::new("emptydir")].xattrs.len(), 1);
         assert_eq!(
             actual[Path::new("dangling")].target.as_deref(),
             Some(Path::new("/nonexistent/target"))
         );
+        assert!(actual.contains_key(Path::new(OsStr::from_bytes(b"caf\xe9"))));
 
         let long_file = dst
             .path()
@@ -1198,18 +1166,52 @@ mod tests {
     }
 
     #[test]
-    fn packing_is_deterministic() {
+    fn round_trip_preserves_everything() {
         require_root();
-        let src = xattr_capable_tempdir();
-        build_tree(src.path());
+        let src = xattr_capable_tempdir(&["trusted", "user"]);
+        build_unprivileged_tree(src.path());
+        add_privileged_entries(src.path());
+        set_distinct_mtimes(src.path());
+        let (_, _, actual) = round_trip(src.path(), &["trusted", "user"]);
+
+        // Spot checks that the comparison covers what matters.
+        let root = &actual[Path::new("")];
+        assert_eq!((root.mode & 0o7777, root.uid, root.gid), (0o751, 100, 200));
+        let suid = &actual[Path::new("suid")];
+        assert_eq!(
+            (suid.mode & 0o7777, suid.uid, suid.gid),
+            (0o4755, 1234, 5678)
+        );
+        let sgid = &actual[Path::new("sgid")];
+        assert_eq!((sgid.mode & 0o7777, sgid.gid), (0o2750, 5678));
+        assert_eq!(actual[Path::new("null")].rdev, stat::makedev(1, 3));
+        let loop9 = &actual[Path::new("loop9")];
+        assert_eq!(loop9.mode & libc::S_IFMT, libc::S_IFBLK);
+        assert_eq!(loop9.rdev, stat::makedev(7, 9));
+        assert_eq!(
+            actual[Path::new("opaque")].xattrs,
+            vec![(OsString::from("trusted.overlay.opaque"), b"y".to_vec())]
+        );
+        assert_eq!(actual[Path::new("link")].xattrs.len(), 1);
+        let xattrs = &actual[Path::new("file.txt")].xattrs;
+        assert_eq!(xattrs.len(), 4);
+        assert!(xattrs.contains(&(
+            OsString::from("trusted.overlay.origin"),
+            BINARY_XATTR.to_vec()
+        )));
+    }
+
+    #[test]
+    fn packing_is_deterministic() {
+        let src = xattr_capable_tempdir(&["user"]);
+        build_unprivileged_tree(src.path());
         assert!(pack(src.path()) == pack(src.path()));
     }
 
     #[test]
     fn sparse_entries_use_gnu_extension_blocks() {
-        require_root();
-        let src = xattr_capable_tempdir();
-        build_tree(src.path());
+        let src = xattr_capable_tempdir(&["user"]);
+        build_unprivileged_tree(src.path());
         let archive = pack(src.path());
         let mut reader = tar::Archive::new(archive.as_slice());
         let entry = reader
@@ -1226,19 +1228,79 @@ mod tests {
     }
 
     #[test]
-    fn xattr_encodings_round_trip() {
-        let all_bytes: Vec<u8> = (0..=255).collect();
-        for len in 0..all_bytes.len() {
-            let data = &all_bytes[..len];
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
-            assert_eq!(
-                percent_decode(percent_encode(data).as_bytes()).unwrap(),
-                data
-            );
+    fn awkward_xattrs_travel_in_libarchive_form() {
+        let src = xattr_capable_tempdir(&["user"]);
+        let file = src.path().join("f");
+        fs::write(&file, b"").unwrap();
+        xattr::set(&file, OsStr::from_bytes(b"user.a=b c%\n\xff"), b"foob").unwrap();
+        let archive = pack(src.path());
+        let mut reader = tar::Archive::new(archive.as_slice());
+        let mut entry = reader
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .find(|e| e.path_bytes().as_ref() == b"f")
+            .unwrap();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = entry
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .map(|r| {
+                let r = r.unwrap();
+                (r.key_bytes().to_vec(), r.value_bytes().to_vec())
+            })
+            .collect();
+        // Byte for byte what bsdtar writes: escaped name, unpadded base64.
+        assert_eq!(
+            records,
+            vec![(
+                b"LIBARCHIVE.xattr.user.a%3Db%20c%25%0A%FF".to_vec(),
+                b"Zm9vYg".to_vec()
+            )]
+        );
+
+        // Padded values, which libarchive also reads, come back the same; broken ones are
+        // refused with the decoder's reason.
+        let dst = xattr_capable_tempdir(&["user"]);
+        let padded = single_xattr_archive(b"g", "LIBARCHIVE.xattr.user.padded", b"Zm9vYg==");
+        unpack_dir(padded.as_slice(), dst.path()).unwrap();
+        assert_eq!(
+            xattr::get(dst.path().join("g"), "user.padded").unwrap(),
+            Some(b"foob".to_vec())
+        );
+        let broken = single_xattr_archive(b"h", "LIBARCHIVE.xattr.user.broken", b"Zm9vY");
+        match unpack_dir(broken.as_slice(), dst.path()) {
+            Err(ArchiveError::Decode { path, source }) => {
+                assert_eq!(path, Path::new("h"));
+                assert_eq!(source.kind(), io::ErrorKind::InvalidData);
+            }
+            other => panic!("expected Decode, got {other:?}"),
         }
-        assert_eq!(base64_encode(b"foob"), b"Zm9vYg");
-        assert_eq!(base64_decode(b"Zm9vYg==").unwrap(), b"foob");
-        assert_eq!(percent_encode(b"user.a=b c%"), "user.a%3Db%20c%25");
+    }
+
+    /// An archive holding one empty file with one PAX record.
+    fn single_xattr_archive(name: &[u8], key: &str, value: &[u8]) -> Vec<u8> {
+        let mut builder = Builder::new(Vec::new());
+        builder.append_pax_extensions([(key, value)]).unwrap();
+        let header = raw_header(name, EntryType::Regular, b"", 0);
+        builder.append(&header, io::empty()).unwrap();
+        builder.into_inner().unwrap()
+    }
+
+    /// A header with `name` and link `target` written verbatim, owned by the caller so that
+    /// unpacking it needs no privileges.
+    fn raw_header(name: &[u8], kind: EntryType, target: &[u8], size: u64) -> Header {
+        let mut header = Header::new_gnu();
+        fill_name_field(&mut header.as_old_mut().name, name);
+        fill_name_field(&mut header.as_old_mut().linkname, target);
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        header.set_uid(u64::from(unistd::getuid().as_raw()));
+        header.set_gid(u64::from(unistd::getgid().as_raw()));
+        header.set_mtime(0);
+        header.set_size(size);
+        header.set_cksum();
+        header
     }
 
     /// Name, type and link target of an entry.
@@ -1249,21 +1311,12 @@ mod tests {
     fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
         let mut builder = Builder::new(Vec::new());
         for &(name, kind, target) in entries {
-            let mut header = Header::new_gnu();
-            fill_name_field(&mut header.as_old_mut().name, name);
-            fill_name_field(&mut header.as_old_mut().linkname, target);
-            header.set_entry_type(kind);
-            header.set_mode(0o644);
-            header.set_uid(0);
-            header.set_gid(0);
-            header.set_mtime(0);
             let data: &[u8] = if kind == EntryType::Regular {
                 b"evil"
             } else {
                 b""
             };
-            header.set_size(data.len() as u64);
-            header.set_cksum();
+            let header = raw_header(name, kind, target, data.len() as u64);
             builder.append(&header, data).unwrap();
         }
         builder.into_inner().unwrap()
