@@ -70,7 +70,12 @@ impl Daemon {
 /// Accepts migrations on `listen` until Ctrl-C or SIGTERM, then waits for the
 /// ones under way.
 pub async fn serve(listen: SocketAddr, tls: &TlsDir, daemon: Daemon) -> Result<()> {
-    let endpoint = transport::server_endpoint(listen, tls)?;
+    serve_on(transport::server_endpoint(listen, tls)?, daemon).await
+}
+
+/// [`serve`] on an endpoint the caller made (tests bind port 0 and read the
+/// port back).
+pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
     info!(addr = %endpoint.local_addr()?, "listening");
     daemon.store.remove_incomplete()?;
     for id in restore::remove_stale(&daemon)? {
