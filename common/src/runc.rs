@@ -73,6 +73,19 @@ impl CriuOptions {
     }
 }
 
+/// What `runc restore` needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreSpec<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub image_dir: &'a Path,
+    /// CRIU's work dir: its restore.log ends up here.
+    pub work_dir: &'a Path,
+    /// Where runc writes its own messages.
+    pub runc_log: &'a Path,
+    pub options: CriuOptions,
+}
+
 /// One runc root, driven through one runc binary.
 #[derive(Debug, Clone)]
 pub struct Runc {
@@ -96,8 +109,17 @@ impl Runc {
     }
 
     fn command(&self) -> Command {
+        self.command_logging_to(None)
+    }
+
+    /// runc takes its global options (root, criu, log) before the
+    /// subcommand only.
+    fn command_logging_to(&self, log: Option<&Path>) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root);
+        if let Some(log) = log {
+            cmd.arg("--log").arg(log);
+        }
         if let Some(criu) = &self.criu {
             cmd.arg("--criu").arg(criu);
         }
@@ -163,37 +185,26 @@ impl Runc {
         cmd
     }
 
-    /// `runc restore -d`: restores `id` from `image_dir` with the bundle at
-    /// `bundle`. The restored processes' stdout and stderr are `stdio` when
-    /// they were pipes at checkpoint time (runc maps them through CRIU's
-    /// inherit-fd). runc's own messages go to `runc_log`.
-    #[allow(clippy::too_many_arguments)]
+    /// `runc restore -d` as `spec` says. The restored processes' stdout and
+    /// stderr become `stdout` and `stderr` where they were pipes at
+    /// checkpoint time (runc maps them through CRIU's inherit-fd).
     pub fn restore(
         &self,
-        id: &str,
-        bundle: &Path,
-        image_dir: &Path,
-        work_dir: &Path,
-        runc_log: &Path,
-        options: CriuOptions,
+        spec: &RestoreSpec<'_>,
         stdout: Stdio,
         stderr: Stdio,
     ) -> Result<(), RuncError> {
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("--root").arg(&self.root).arg("--log").arg(runc_log);
-        if let Some(criu) = &self.criu {
-            cmd.arg("--criu").arg(criu);
-        }
+        let mut cmd = self.command_logging_to(Some(spec.runc_log));
         cmd.arg("restore")
             .arg("--detach")
             .arg("--bundle")
-            .arg(bundle)
+            .arg(spec.bundle)
             .arg("--image-path")
-            .arg(image_dir)
+            .arg(spec.image_dir)
             .arg("--work-path")
-            .arg(work_dir)
-            .args(options.args())
-            .arg(id)
+            .arg(spec.work_dir)
+            .args(spec.options.args())
+            .arg(spec.id)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -205,10 +216,10 @@ impl Runc {
             return Ok(());
         }
         Err(RuncError::Restore {
-            id: id.to_owned(),
+            id: spec.id.to_owned(),
             status,
-            runc_log: runc_errors(runc_log),
-            criu_log: log_tail(&work_dir.join("restore.log"), LOG_TAIL_LINES),
+            runc_log: runc_errors(spec.runc_log),
+            criu_log: log_tail(&spec.work_dir.join("restore.log"), LOG_TAIL_LINES),
         })
     }
 

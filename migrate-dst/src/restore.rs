@@ -10,7 +10,7 @@ use migrate_common::bundle::{BundleConfig, DestinationRewrite, Hook};
 use migrate_common::mount::{mount_overlay, unmount_all_under};
 use migrate_common::protocol::{Failed, Hello, Restored};
 use migrate_common::rootfs::digest::LayerDigest;
-use migrate_common::runc::{CriuOptions, RuncError};
+use migrate_common::runc::{CriuOptions, RestoreSpec, RuncError};
 
 use crate::Daemon;
 
@@ -131,21 +131,21 @@ fn restore_in(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Rest
     let id = &hello.container_id;
     let (stdout, stderr) = spawn_log_shim(daemon, dir)
         .map_err(|e| failed("starting the log shim", &e, String::new()))?;
-    let options = CriuOptions {
-        tcp_established: hello.tcp_established,
+    let (bundle, images, criu_work, runc_log) =
+        (dir.bundle(), dir.images(), dir.criu_work(), dir.runc_log());
+    let spec = RestoreSpec {
+        id,
+        bundle: &bundle,
+        image_dir: &images,
+        work_dir: &criu_work,
+        runc_log: &runc_log,
+        options: CriuOptions {
+            tcp_established: hello.tcp_established,
+        },
     };
     daemon
         .runc
-        .restore(
-            id,
-            &dir.bundle(),
-            &dir.images(),
-            &dir.criu_work(),
-            &dir.runc_log(),
-            options,
-            stdout,
-            stderr,
-        )
+        .restore(&spec, stdout, stderr)
         .map_err(|e| match e {
             RuncError::Restore {
                 status,

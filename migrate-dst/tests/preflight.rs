@@ -12,6 +12,19 @@ use migrate_common::runc::Runc;
 use migrate_common::transport;
 use migrate_dst::Daemon;
 
+type Control = ControlChannel<quinn::RecvStream, quinn::SendStream>;
+
+/// Connects to the daemon on `port` as the source would and opens the
+/// control stream.
+async fn connect(dir: &Path, port: u16) -> (quinn::Endpoint, quinn::Connection, Control) {
+    let tls = TlsDir::load(&dir.join("src")).unwrap();
+    let (endpoint, conn) = transport::connect(&format!("127.0.0.1:{port}"), &tls)
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (endpoint, conn, ControlChannel::new(recv, send))
+}
+
 async fn start_daemon(dir: &Path) -> (u16, tokio::task::JoinHandle<anyhow::Result<()>>) {
     create_ca(&dir.join("ca")).unwrap();
     issue(&dir.join("ca"), "127.0.0.1", &dir.join("dst")).unwrap();
@@ -37,12 +50,7 @@ async fn start_daemon(dir: &Path) -> (u16, tokio::task::JoinHandle<anyhow::Resul
 async fn preflight_reports_every_reason_and_claims_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (port, daemon) = start_daemon(dir.path()).await;
-    let tls = TlsDir::load(&dir.path().join("src")).unwrap();
-    let (endpoint, conn) = transport::connect(&format!("127.0.0.1:{port}"), &tls)
-        .await
-        .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let mut control = ControlChannel::new(recv, send);
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await;
     control
         .send(Hello {
             protocol_version: PROTOCOL_VERSION + 1,
@@ -90,12 +98,7 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
 async fn out_of_order_message_ends_the_session_without_an_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (port, daemon) = start_daemon(dir.path()).await;
-    let tls = TlsDir::load(&dir.path().join("src")).unwrap();
-    let (endpoint, conn) = transport::connect(&format!("127.0.0.1:{port}"), &tls)
-        .await
-        .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let mut control = ControlChannel::new(recv, send);
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await;
     control
         .send(migrate_common::protocol::CheckpointSent::default())
         .await

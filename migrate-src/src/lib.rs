@@ -98,13 +98,20 @@ async fn run_phases(
     let id = opts.container_id.as_str();
 
     reporter.phase(format!("inspecting {id}"));
-    let container = inspect::inspect(&opts.runc, id).map_err(Failure::Source)?;
-    let source_criu_version = opts
-        .criu
-        .version()
-        .context("checking the source's CRIU")
-        .map_err(Failure::Source)?;
-    let pre_copy_available = opts.criu.supports_dirty_tracking();
+    // Hashing layers and running criu block; off the async threads, so that
+    // Ctrl-C is still heard meanwhile.
+    let (container, source_criu_version, pre_copy_available) = {
+        let (runc, criu, id) = (opts.runc.clone(), opts.criu.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let container = inspect::inspect(&runc, &id)?;
+            let version = criu.version().context("checking the source's CRIU")?;
+            Ok((container, version, criu.supports_dirty_tracking()))
+        })
+        .await
+        .context("inspecting the container")
+        .map_err(Failure::Source)?
+        .map_err(Failure::Source)?
+    };
 
     reporter.phase(format!("connecting to {}", opts.destination));
     let tls = TlsDir::load(&opts.tls_dir)
