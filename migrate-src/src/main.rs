@@ -81,6 +81,7 @@ enum Command {
 enum CertsCommand {
     /// Create a certificate authority: ca.pem and ca-key.pem.
     Ca {
+        /// Directory to write the CA into.
         #[arg(long)]
         out: PathBuf,
     },
@@ -92,6 +93,7 @@ enum CertsCommand {
         /// The host's DNS name or IP address, as the source will dial it.
         #[arg(long)]
         name: String,
+        /// The host's tls dir to write.
         #[arg(long)]
         out: PathBuf,
     },
