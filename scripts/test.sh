@@ -17,5 +17,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --locked
 echo "== tests"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 # One test at a time: CRIU and runc use host-wide resources.
-cargo test --workspace --locked -- --test-threads=1
+cargo test --workspace --locked -- --test-threads=1 2>&1 | tee "$log"
+# One closing line for the whole run (cargo's last line is a doc-test
+# summary that usually counts nothing).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?/) p += $(i-1); if ($i ~ /^failed;?/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
