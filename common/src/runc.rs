@@ -223,11 +223,6 @@ impl Runc {
         })
     }
 
-    pub fn kill(&self, id: &str, signal: &str) -> Result<(), RuncError> {
-        run(self.command().args(["kill", id, signal]))?;
-        Ok(())
-    }
-
     /// `runc delete --force`. Callers must unmount leftovers under
     /// [`Runc::state_dir`] first: runc removes that directory recursively,
     /// and through a leftover `criu-root` bind mount that means the

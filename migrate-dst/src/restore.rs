@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use migrate_common::bundle::{BundleConfig, DestinationRewrite, Hook};
@@ -249,10 +249,8 @@ pub fn discard(daemon: &Daemon, id: &str, dir: &ContainerDir) {
         tracing::error!(error = %e, "unmounting leftovers under {}; not deleting", runc_dir.display());
         return;
     }
+    // --force kills the container's processes if they still run.
     if daemon.runc.exists(id) {
-        let _ = daemon.runc.kill(id, "KILL");
-        // The kill is asynchronous; give the processes a moment to go.
-        std::thread::sleep(Duration::from_millis(200));
         if let Err(e) = daemon.runc.delete_force(id) {
             tracing::warn!(error = %e, "runc delete {id}");
         }

@@ -31,10 +31,6 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
-    pub(crate) fn link(e: ControlError) -> Self {
-        Self::Link(e)
-    }
-
     pub(crate) fn unexpected(expected: &'static str, got: Option<Body>) -> Self {
         let got = match got {
             Some(Body::Abort(a)) => format!("Abort ({})", a.reason),

@@ -143,8 +143,8 @@ async fn run_phases(
             tcp_established: opts.criu_options.tcp_established,
         })
         .await
-        .map_err(Failure::link)?;
-    let reply = match control.recv().await.map_err(Failure::link)?.body {
+        .map_err(Failure::Link)?;
+    let reply = match control.recv().await.map_err(Failure::Link)?.body {
         Some(Body::PreflightReply(reply)) => reply,
         other => return Err(Failure::unexpected("PreflightReply", other)),
     };
@@ -165,8 +165,8 @@ async fn run_phases(
     control
         .send(LayersSent { files: layer_files })
         .await
-        .map_err(Failure::link)?;
-    match control.recv().await.map_err(Failure::link)?.body {
+        .map_err(Failure::Link)?;
+    match control.recv().await.map_err(Failure::Link)?.body {
         Some(Body::LayersReady(_)) => {}
         other => return Err(Failure::unexpected("LayersReady", other)),
     }
@@ -203,9 +203,9 @@ async fn run_phases(
         control
             .send(CheckpointSent { files })
             .await
-            .map_err(Failure::link)?;
+            .map_err(Failure::Link)?;
         reporter.phase("restoring on the destination (container frozen)");
-        match control.recv().await.map_err(Failure::link)?.body {
+        match control.recv().await.map_err(Failure::Link)?.body {
             Some(Body::Restored(restored)) => Ok((restored, file_count)),
             Some(Body::Failed(failed)) => Err(Failure::Destination(failed)),
             other => Err(Failure::unexpected("Restored", other)),

@@ -108,9 +108,7 @@ fn unique() -> u32 {
 
 /// Unmounts every mount at or below `dir` (deepest first).
 pub fn unmount_under(dir: &Path) {
-    if let Ok(done) = migrate_common::mount::unmount_all_under(dir) {
-        drop(done);
-    }
+    let _ = migrate_common::mount::unmount_all_under(dir);
 }
 
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
@@ -281,6 +279,18 @@ impl Lab {
         for d in [&upper, &work, &rootfs, &bundle] {
             std::fs::create_dir_all(d).unwrap();
         }
+        let runc_root = self.path("runc-src");
+        let cgroup_parent = format!("migrate-e2e-{}-src", self.n);
+        // The guard exists before anything it removes, so a failure from
+        // here on still unmounts and deletes.
+        let container = SourceContainer {
+            id: id.to_owned(),
+            runc_root: runc_root.clone(),
+            rootfs: rootfs.clone(),
+            upper: upper.clone(),
+            cgroup_parent: cgroup_parent.clone(),
+            output: Arc::new(Mutex::new(String::new())),
+        };
         migrate_common::mount::mount_overlay(
             std::slice::from_ref(&self.layer),
             &upper,
@@ -288,16 +298,6 @@ impl Lab {
             &rootfs,
         )
         .unwrap();
-        let runc_root = self.path("runc-src");
-        let cgroup_parent = format!("migrate-e2e-{}-src", self.n);
-        let mut container = SourceContainer {
-            id: id.to_owned(),
-            runc_root: runc_root.clone(),
-            rootfs: rootfs.clone(),
-            upper,
-            cgroup_parent: cgroup_parent.clone(),
-            output: Arc::new(Mutex::new(String::new())),
-        };
         sh(Command::new("runc").arg("spec").current_dir(&bundle));
         let config_path = bundle.join("config.json");
         let mut config: serde_json::Value =
@@ -337,7 +337,6 @@ impl Lab {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        container.runc_root = runc_root;
         container
     }
 
