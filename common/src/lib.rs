@@ -18,6 +18,7 @@ pub mod rootfs;
 pub mod runc;
 pub mod transfer;
 pub mod transport;
+pub mod tunnel;
 
 /// Whether `id` is a container id runc accepts; ids name directories on
 /// both hosts, so this is checked before any path is built from one.

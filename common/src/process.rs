@@ -1,6 +1,8 @@
 //! Running an external tool and turning its failure into an error that shows
 //! what ran, how it ended and what it printed.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
 /// How much of a tool's output an error message keeps.
@@ -46,6 +48,60 @@ pub fn check(cmd: &Command, out: Output) -> Result<String, ToolError> {
     })
 }
 
+/// Descriptors a child inherits at fixed numbers: CRIU is told the number
+/// (`ps-socket N`), and runc passes descriptors it inherited on to `criu swrk`
+/// untouched, except the low ones it uses itself (3 is CRIU's RPC socket), so
+/// the numbers are high.
+#[derive(Debug, Default)]
+pub struct InheritedFds {
+    fds: Vec<(OwnedFd, RawFd)>,
+}
+
+impl InheritedFds {
+    pub fn add(&mut self, fd: OwnedFd, number: RawFd) {
+        self.fds.push((fd, number));
+    }
+
+    /// Arranges for `cmd`'s child to have each descriptor at its number. The
+    /// descriptors stay open here (the caller keeps `self` until the child
+    /// runs) and close-on-exec in this process.
+    pub fn apply(&self, cmd: &mut Command) {
+        let pairs: Vec<(RawFd, RawFd)> = self
+            .fds
+            .iter()
+            .map(|(fd, number)| (fd.as_raw_fd(), *number))
+            .collect();
+        let above = pairs.iter().map(|(_, n)| *n).max().unwrap_or(0) + 1;
+        // SAFETY: between fork and exec the closure calls only fcntl and
+        // dup2, which are async-signal-safe, and allocates nothing: `pairs`
+        // was built before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Moved above every target first, so that no dup2 below
+                // overwrites a descriptor still to be moved.
+                let mut moved = [(-1, -1); 8];
+                if pairs.len() > moved.len() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+                }
+                for (slot, (fd, number)) in moved.iter_mut().zip(&pairs) {
+                    let high = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above);
+                    if high < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    *slot = (high, *number);
+                }
+                for (high, number) in &moved[..pairs.len()] {
+                    // dup2 clears close-on-exec on the new descriptor.
+                    if libc::dup2(*high, *number) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// The command line, for messages.
 pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
@@ -86,6 +142,26 @@ mod tests {
     fn missing_program_says_so() {
         let err = run(&mut Command::new("/nonexistent/tool")).unwrap_err();
         assert!(matches!(err, ToolError::Spawn { .. }));
+    }
+
+    #[test]
+    fn child_inherits_descriptors_at_their_numbers() {
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_, second) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut fds = InheritedFds::default();
+        fds.add(theirs.into(), 100);
+        fds.add(second.into(), 101);
+        // bash: dash redirects single-digit descriptors only.
+        let mut cmd = Command::new("bash");
+        cmd.args(["-c", "echo hello >&100 && test -e /proc/self/fd/101"]);
+        fds.apply(&mut cmd);
+        let status = cmd.status().unwrap();
+        drop(fds);
+        assert!(status.success());
+        let mut got = String::new();
+        use std::io::Read;
+        ours.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hello\n");
     }
 
     #[test]

@@ -73,6 +73,33 @@ impl CriuOptions {
     }
 }
 
+/// Which of CRIU's dumps a checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpKind {
+    /// `--pre-dump`: memory only, the container keeps running (pre-copy).
+    PreDump,
+    /// A full dump; the container ends frozen in CRIU's post-dump action.
+    Final,
+    /// `--lazy-pages`: everything but memory, which CRIU then serves on its
+    /// page-server socket until the destination has it all (post-copy).
+    Lazy,
+}
+
+/// What `runc checkpoint` needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointSpec<'a> {
+    pub id: &'a str,
+    pub kind: DumpKind,
+    pub image_dir: &'a Path,
+    pub work_dir: &'a Path,
+    /// The previous round's image dir, relative to `image_dir` (CRIU
+    /// resolves it from there and records it as the `parent` link).
+    pub parent: Option<&'a Path>,
+    /// The file `CRIU_CONFIG_FILE` names.
+    pub criu_config: &'a Path,
+    pub options: CriuOptions,
+}
+
 /// What `runc restore` needs to know.
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreSpec<'a> {
@@ -83,6 +110,10 @@ pub struct RestoreSpec<'a> {
     pub work_dir: &'a Path,
     /// Where runc writes its own messages.
     pub runc_log: &'a Path,
+    /// Memory comes from a lazy-pages daemon listening in `work_dir`.
+    pub lazy: bool,
+    /// The file `CRIU_CONFIG_FILE` names, if any.
+    pub criu_config: Option<&'a Path>,
     pub options: CriuOptions,
 }
 
@@ -156,33 +187,51 @@ impl Runc {
         self.root.join(id)
     }
 
-    /// A `runc checkpoint` command, for the caller to spawn: it blocks in
-    /// CRIU's post-dump action until the migration's outcome is known, so the
-    /// caller must be able to wait for it and for the hook at once. It runs
-    /// in its own process group so that a Ctrl-C at the terminal reaches only
-    /// us, and we decide what CRIU does.
-    pub fn checkpoint_command(
-        &self,
-        id: &str,
-        image_dir: &Path,
-        work_dir: &Path,
-        criu_config: &Path,
-        options: CriuOptions,
-    ) -> Command {
+    /// A `runc checkpoint` command, for the caller to spawn: a final dump
+    /// blocks in CRIU's post-dump action and a lazy one serves pages until the
+    /// migration's outcome is known, so the caller must be able to wait for
+    /// it and for the hook or the page relay at once. It runs in its own
+    /// process group so that a Ctrl-C at the terminal reaches only us, and we
+    /// decide what CRIU does.
+    pub fn checkpoint_command(&self, spec: &CheckpointSpec<'_>) -> Command {
         let mut cmd = self.command();
-        cmd.arg("checkpoint")
-            .arg("--image-path")
-            .arg(image_dir)
+        cmd.arg("checkpoint");
+        match spec.kind {
+            DumpKind::PreDump => {
+                cmd.arg("--pre-dump");
+            }
+            DumpKind::Final => {}
+            DumpKind::Lazy => {
+                cmd.arg("--lazy-pages");
+            }
+        }
+        cmd.arg("--image-path")
+            .arg(spec.image_dir)
             .arg("--work-path")
-            .arg(work_dir)
-            .args(options.args())
-            .arg(id)
-            .env("CRIU_CONFIG_FILE", criu_config)
+            .arg(spec.work_dir);
+        if let Some(parent) = spec.parent {
+            cmd.arg("--parent-path").arg(parent);
+        }
+        cmd.args(spec.options.args())
+            .arg(spec.id)
+            .env("CRIU_CONFIG_FILE", spec.criu_config)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd
+    }
+
+    /// `runc pause`: freezes the container's cgroup.
+    pub fn pause(&self, id: &str) -> Result<(), RuncError> {
+        run(self.command().args(["pause", id]))?;
+        Ok(())
+    }
+
+    /// `runc resume`: thaws it.
+    pub fn resume(&self, id: &str) -> Result<(), RuncError> {
+        run(self.command().args(["resume", id]))?;
+        Ok(())
     }
 
     /// `runc restore -d` as `spec` says. The restored processes' stdout and
@@ -202,8 +251,14 @@ impl Runc {
             .arg("--image-path")
             .arg(spec.image_dir)
             .arg("--work-path")
-            .arg(spec.work_dir)
-            .args(spec.options.args())
+            .arg(spec.work_dir);
+        if spec.lazy {
+            cmd.arg("--lazy-pages");
+        }
+        if let Some(config) = spec.criu_config {
+            cmd.env("CRIU_CONFIG_FILE", config);
+        }
+        cmd.args(spec.options.args())
             .arg(spec.id)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -271,21 +326,34 @@ mod tests {
     #[test]
     fn checkpoint_passes_config_through_the_environment() {
         let runc = Runc::new("runc", "/run/r", Some("/usr/local/sbin/criu".into()));
-        let cmd = runc.checkpoint_command(
-            "c1",
-            Path::new("/w/img"),
-            Path::new("/w/work"),
-            Path::new("/w/criu.conf"),
-            CriuOptions {
+        let mut spec = CheckpointSpec {
+            id: "c1",
+            kind: DumpKind::Final,
+            image_dir: Path::new("/w/img"),
+            work_dir: Path::new("/w/work"),
+            parent: None,
+            criu_config: Path::new("/w/criu.conf"),
+            options: CriuOptions {
                 tcp_established: true,
             },
-        );
+        };
+        let cmd = runc.checkpoint_command(&spec);
         let line = crate::process::describe(&cmd);
         assert_eq!(
             line,
             "runc --root /run/r --criu /usr/local/sbin/criu checkpoint --image-path /w/img \
              --work-path /w/work --tcp-established c1"
         );
+        spec.kind = DumpKind::PreDump;
+        spec.parent = Some(Path::new("../1"));
+        assert!(
+            crate::process::describe(&runc.checkpoint_command(&spec)).contains(
+                "checkpoint --pre-dump --image-path /w/img --work-path /w/work --parent-path ../1"
+            )
+        );
+        spec.kind = DumpKind::Lazy;
+        assert!(crate::process::describe(&runc.checkpoint_command(&spec))
+            .contains("checkpoint --lazy-pages --image-path"));
         let env: Vec<_> = cmd.get_envs().collect();
         assert_eq!(
             env,

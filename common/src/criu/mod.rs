@@ -1,17 +1,21 @@
-//! The `criu` binary: version, `criu check`, feature probes, the per-migration
-//! configuration file, and reading the tail of its logs for error messages.
-//!
-//! runc drives CRIU itself (`runc checkpoint`/`restore` start `criu swrk`);
-//! what we add goes through a configuration file named by the
-//! `CRIU_CONFIG_FILE` environment variable, which CRIU reads at start-up in
-//! every mode, RPC included. That keeps the operator's `/etc/criu/runc.conf`
-//! untouched and confines our options to the one checkpoint we start.
+//! The `criu` binary: version, `criu check` and feature probes, the kernel
+//! setting its page pipes need, and reading the tail of its logs for error
+//! messages. Submodules: the per-migration configuration file ([`config`]),
+//! its page-server protocol ([`page_server`]), its dump statistics
+//! ([`stats`]) and the destination's lazy-pages daemon ([`lazy`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::process::{run, ToolError};
+
+pub mod config;
+pub mod lazy;
+pub mod page_server;
+pub mod stats;
+
+pub use config::ConfigFile;
 
 /// Oldest CRIU we accept on either side: 3.x fails `criu check` on recent
 /// kernels, and 4.1 cannot dump TCP/UDP sockets on kernels >= 6.16.
@@ -32,6 +36,14 @@ pub enum CriuError {
     Version { output: String },
     #[error("criu check failed on this host:\n{output}")]
     CheckFailed { output: String },
+    #[error("{what} {PIPE_MAX_SIZE}")]
+    Sysctl {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{message}\nCRIU {log}")]
+    Lazy { message: String, log: String },
     #[error("writing {path}")]
     Write {
         path: PathBuf,
@@ -103,36 +115,59 @@ impl Criu {
     /// Whether iterative pre-dumps can work here: they need the kernel's
     /// soft-dirty memory tracking.
     pub fn supports_dirty_tracking(&self) -> bool {
-        run(Command::new(&self.binary).args(["check", "--feature", "mem_dirty_track"])).is_ok()
+        self.has_feature("mem_dirty_track")
+    }
+
+    /// Whether a lazy restore can work here: the lazy-pages daemon needs
+    /// userfaultfd with non-cooperative events.
+    pub fn supports_lazy_pages(&self) -> bool {
+        self.has_feature("uffd-noncoop")
+    }
+
+    fn has_feature(&self, feature: &str) -> bool {
+        run(Command::new(&self.binary).args(["check", "--feature", feature])).is_ok()
     }
 }
 
-/// Options for the configuration file passed through `CRIU_CONFIG_FILE`.
-#[derive(Debug, Clone)]
-pub struct CheckpointConfig {
-    /// Script CRIU runs at each action (pre-dump, post-dump, ...).
-    pub action_script: PathBuf,
-    /// Bytes of deleted-but-mapped files CRIU may copy into the images.
-    pub ghost_limit: u64,
+/// Smallest `fs.pipe-max-size` with which CRIU's page server works: below it
+/// (the default is 1 MiB) a lazy dump fails with `page-pipe: splice: Bad file
+/// descriptor` and the restore with `uffd: Failed sending restore finished
+/// indication` (measured with CRIU 4.2.1).
+pub const MIN_PIPE_MAX_SIZE: u64 = 4 << 20;
+
+const PIPE_MAX_SIZE: &str = "/proc/sys/fs/pipe-max-size";
+
+/// What [`ensure_pipe_max_size`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeMaxSize {
+    Enough(u64),
+    Raised { from: u64, to: u64 },
 }
 
-impl CheckpointConfig {
-    /// The file's text (CRIU's config syntax: one long option per line,
-    /// without the leading dashes).
-    pub fn render(&self) -> String {
-        format!(
-            "action-script {}\nghost-limit {}\n",
-            self.action_script.display(),
-            self.ghost_limit
-        )
-    }
-
-    pub fn write(&self, path: &Path) -> Result<(), CriuError> {
-        std::fs::write(path, self.render()).map_err(|source| CriuError::Write {
-            path: path.to_owned(),
+/// Raises `fs.pipe-max-size` to [`MIN_PIPE_MAX_SIZE`] when it is lower (needs
+/// root); errors when it is lower and cannot be raised.
+pub fn ensure_pipe_max_size() -> Result<PipeMaxSize, CriuError> {
+    let read = || -> Result<u64, CriuError> {
+        let text = std::fs::read_to_string(PIPE_MAX_SIZE).map_err(|source| CriuError::Sysctl {
+            what: "reading",
             source,
+        })?;
+        text.trim().parse().map_err(|_| CriuError::Sysctl {
+            what: "parsing",
+            source: std::io::Error::other(format!("{PIPE_MAX_SIZE} holds {text:?}")),
         })
+    };
+    let from = read()?;
+    if from >= MIN_PIPE_MAX_SIZE {
+        return Ok(PipeMaxSize::Enough(from));
     }
+    std::fs::write(PIPE_MAX_SIZE, MIN_PIPE_MAX_SIZE.to_string()).map_err(|source| {
+        CriuError::Sysctl {
+            what: "raising (CRIU's lazy pages need fs.pipe-max-size >= 4194304; run as root or set it in /etc/sysctl.d)",
+            source,
+        }
+    })?;
+    Ok(PipeMaxSize::Raised { from, to: read()? })
 }
 
 /// The part of a CRIU log that explains a failure: its `Error` lines (the
@@ -176,18 +211,6 @@ mod tests {
         assert!(v < MIN_VERSION);
         assert!(CriuVersion::parse("Version: 4.2.1").unwrap() >= MIN_VERSION);
         assert!(CriuVersion::parse("criu: command not found").is_none());
-    }
-
-    #[test]
-    fn config_names_the_action_script() {
-        let cfg = CheckpointConfig {
-            action_script: "/run/m/hook".into(),
-            ghost_limit: 1 << 20,
-        };
-        assert_eq!(
-            cfg.render(),
-            "action-script /run/m/hook\nghost-limit 1048576\n"
-        );
     }
 
     #[test]
