@@ -139,6 +139,8 @@ fn restore_in(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Rest
         image_dir: &images,
         work_dir: &criu_work,
         runc_log: &runc_log,
+        lazy: false,
+        criu_config: None,
         options: CriuOptions {
             tcp_established: hello.tcp_established,
         },

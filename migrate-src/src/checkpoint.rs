@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use migrate_common::criu::{log_tail, CheckpointConfig, LOG_TAIL_LINES};
+use migrate_common::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
 use migrate_common::hook::{write_action_script, PostDumpGate, Verdict};
-use migrate_common::runc::{CriuOptions, Runc};
+use migrate_common::runc::{CheckpointSpec, CriuOptions, DumpKind, Runc};
 use tokio::process::{Child, Command};
 
 /// A migration's private working directory on the source.
@@ -125,13 +125,22 @@ impl Checkpoint {
         let config = work.root.join("criu.conf");
         let mut gate = PostDumpGate::bind(&socket)?;
         write_action_script(&script, migrate_exe, &socket)?;
-        CheckpointConfig {
-            action_script: script,
-            ghost_limit,
+        ConfigFile {
+            action_script: Some(script),
+            ghost_limit: Some(ghost_limit),
+            ..ConfigFile::default()
         }
         .write(&config)?;
 
-        let std_cmd = runc.checkpoint_command(id, &image_dir, &image_dir, &config, options);
+        let std_cmd = runc.checkpoint_command(&CheckpointSpec {
+            id,
+            kind: DumpKind::Final,
+            image_dir: &image_dir,
+            work_dir: &image_dir,
+            parent: None,
+            criu_config: &config,
+            options,
+        });
         let mut child = Command::from(std_cmd)
             .kill_on_drop(false)
             .spawn()
