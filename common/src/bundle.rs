@@ -67,6 +67,11 @@ impl BundleConfig {
         Ok(bundle.join(root))
     }
 
+    /// `linux.cgroupsPath`, when set.
+    pub fn cgroups_path(&self) -> Option<&str> {
+        self.value["linux"]["cgroupsPath"].as_str()
+    }
+
     pub fn uses_terminal(&self) -> bool {
         self.value["process"]["terminal"].as_bool() == Some(true)
     }

@@ -1,4 +1,6 @@
-//! Bringing a restored container's network namespace up, via `ip`.
+//! A container's network namespace, via `ip`, `nsenter` and `iptables`:
+//! bringing a restored one's loopback up, and removing the network lock a
+//! failed lazy dump leaves behind.
 //!
 //! runc checkpoints a container that has a network namespace of its own
 //! without that namespace's state, so after `runc restore` its loopback is
@@ -63,6 +65,41 @@ pub fn bring_up_loopback(pid: u32) -> Result<(), NetnsError> {
         .map_err(|source| NetnsError::Enter { path, source })?;
     run(Command::new("ip").args(["link", "set", "dev", "lo", "up"]))?;
     Ok(())
+}
+
+/// Removes CRIU's network lock from the network namespace of `pid`: the
+/// `CRIU` chain that drops every packet not marked by CRIU, jumped to from
+/// INPUT and OUTPUT, for IPv4 and IPv6. CRIU removes it itself after a dump
+/// it resumes from, except when a lazy dump's page transfer fails: it has
+/// already decided to keep the lock (the copy was meant to live elsewhere)
+/// and never takes it off. Returns whether a lock was found.
+pub fn remove_criu_network_lock(pid: u32) -> Result<bool, NetnsError> {
+    let netns = format!("--net=/proc/{pid}/ns/net");
+    let mut found = false;
+    for tool in ["iptables", "ip6tables"] {
+        let table = |args: &[&str]| {
+            run(Command::new("nsenter")
+                .arg(&netns)
+                .arg(tool)
+                .arg("-w")
+                .args(args))
+        };
+        // Repeat: the iptables-nft backend may hold the jump more than once.
+        while table(&["-C", "INPUT", "-j", "CRIU"]).is_ok() {
+            found = true;
+            table(&["-D", "INPUT", "-j", "CRIU"])?;
+        }
+        while table(&["-C", "OUTPUT", "-j", "CRIU"]).is_ok() {
+            found = true;
+            table(&["-D", "OUTPUT", "-j", "CRIU"])?;
+        }
+        if table(&["-S", "CRIU"]).is_ok() {
+            found = true;
+            table(&["-F", "CRIU"])?;
+            table(&["-X", "CRIU"])?;
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -74,6 +74,57 @@ impl TransferError {
     }
 }
 
+/// What a data stream carries, as its header names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId {
+    pub kind: StreamKind,
+    /// For images: the pre-dump round, 0 for the final dump; else 0.
+    pub round: u32,
+    /// Layer digest or image file name; empty for the upper dir.
+    pub name: String,
+}
+
+impl StreamId {
+    pub fn new(kind: StreamKind, round: u32, name: impl Into<String>) -> Self {
+        Self {
+            kind,
+            round,
+            name: name.into(),
+        }
+    }
+
+    /// The stream a manifest entry names (an unknown kind becomes
+    /// [`StreamKind::Invalid`], which no stream has).
+    pub fn of(digest: &FileDigest) -> Self {
+        Self {
+            kind: StreamKind::try_from(digest.kind).unwrap_or(StreamKind::Invalid),
+            round: digest.round,
+            name: digest.name.clone(),
+        }
+    }
+
+    pub fn digest(&self, raw_bytes: u64, blake3: String) -> FileDigest {
+        FileDigest {
+            kind: self.kind as i32,
+            name: self.name.clone(),
+            raw_bytes,
+            blake3,
+            round: self.round,
+        }
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.round) {
+            (StreamKind::Image, 0) => write!(f, "image {} (final dump)", self.name),
+            (StreamKind::Image, round) => write!(f, "image {} (round {round})", self.name),
+            (StreamKind::Layer, _) => write!(f, "layer {}", self.name),
+            (kind, _) => write!(f, "{kind:?}"),
+        }
+    }
+}
+
 /// Byte counters shared by every stream of one migration (progress display
 /// and the final summary read them): uncompressed bytes, and what zstd made
 /// of them.
@@ -217,18 +268,19 @@ impl Read for ChannelReader {
 /// `produce` (which runs on a blocking thread). Returns the manifest entry.
 pub async fn send_stream<F>(
     conn: &quinn::Connection,
-    kind: StreamKind,
-    name: &str,
+    id: &StreamId,
     stats: Arc<TransferStats>,
     produce: F,
 ) -> Result<FileDigest, TransferError>
 where
     F: FnOnce(&mut dyn Write) -> Result<(), TransferError> + Send + 'static,
 {
+    let name = id.to_string();
     let mut send = conn.open_uni().await.map_err(TransferError::Open)?;
     let header = StreamHeader {
-        kind: kind as i32,
-        name: name.to_owned(),
+        kind: id.kind as i32,
+        name: id.name.clone(),
+        round: id.round,
     };
     write_frame(&mut send, &header).await?;
 
@@ -286,23 +338,17 @@ where
         name: name.to_owned(),
         source: quinn::WriteError::ClosedStream,
     })?;
-    Ok(FileDigest {
-        kind: kind as i32,
-        name: name.to_owned(),
-        raw_bytes,
-        blake3,
-    })
+    Ok(id.digest(raw_bytes, blake3))
 }
 
 /// Sends one regular file.
 pub async fn send_file(
     conn: &quinn::Connection,
-    kind: StreamKind,
-    name: &str,
+    id: &StreamId,
     path: PathBuf,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
-    send_stream(conn, kind, name, stats, move |sink| {
+    send_stream(conn, id, stats, move |sink| {
         let mut file = File::open(&path)
             .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
         copy_large(&mut file, sink)
@@ -313,15 +359,15 @@ pub async fn send_file(
 }
 
 /// Reads the header of an accepted data stream.
-pub async fn read_header(
-    recv: &mut quinn::RecvStream,
-) -> Result<(StreamKind, String), TransferError> {
+pub async fn read_header<R: tokio::io::AsyncRead + Unpin>(
+    recv: &mut R,
+) -> Result<StreamId, TransferError> {
     let header: StreamHeader = read_frame(recv).await?.ok_or(TransferError::NoHeader)?;
     let kind = StreamKind::try_from(header.kind)
         .ok()
         .filter(|k| *k != StreamKind::Invalid)
         .ok_or(TransferError::UnknownKind(header.kind))?;
-    Ok((kind, header.name))
+    Ok(StreamId::new(kind, header.round, header.name))
 }
 
 /// Receives the body of a data stream (after [`read_header`]) and hands it,
@@ -330,8 +376,7 @@ pub async fn read_header(
 /// stream. Returns the consumer's result and the stream's digest.
 pub async fn receive_stream<F, T>(
     mut recv: quinn::RecvStream,
-    kind: StreamKind,
-    name: &str,
+    id: &StreamId,
     budget: Arc<ByteBudget>,
     stats: Arc<TransferStats>,
     consume: F,
@@ -340,6 +385,7 @@ where
     F: FnOnce(&mut dyn Read) -> Result<T, TransferError> + Send + 'static,
     T: Send + 'static,
 {
+    let name = id.to_string();
     let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let wire_stats = stats.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<(T, u64, String), TransferError> {
@@ -401,28 +447,19 @@ where
         read_result?;
     }
     let (value, raw_bytes, blake3) = consumed?;
-    Ok((
-        value,
-        FileDigest {
-            kind: kind as i32,
-            name: name.to_owned(),
-            raw_bytes,
-            blake3,
-        },
-    ))
+    Ok((value, id.digest(raw_bytes, blake3)))
 }
 
 /// Receives a data stream into a new file at `path`.
 pub async fn receive_file(
     recv: quinn::RecvStream,
-    kind: StreamKind,
-    name: &str,
+    id: &StreamId,
     path: &Path,
     budget: Arc<ByteBudget>,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
     let path = path.to_owned();
-    let (_, digest) = receive_stream(recv, kind, name, budget, stats, move |source| {
+    let (_, digest) = receive_stream(recv, id, budget, stats, move |source| {
         let mut file = File::options()
             .write(true)
             .create_new(true)
@@ -505,10 +542,16 @@ mod tests {
         let sender = {
             let (src, stats, generated) = (src.clone(), send_stats.clone(), generated.clone());
             tokio::spawn(async move {
-                let a = send_file(&src, StreamKind::Image, "pages-1.img", file, stats.clone())
-                    .await
-                    .unwrap();
-                let b = send_stream(&src, StreamKind::UpperDir, "", stats, move |sink| {
+                let a = send_file(
+                    &src,
+                    &StreamId::new(StreamKind::Image, 2, "pages-1.img"),
+                    file,
+                    stats.clone(),
+                )
+                .await
+                .unwrap();
+                let upper = StreamId::new(StreamKind::UpperDir, 0, "");
+                let b = send_stream(&src, &upper, stats, move |sink| {
                     sink.write_all(&generated)
                         .map_err(|e| TransferError::io("test", e))
                 })
@@ -522,16 +565,16 @@ mod tests {
         let budget = Arc::new(ByteBudget::new(u64::MAX));
         let out = dir.path().join("received.img");
         let mut recv = dst.accept_uni().await.unwrap();
-        let (kind, name) = read_header(&mut recv).await.unwrap();
-        assert_eq!((kind, name.as_str()), (StreamKind::Image, "pages-1.img"));
-        let got_file = receive_file(recv, kind, &name, &out, budget.clone(), recv_stats.clone())
+        let id = read_header(&mut recv).await.unwrap();
+        assert_eq!(id, StreamId::new(StreamKind::Image, 2, "pages-1.img"));
+        let got_file = receive_file(recv, &id, &out, budget.clone(), recv_stats.clone())
             .await
             .unwrap();
         let mut recv = dst.accept_uni().await.unwrap();
-        let (kind, name) = read_header(&mut recv).await.unwrap();
-        assert_eq!(kind, StreamKind::UpperDir);
+        let id = read_header(&mut recv).await.unwrap();
+        assert_eq!(id.kind, StreamKind::UpperDir);
         let (bytes, got_stream) =
-            receive_stream(recv, kind, &name, budget, recv_stats.clone(), |source| {
+            receive_stream(recv, &id, budget, recv_stats.clone(), |source| {
                 let mut all = Vec::new();
                 source
                     .read_to_end(&mut all)
@@ -543,6 +586,7 @@ mod tests {
 
         let (sent_file, sent_stream) = sender.await.unwrap();
         assert_eq!(got_file, sent_file);
+        assert_eq!(sent_file.round, 2);
         assert_eq!(got_stream, sent_stream);
         assert_eq!(sent_file.raw_bytes, payload.len() as u64);
         assert_eq!(
@@ -568,19 +612,19 @@ mod tests {
         let keep_open = src.clone();
         let sender = tokio::spawn(async move {
             // The sender may see the stream reset once the receiver gives up.
-            let _ = send_stream(&src, StreamKind::Image, "big.img", Arc::default(), |sink| {
+            let big = StreamId::new(StreamKind::Image, 0, "big.img");
+            let _ = send_stream(&src, &big, Arc::default(), |sink| {
                 sink.write_all(&vec![0u8; 4 * CHUNK])
                     .map_err(|e| TransferError::io("test", e))
             })
             .await;
         });
         let mut recv = dst.accept_uni().await.unwrap();
-        let (kind, name) = read_header(&mut recv).await.unwrap();
+        let id = read_header(&mut recv).await.unwrap();
         let budget = Arc::new(ByteBudget::new(CHUNK as u64));
         let err = receive_file(
             recv,
-            kind,
-            &name,
+            &id,
             &dir.path().join("big.img"),
             budget,
             Arc::default(),
@@ -602,6 +646,7 @@ mod tests {
             &StreamHeader {
                 kind: 42,
                 name: "x".into(),
+                round: 0,
             },
         )
         .await

@@ -36,7 +36,10 @@ const MAX_BIDI_STREAMS: u32 = 16;
 // A frozen container is waiting on the link, so a dead peer has to be noticed
 // within seconds; keep-alives keep a quiet but healthy link from idling out.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const MAX_IDLE_TIMEOUT_MS: u32 = 15_000;
+/// How long a silent link lasts before it counts as lost, unless the
+/// source asks for less ([`connect_with_idle_timeout`]; QUIC uses the
+/// smaller of the two sides' values).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why setting up the QUIC link failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +119,7 @@ pub fn server_endpoint(listen: SocketAddr, tls: &TlsDir) -> Result<Endpoint, Tra
         QuicServerConfig::try_from(crypto).map_err(|source| TransportError::Quic { source })?;
 
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(DEFAULT_IDLE_TIMEOUT));
     Endpoint::server(config, listen).map_err(|source| TransportError::Bind {
         addr: listen,
         source,
@@ -127,7 +130,7 @@ pub fn server_endpoint(listen: SocketAddr, tls: &TlsDir) -> Result<Endpoint, Tra
 /// address of `peer`'s family, presenting `tls`'s certificate, trusting only
 /// `tls`'s CA.
 pub fn client_endpoint(peer: SocketAddr, tls: &TlsDir) -> Result<Endpoint, TransportError> {
-    bind_client(peer, client_config(tls)?)
+    bind_client(peer, client_config(tls, DEFAULT_IDLE_TIMEOUT)?)
 }
 
 /// Resolves "host:port" (name or IP literal, IPv6 in brackets), dials it, and
@@ -143,6 +146,17 @@ pub async fn connect(
     target: &str,
     tls: &TlsDir,
 ) -> Result<(Endpoint, quinn::Connection), TransportError> {
+    connect_with_idle_timeout(target, tls, DEFAULT_IDLE_TIMEOUT).await
+}
+
+/// [`connect`], with a link that counts as lost after `idle_timeout` of
+/// silence (keep-alives go out every 2 s, so a healthy link is never idle
+/// that long when the timeout is longer than that).
+pub async fn connect_with_idle_timeout(
+    target: &str,
+    tls: &TlsDir,
+    idle_timeout: Duration,
+) -> Result<(Endpoint, quinn::Connection), TransportError> {
     let (host, port) = split_target(target).ok_or_else(|| TransportError::BadTarget {
         target: target.to_owned(),
     })?;
@@ -153,7 +167,7 @@ pub async fn connect(
             source,
         })?
         .collect();
-    let config = client_config(tls)?;
+    let config = client_config(tls, idle_timeout)?;
 
     let mut failure = None;
     let mut attempts = JoinSet::new();
@@ -252,7 +266,7 @@ fn split_target(target: &str) -> Option<(&str, u16)> {
 }
 
 /// The one transport configuration both ends use.
-fn transport_config() -> Arc<TransportConfig> {
+fn transport_config(idle_timeout: Duration) -> Arc<TransportConfig> {
     let mut config = TransportConfig::default();
     config
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
@@ -262,7 +276,7 @@ fn transport_config() -> Arc<TransportConfig> {
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS))
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
-            MAX_IDLE_TIMEOUT_MS,
+            u32::try_from(idle_timeout.as_millis()).unwrap_or(u32::MAX),
         ))));
     Arc::new(config)
 }
@@ -283,7 +297,10 @@ fn root_store(tls: &TlsDir) -> Result<RootCertStore, TransportError> {
     Ok(roots)
 }
 
-fn client_config(tls: &TlsDir) -> Result<quinn::ClientConfig, TransportError> {
+fn client_config(
+    tls: &TlsDir,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, TransportError> {
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TransportError::TlsVersion { source })?
@@ -295,7 +312,7 @@ fn client_config(tls: &TlsDir) -> Result<quinn::ClientConfig, TransportError> {
         QuicClientConfig::try_from(crypto).map_err(|source| TransportError::Quic { source })?;
 
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(idle_timeout));
     Ok(config)
 }
 

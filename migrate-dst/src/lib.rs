@@ -1,25 +1,30 @@
 //! The destination daemon: accepts migrations over QUIC with mutual TLS and
-//! restores the containers they carry. [`serve`] is the accept loop; each
-//! connection is one migration, driven by [`session`] through the phases:
-//! [`preflight`], receiving layers and images ([`receive`], [`store`]), and
-//! [`restore`].
+//! restores the containers they carry. [`serve`] is the accept loop; a
+//! connection opening with `Hello` is a new migration, driven by [`session`]
+//! through the phases: [`preflight`], receiving layers and images
+//! ([`receive`], [`store`]), and [`restore`] (lazily, in [`postcopy`]); one
+//! opening with `Resume` replaces the lost connection of a post-copy
+//! migration under way, which the daemon holds in its table.
 
+pub mod postcopy;
 pub mod preflight;
 pub mod receive;
 pub mod restore;
 pub mod session;
 pub mod store;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
+use migrate_common::protocol::{Body, ControlChannel, ControlMessage, Failed, Resume, Resumed};
 use migrate_common::runc::Runc;
 use migrate_common::transport;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::{info, warn, Instrument};
 
 use store::LayerStore;
@@ -44,6 +49,26 @@ pub struct Daemon {
     /// This program: runc calls it back as the network hook, and it runs
     /// each container's log shim.
     pub exe: PathBuf,
+    /// Post-copy migrations under way, by migration id: where a connection
+    /// that resumes one is handed.
+    held: Mutex<HashMap<String, mpsc::Sender<ResumeRequest>>>,
+}
+
+/// A connection that says it carries on a held migration.
+#[derive(Debug)]
+pub struct ResumeRequest {
+    pub conn: quinn::Connection,
+    pub control: session::Control,
+    pub resume: Resume,
+    /// The certificate name of the peer that sent it.
+    pub peer: Option<String>,
+}
+
+impl ResumeRequest {
+    pub async fn reply(&mut self, resumed: Resumed) -> Result<()> {
+        self.control.send(resumed).await?;
+        Ok(())
+    }
 }
 
 impl Daemon {
@@ -63,7 +88,51 @@ impl Daemon {
             cgroup_parent,
             store,
             exe: std::env::current_exe().context("locating the migrate-dst executable")?,
+            held: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Enters migration `id` in the table of held ones; connections that
+    /// resume it arrive on the returned channel.
+    pub fn hold(&self, id: &str) -> mpsc::Receiver<ResumeRequest> {
+        let (tx, rx) = mpsc::channel(2);
+        self.held_table().insert(id.to_owned(), tx);
+        rx
+    }
+
+    pub fn release(&self, id: &str) {
+        self.held_table().remove(id);
+    }
+
+    fn held_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<ResumeRequest>>> {
+        // Every update is a single insert or remove.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands a resuming connection to its migration, or says why not.
+    async fn route(&self, mut request: ResumeRequest) {
+        let sender = self.held_table().get(&request.resume.migration_id).cloned();
+        let refused = match sender {
+            Some(sender) => match sender.send(request).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => {
+                    request = back;
+                    "the migration ended meanwhile"
+                }
+            },
+            None => "no migration of that id is held here",
+        };
+        warn!(migration = request.resume.migration_id, refused, "refusing to resume");
+        let _ = request
+            .control
+            .send(Failed {
+                stage: "resume".into(),
+                message: format!("{refused} ({})", request.resume.migration_id),
+                criu_log_tail: String::new(),
+            })
+            .await;
     }
 }
 
@@ -111,12 +180,27 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                         return;
                     }
                 };
-                info!(
-                    name = transport::peer_name(&conn).unwrap_or_default(),
-                    "connected"
-                );
-                if let Err(e) = session::serve(conn.clone(), daemon).await {
-                    warn!(error = %format!("{e:#}"), "migration ended with an error");
+                let peer = transport::peer_name(&conn);
+                info!(name = peer.clone().unwrap_or_default(), "connected");
+                match first_message(&conn).await {
+                    Ok((control, Some(Body::Hello(hello)))) => {
+                        if let Err(e) = session::serve(conn.clone(), control, hello, peer, daemon).await {
+                            warn!(error = %format!("{e:#}"), "migration ended with an error");
+                        }
+                    }
+                    Ok((control, Some(Body::Resume(resume)))) => {
+                        drop(permit);
+                        daemon
+                            .route(ResumeRequest { conn: conn.clone(), control, resume, peer })
+                            .await;
+                        // The held migration owns the connection now.
+                        return;
+                    }
+                    Ok((_, other)) => warn!(
+                        got = ControlMessage { body: other }.kind(),
+                        "a connection opened with neither Hello nor Resume"
+                    ),
+                    Err(e) => warn!(error = %format!("{e:#}"), "reading the first message"),
                 }
                 // The source closes once it has read our last message;
                 // closing first could discard that message in flight.
@@ -129,8 +213,33 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
         while sessions.try_join_next().is_some() {}
     }
     info!("shutting down; waiting for migrations under way");
+    // A post-copy migration waiting for a lost source may never end: its
+    // restored container and lazy-pages daemon live on without us.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("leaving held post-copy migrations to their processes");
+        sessions.abort_all();
+    }
     endpoint.close(0u32.into(), b"shutdown");
-    while sessions.join_next().await.is_some() {}
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// How long shutdown waits for migrations under way.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Accepts the control stream and reads its first message.
+async fn first_message(
+    conn: &quinn::Connection,
+) -> Result<(session::Control, Option<Body>)> {
+    let (send, recv) = conn
+        .accept_bi()
+        .await
+        .context("accepting the control stream")?;
+    let mut control = ControlChannel::new(recv, send);
+    let first = control.recv().await?;
+    Ok((control, first.body))
 }

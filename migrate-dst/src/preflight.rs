@@ -3,8 +3,8 @@
 //! changes anything but the claim on the container's id.
 
 use migrate_common::bundle::BundleConfig;
-use migrate_common::criu::MIN_VERSION;
-use migrate_common::protocol::{Hello, PreflightReply, PROTOCOL_VERSION};
+use migrate_common::criu::{ensure_pipe_max_size, PipeMaxSize, MIN_VERSION};
+use migrate_common::protocol::{Hello, MemoryMode, PreflightReply, PROTOCOL_VERSION};
 use migrate_common::rootfs::digest::LayerDigest;
 
 use crate::restore::ContainerDir;
@@ -54,6 +54,22 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
             }
         }
         Err(e) => refusals.push(format!("CRIU is not usable: {e}")),
+    }
+    match MemoryMode::try_from(hello.mode) {
+        Ok(mode) if mode.is_lazy() => match lazy_pages(daemon) {
+            Ok(()) => reply.lazy_pages = true,
+            Err(problem) => {
+                refusals.push(format!(
+                    "this host cannot restore with lazy pages, which {mode:?} needs: {problem}"
+                ));
+                reply.lazy_pages_problem = problem;
+            }
+        },
+        Ok(mode) if mode != MemoryMode::Invalid => {}
+        _ => refusals.push(format!(
+            "memory mode {} is not one this destination knows",
+            hello.mode
+        )),
     }
     match daemon.runc.version() {
         Ok(v) => reply.runc_version = v,
@@ -121,6 +137,27 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     reply.accepted = refusals.is_empty();
     reply.refusals = refusals;
     Preflight { reply, claimed }
+}
+
+/// Whether a lazy restore can work here: userfaultfd with the events CRIU
+/// needs, and pipes large enough for its page transfer (raised when they are
+/// not, which needs root).
+fn lazy_pages(daemon: &Daemon) -> Result<(), String> {
+    if !daemon.criu.supports_lazy_pages() {
+        return Err("criu check --feature uffd-noncoop fails (no userfaultfd)".into());
+    }
+    match ensure_pipe_max_size() {
+        Ok(PipeMaxSize::Enough(_)) => Ok(()),
+        Ok(PipeMaxSize::Raised { from, to }) => {
+            tracing::info!(
+                from,
+                to,
+                "raised fs.pipe-max-size: CRIU's lazy page transfer needs it"
+            );
+            Ok(())
+        }
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 fn free_bytes(daemon: &Daemon) -> nix::Result<u64> {

@@ -14,34 +14,37 @@ use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
 use migrate_common::rootfs::archive::unpack_dir;
 use migrate_common::rootfs::digest::LayerDigest;
-use migrate_common::transfer::{self, ByteBudget, TransferError, TransferStats};
+use migrate_common::transfer::{self, ByteBudget, StreamId, TransferError, TransferStats};
 use tokio::sync::Notify;
 
 use crate::store::{self, LayerStore};
+
+/// Most pre-dump rounds a migration may send (the source stops far sooner;
+/// this only bounds what a confused peer can make us create).
+pub const MAX_ROUNDS: u32 = 64;
 
 /// Where the streams of the current phase may go.
 #[derive(Debug, Default)]
 pub struct Targets {
     /// Layers the preflight asked for.
     pub layers: HashSet<String>,
-    /// Set once the checkpoint phase begins.
+    /// The dir holding every dump's image dir; set once the checkpoint
+    /// phase begins.
     pub images: Option<PathBuf>,
     pub upper: Option<PathBuf>,
 }
 
-type Key = (StreamKind, String);
-
 #[derive(Debug, Default)]
 pub struct Inbox {
-    received: Mutex<HashMap<Key, Result<FileDigest, String>>>,
+    received: Mutex<HashMap<StreamId, Result<FileDigest, String>>>,
     changed: Notify,
     pub targets: Mutex<Targets>,
 }
 
 impl Inbox {
-    fn record(&self, key: Key, result: Result<FileDigest, String>) {
+    fn record(&self, id: StreamId, result: Result<FileDigest, String>) {
         if let Ok(mut received) = self.received.lock() {
-            received.insert(key, result);
+            received.insert(id, result);
         }
         self.changed.notify_waiters();
     }
@@ -58,13 +61,12 @@ impl Inbox {
                     .map_err(|_| anyhow!("inbox lock poisoned"))?;
                 let mut missing = false;
                 for expected in manifest {
-                    let kind = StreamKind::try_from(expected.kind).unwrap_or(StreamKind::Invalid);
-                    match received.get(&(kind, expected.name.clone())) {
+                    let id = StreamId::of(expected);
+                    match received.get(&id) {
                         None => missing = true,
-                        Some(Err(e)) => bail!("receiving {kind:?} {:?}: {e}", expected.name),
+                        Some(Err(e)) => bail!("receiving {id}: {e}"),
                         Some(Ok(got)) if got.raw_bytes != expected.raw_bytes || got.blake3 != expected.blake3 => bail!(
-                            "{kind:?} {:?} is corrupt: got {} bytes with blake3 {}, the source sent {} bytes with blake3 {}",
-                            expected.name,
+                            "{id} is corrupt: got {} bytes with blake3 {}, the source sent {} bytes with blake3 {}",
                             got.raw_bytes,
                             got.blake3,
                             expected.raw_bytes,
@@ -75,8 +77,8 @@ impl Inbox {
                 }
                 // A failed stream the manifest does not name still fails the
                 // migration: something was sent that should not have been.
-                if let Some(((kind, name), Err(e))) = received.iter().find(|(_, r)| r.is_err()) {
-                    bail!("receiving {kind:?} {name:?}: {e}");
+                if let Some((id, Err(e))) = received.iter().find(|(_, r)| r.is_err()) {
+                    bail!("receiving {id}: {e}");
                 }
                 if !missing {
                     return Ok(());
@@ -105,20 +107,23 @@ pub async fn accept_streams(
         let budget = budget.clone();
         let stats = stats.clone();
         streams.spawn(async move {
-            let (kind, name) = match transfer::read_header(&mut recv).await {
-                Ok(header) => header,
+            let id = match transfer::read_header(&mut recv).await {
+                Ok(id) => id,
                 Err(e) => {
-                    inbox.record((StreamKind::Invalid, String::new()), Err(format!("{e:#}")));
+                    inbox.record(
+                        StreamId::new(StreamKind::Invalid, 0, ""),
+                        Err(format!("{e:#}")),
+                    );
                     return;
                 }
             };
-            let result = receive_one(recv, kind, &name, &inbox, &store, budget, stats)
+            let result = receive_one(recv, &id, &inbox, &store, budget, stats)
                 .await
                 .map_err(|e| format!("{e:#}"));
             if let Err(e) = &result {
-                tracing::warn!(?kind, name, error = %e, "data stream failed");
+                tracing::warn!(stream = %id, error = %e, "data stream failed");
             }
-            inbox.record((kind, name), result);
+            inbox.record(id, result);
         });
     }
     while streams.join_next().await.is_some() {}
@@ -126,8 +131,7 @@ pub async fn accept_streams(
 
 async fn receive_one(
     recv: quinn::RecvStream,
-    kind: StreamKind,
-    name: &str,
+    id: &StreamId,
     inbox: &Inbox,
     store: &LayerStore,
     budget: Arc<ByteBudget>,
@@ -139,24 +143,23 @@ async fn receive_one(
             .lock()
             .map_err(|_| anyhow!("inbox lock poisoned"))?;
         (
-            targets.layers.contains(name),
+            targets.layers.contains(&id.name),
             targets.images.clone(),
             targets.upper.clone(),
         )
     };
-    match kind {
+    match id.kind {
         StreamKind::Layer => {
             if !layer_wanted {
-                bail!("layer {name:?} was not asked for");
+                bail!("layer {:?} was not asked for", id.name);
             }
-            let digest = LayerDigest::parse(name)?;
+            let digest = LayerDigest::parse(&id.name)?;
             let incoming = store.incoming_dir(&digest)?;
             let target = incoming.clone();
-            let received =
-                transfer::receive_stream(recv, kind, name, budget, stats, move |source| {
-                    unpack_dir(source, &target).map_err(TransferError::from)
-                })
-                .await;
+            let received = transfer::receive_stream(recv, id, budget, stats, move |source| {
+                unpack_dir(source, &target).map_err(TransferError::from)
+            })
+            .await;
             let digest_of_stream = match received {
                 Ok(((), d)) => d,
                 Err(e) => {
@@ -168,34 +171,80 @@ async fn receive_one(
             Ok(digest_of_stream)
         }
         StreamKind::Image => {
-            let dir = images
-                .ok_or_else(|| anyhow!("image {name:?} arrived before the checkpoint phase"))?;
-            let path = image_path(&dir, name)?;
-            Ok(
-                transfer::receive_file(recv, kind, name, &path, budget, stats)
-                    .await
-                    .with_context(|| format!("receiving image {name}"))?,
-            )
+            let images = images.ok_or_else(|| anyhow!("{id} arrived before the checkpoint phase"))?;
+            let dir = dump_dir(&images, id.round)?;
+            let path = image_path(&dir, &id.name)?;
+            Ok(transfer::receive_file(recv, id, &path, budget, stats)
+                .await
+                .with_context(|| format!("receiving {id}"))?)
         }
         StreamKind::UpperDir => {
             let dir = upper
                 .ok_or_else(|| anyhow!("the upper dir arrived before the checkpoint phase"))?;
-            let ((), digest) =
-                transfer::receive_stream(recv, kind, name, budget, stats, move |source| {
-                    unpack_dir(source, &dir).map_err(TransferError::from)
-                })
-                .await
-                .context("receiving the upper dir")?;
+            let ((), digest) = transfer::receive_stream(recv, id, budget, stats, move |source| {
+                unpack_dir(source, &dir).map_err(TransferError::from)
+            })
+            .await
+            .context("receiving the upper dir")?;
             Ok(digest)
         }
-        StreamKind::Invalid => bail!("stream of invalid kind"),
+        StreamKind::UpperDelta | StreamKind::PageTunnel | StreamKind::Invalid => {
+            bail!("{:?} is not a data stream this destination accepts", id.kind)
+        }
+    }
+}
+
+/// The image dir of one dump under `images`, made on first use: `final`
+/// for the final dump (round 0), `<n>` for pre-dump round `n`, whose
+/// `parent` link names round `n-1` as CRIU expects (CRIU wrote the same link
+/// on the source; links do not cross).
+pub fn dump_dir(images: &Path, round: u32) -> Result<PathBuf> {
+    if round > MAX_ROUNDS {
+        bail!("pre-dump round {round} is beyond the limit of {MAX_ROUNDS}");
+    }
+    let dir = images.join(dump_dir_name(round));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    if round > 1 {
+        link_parent(&dir, round - 1)?;
+    }
+    Ok(dir)
+}
+
+/// Makes `dir/parent` point at round `parent`'s dir beside it.
+pub fn link_parent(dir: &Path, parent: u32) -> Result<()> {
+    let link = dir.join("parent");
+    let target = Path::new("..").join(dump_dir_name(parent));
+    match std::os::unix::fs::symlink(&target, &link) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let existing = std::fs::read_link(&link)
+                .with_context(|| format!("reading {}", link.display()))?;
+            if existing != target {
+                bail!("{} points at {}, not {}", link.display(), existing.display(), target.display());
+            }
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("linking {} to {}", link.display(), target.display())),
+    }
+}
+
+fn dump_dir_name(round: u32) -> String {
+    match round {
+        0 => "final".to_owned(),
+        n => n.to_string(),
     }
 }
 
 /// The path for an image file, refusing names that are not plain file names
 /// (the name comes from the network).
 pub fn image_path(dir: &Path, name: &str) -> Result<PathBuf> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name == "parent"
+        || name.contains('/')
+        || name.contains('\0')
+    {
         bail!("refusing image file name {name:?}");
     }
     Ok(dir.join(name))
@@ -207,12 +256,25 @@ mod tests {
     use super::*;
 
     fn digest(kind: StreamKind, name: &str, bytes: u64, hash: &str) -> FileDigest {
-        FileDigest {
-            kind: kind as i32,
-            name: name.into(),
-            raw_bytes: bytes,
-            blake3: hash.into(),
-        }
+        StreamId::new(kind, 0, name).digest(bytes, hash.into())
+    }
+
+    #[test]
+    fn rounds_get_dirs_linked_to_their_parents() {
+        let images = tempfile::tempdir().unwrap();
+        let first = dump_dir(images.path(), 1).unwrap();
+        assert!(!first.join("parent").exists());
+        let second = dump_dir(images.path(), 2).unwrap();
+        assert_eq!(std::fs::read_link(second.join("parent")).unwrap(), Path::new("../1"));
+        assert!(second.join("parent").is_dir());
+        // Asking again (parallel streams of one round) is fine.
+        dump_dir(images.path(), 2).unwrap();
+        let last = dump_dir(images.path(), 0).unwrap();
+        assert_eq!(last, images.path().join("final"));
+        link_parent(&last, 2).unwrap();
+        assert_eq!(std::fs::read_link(last.join("parent")).unwrap(), Path::new("../2"));
+        assert!(link_parent(&last, 1).is_err(), "a different parent is refused");
+        assert!(dump_dir(images.path(), MAX_ROUNDS + 1).is_err());
     }
 
     #[test]
@@ -222,7 +284,7 @@ mod tests {
             image_path(dir, "pages-1.img").unwrap(),
             dir.join("pages-1.img")
         );
-        for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd"] {
+        for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd", "parent"] {
             assert!(image_path(dir, bad).is_err(), "{bad:?}");
         }
     }
@@ -239,13 +301,10 @@ mod tests {
             let manifest = manifest.clone();
             tokio::spawn(async move { inbox.verify(&manifest).await })
         };
-        inbox.record((StreamKind::Image, "a.img".into()), Ok(manifest[0].clone()));
+        inbox.record(StreamId::of(&manifest[0]), Ok(manifest[0].clone()));
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        inbox.record(
-            (StreamKind::UpperDir, String::new()),
-            Ok(manifest[1].clone()),
-        );
+        inbox.record(StreamId::of(&manifest[1]), Ok(manifest[1].clone()));
         waiter.await.unwrap().unwrap();
     }
 
@@ -254,15 +313,18 @@ mod tests {
         let inbox = Inbox::default();
         let sent = digest(StreamKind::Image, "a.img", 3, "aa");
         inbox.record(
-            (StreamKind::Image, "a.img".into()),
+            StreamId::of(&sent),
             Ok(digest(StreamKind::Image, "a.img", 3, "ab")),
         );
         let err = inbox.verify(std::slice::from_ref(&sent)).await.unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
 
         let inbox = Inbox::default();
-        inbox.record((StreamKind::Image, "a.img".into()), Ok(sent.clone()));
-        inbox.record((StreamKind::Image, "evil".into()), Err("refused".into()));
+        inbox.record(StreamId::of(&sent), Ok(sent.clone()));
+        inbox.record(
+            StreamId::new(StreamKind::Image, 0, "evil"),
+            Err("refused".into()),
+        );
         let err = inbox.verify(&[sent]).await.unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
     }

@@ -7,12 +7,24 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use migrate_common::bundle::{BundleConfig, DestinationRewrite, Hook};
+use migrate_common::criu::ConfigFile;
 use migrate_common::mount::{mount_overlay, unmount_all_under};
 use migrate_common::protocol::{Failed, Hello, Restored};
 use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::runc::{CriuOptions, RestoreSpec, RuncError};
 
+use crate::receive::{dump_dir, link_parent};
 use crate::Daemon;
+
+/// How the images are to be restored.
+#[derive(Debug, Clone, Copy)]
+pub struct RestorePlan {
+    /// The pre-dump round the final dump builds on; 0 for none.
+    pub parent_round: u32,
+    /// Memory comes from a lazy-pages daemon already listening in the CRIU
+    /// work dir (post-copy).
+    pub lazy: bool,
+}
 
 /// `<state>/containers/<id>`: everything the destination keeps for one
 /// container.
@@ -82,8 +94,13 @@ impl ContainerDir {
 /// after moving CRIU's and runc's logs out of the container dir (which the
 /// rollback removes) to `<state>/failed/<id>-<time>/`, where the message
 /// points.
-pub fn restore(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Restored, Failed> {
-    restore_in(daemon, hello, dir).map_err(|mut failed| {
+pub fn restore(
+    daemon: &Daemon,
+    hello: &Hello,
+    dir: &ContainerDir,
+    plan: RestorePlan,
+) -> Result<Restored, Failed> {
+    restore_in(daemon, hello, dir, plan).map_err(|mut failed| {
         match keep_logs(daemon, &hello.container_id, dir) {
             Ok(kept) => {
                 let old = dir.root.to_string_lossy().into_owned();
@@ -125,22 +142,31 @@ fn keep_logs(daemon: &Daemon, id: &str, dir: &ContainerDir) -> Result<PathBuf> {
     Ok(kept)
 }
 
-fn restore_in(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Restored, Failed> {
+fn restore_in(
+    daemon: &Daemon,
+    hello: &Hello,
+    dir: &ContainerDir,
+    plan: RestorePlan,
+) -> Result<Restored, Failed> {
     let started = Instant::now();
-    prepare(daemon, hello, dir).map_err(|e| failed("preparing the bundle", &e, String::new()))?;
+    let images = final_images(dir, plan.parent_round)
+        .map_err(|e| failed("preparing the images", &e, String::new()))?;
+    let cgroups_path =
+        prepare(daemon, hello, dir).map_err(|e| failed("preparing the bundle", &e, String::new()))?;
+    let criu_config = restore_config(daemon, dir, cgroups_path.as_deref())
+        .map_err(|e| failed("preparing CRIU's configuration", &e, String::new()))?;
     let id = &hello.container_id;
     let (stdout, stderr) = spawn_log_shim(daemon, dir)
         .map_err(|e| failed("starting the log shim", &e, String::new()))?;
-    let (bundle, images, criu_work, runc_log) =
-        (dir.bundle(), dir.images(), dir.criu_work(), dir.runc_log());
+    let (bundle, criu_work, runc_log) = (dir.bundle(), dir.criu_work(), dir.runc_log());
     let spec = RestoreSpec {
         id,
         bundle: &bundle,
         image_dir: &images,
         work_dir: &criu_work,
         runc_log: &runc_log,
-        lazy: false,
-        criu_config: None,
+        lazy: plan.lazy,
+        criu_config: criu_config.as_deref(),
         options: CriuOptions {
             tcp_established: hello.tcp_established,
         },
@@ -189,9 +215,43 @@ fn failed(stage: &str, error: &anyhow::Error, criu_log_tail: String) -> Failed {
     }
 }
 
+/// The final dump's image dir, linked to the round it builds on.
+pub fn final_images(dir: &ContainerDir, parent_round: u32) -> Result<PathBuf> {
+    let images = dump_dir(&dir.images(), 0)?;
+    if parent_round > 0 {
+        link_parent(&images, parent_round)?;
+    }
+    Ok(images)
+}
+
+/// On cgroup v2 hosts, tells CRIU where the restored processes' cgroups go:
+/// runc does so itself on cgroup v1 only (its `CgRoot` list), and on v2 CRIU
+/// would put them back under the cgroup path they were dumped from, ignoring
+/// `--cgroup-parent`. The root is the container's cgroup, as runc's v1 list
+/// makes it.
+fn restore_config(
+    daemon: &Daemon,
+    dir: &ContainerDir,
+    cgroups_path: Option<&str>,
+) -> Result<Option<PathBuf>> {
+    let (Some(path), true) = (cgroups_path, daemon.cgroup_parent.is_some()) else {
+        return Ok(None);
+    };
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        return Ok(None);
+    }
+    let config = dir.root.join("criu-restore.conf");
+    ConfigFile {
+        cgroup_root: Some(path.to_owned()),
+        ..ConfigFile::default()
+    }
+    .write(&config)?;
+    Ok(Some(config))
+}
+
 /// Mounts the overlay from the layer store and the received upper dir, and
-/// writes config.json rewritten for this host.
-fn prepare(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<()> {
+/// writes config.json rewritten for this host; returns its cgroupsPath.
+fn prepare(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Option<String>> {
     let lowers = hello
         .layers
         .iter()
@@ -211,7 +271,7 @@ fn prepare(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<()> {
     let path = dir.bundle().join("config.json");
     std::fs::write(&path, config.to_json())
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(config.cgroups_path().map(str::to_owned))
 }
 
 /// Starts `migrate-dst log-shim`, a small process of its own that appends

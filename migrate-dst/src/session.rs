@@ -1,9 +1,10 @@
 //! One migration on the destination: drives [`DestinationState`] over the
-//! control stream, from `Hello` to `Committed` or to a full rollback.
+//! control stream, from `Hello` to `Committed` or to a full rollback; a lazy
+//! restore continues in [`crate::postcopy`].
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{
     Abort, Body, ControlChannel, ControlMessage, DestinationState, Direction, Failed, Hello,
     LayersReady,
@@ -11,47 +12,65 @@ use migrate_common::protocol::{
 use migrate_common::transfer::{ByteBudget, TransferStats};
 use tracing::{info, warn};
 
-use crate::receive::{self, Inbox};
-use crate::restore::{self, ContainerDir};
+use crate::postcopy::{self, LazyEnd};
+use crate::receive::{self, Inbox, MAX_ROUNDS};
+use crate::restore::{self, ContainerDir, RestorePlan};
 use crate::{preflight, Daemon};
 
-type Control = ControlChannel<quinn::RecvStream, quinn::SendStream>;
+pub type Control = ControlChannel<quinn::SendStream>;
 
-struct Session {
-    control: Control,
-    state: DestinationState,
+/// The exchange of one migration; its connection may be replaced (post-copy).
+#[derive(Debug)]
+pub struct Session {
+    /// `None` while the link is lost.
+    pub control: Option<Control>,
+    pub conn: quinn::Connection,
+    pub state: DestinationState,
 }
 
 impl Session {
-    async fn send(&mut self, msg: impl Into<ControlMessage>) -> Result<()> {
+    /// Moves the state for `msg` and sends it; while the link is lost only
+    /// the state moves (post-copy reports it in `Resumed`).
+    pub async fn send(&mut self, msg: impl Into<ControlMessage>) -> Result<()> {
         let msg = msg.into();
         self.state = self.state.next(Direction::Sent, &msg)?;
-        self.control.send(msg).await?;
+        let control = self.control.as_mut().ok_or_else(|| anyhow!("the link is lost"))?;
+        control.send(msg).await?;
         Ok(())
     }
 
-    async fn recv(&mut self) -> Result<ControlMessage> {
-        let msg = self.control.recv().await?;
+    pub async fn recv(&mut self) -> Result<ControlMessage> {
+        let control = self.control.as_mut().ok_or_else(|| anyhow!("the link is lost"))?;
+        let msg = control.recv().await?;
         self.state = self.state.next(Direction::Received, &msg)?;
         Ok(msg)
     }
+
+    fn finish(&mut self) {
+        if let Some(control) = self.control.as_mut() {
+            let _ = control.send_half().finish();
+        }
+    }
 }
 
-/// Serves one connection. Whatever happens, the destination ends up either
-/// running the committed container or holding nothing of it.
-pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
-    let (send, recv) = conn
-        .accept_bi()
-        .await
-        .context("accepting the control stream")?;
+/// Serves one migration, from its `Hello`. Whatever happens, the destination
+/// ends up running the committed container, holding a restored one it must
+/// not give up (said in the log), or holding nothing of it.
+pub async fn serve(
+    conn: quinn::Connection,
+    control: Control,
+    hello: Hello,
+    peer: Option<String>,
+    daemon: Arc<Daemon>,
+) -> Result<()> {
     let mut session = Session {
-        control: ControlChannel::new(recv, send),
+        control: Some(control),
+        conn: conn.clone(),
         state: DestinationState::AwaitingHello,
     };
-    let hello = match session.recv().await?.body {
-        Some(Body::Hello(hello)) => hello,
-        other => return Err(unexpected(other)),
-    };
+    session.state = session
+        .state
+        .next(Direction::Received, &hello.clone().into())?;
     info!(container = hello.container_id, "preflight");
     let checked = {
         let daemon = daemon.clone();
@@ -70,7 +89,7 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
     }
     let Some(dir) = checked.claimed.filter(|_| accepted) else {
         info!(container = hello.container_id, ?refusals, "refused");
-        let _ = session.control.send_half().finish();
+        session.finish();
         return Ok(());
     };
 
@@ -85,7 +104,7 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
     let budget = Arc::new(ByteBudget::new(
         free_bytes.saturating_sub(preflight_reserve()),
     ));
-    let acceptor = tokio::spawn(receive::accept_streams(
+    let mut acceptor = tokio::spawn(receive::accept_streams(
         conn.clone(),
         inbox.clone(),
         daemon.store.clone(),
@@ -93,8 +112,7 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
         stats.clone(),
     ));
 
-    let mut acceptor = acceptor;
-    let result = exchange(&mut session, &daemon, &hello, &dir, &inbox).await;
+    let result = exchange(&mut session, &daemon, &hello, &dir, &inbox, peer).await;
     match result {
         Ok(()) => {
             acceptor.abort();
@@ -107,12 +125,19 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
             restore::drop_images(&dir);
             Ok(())
         }
-        Err(e) if session.state.holds_restored_container() => {
+        Err(Ending::Keep(e)) => {
+            acceptor.abort();
+            warn!(container = hello.container_id, state = ?session.state, error = %format!("{e:#}"),
+                "keeping the restored container: the source may already have let its copy go");
+            Err(e)
+        }
+        Err(Ending::Discard(e)) if session.state.holds_restored_container() => {
             // The source may already have let its copy go: this one must live.
+            acceptor.abort();
             warn!(container = hello.container_id, error = %format!("{e:#}"), "link lost after restore; keeping the container");
             Err(e)
         }
-        Err(e) => {
+        Err(Ending::Discard(e)) => {
             warn!(container = hello.container_id, state = ?session.state, error = %format!("{e:#}"), "rolling back");
             if !session.state.is_final() {
                 let failed = Failed {
@@ -129,13 +154,29 @@ pub async fn serve(conn: quinn::Connection, daemon: Arc<Daemon>) -> Result<()> {
                 .await
                 .is_err()
             {
-                conn.close(1u32.into(), b"aborted");
+                session.conn.close(1u32.into(), b"aborted");
                 let _ = (&mut acceptor).await;
             }
             let (daemon, id, dir) = (daemon.clone(), hello.container_id.clone(), dir.clone());
             tokio::task::spawn_blocking(move || restore::discard(&daemon, &id, &dir)).await?;
             Err(e)
         }
+    }
+}
+
+/// How a failed exchange must end.
+#[derive(Debug)]
+pub enum Ending {
+    /// Remove everything made for the migration (unless the state says a
+    /// restored container is held).
+    Discard(anyhow::Error),
+    /// A restored container whose fate is not ours to decide: keep it.
+    Keep(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Ending {
+    fn from(e: E) -> Self {
+        Ending::Discard(e.into())
     }
 }
 
@@ -154,10 +195,11 @@ async fn exchange(
     hello: &Hello,
     dir: &ContainerDir,
     inbox: &Inbox,
-) -> Result<()> {
+    peer: Option<String>,
+) -> Result<(), Ending> {
     let layer_files = match session.recv().await?.body {
         Some(Body::LayersSent(sent)) => sent.files,
-        other => return Err(unexpected(other)),
+        other => return Err(unexpected(other).into()),
     };
     inbox
         .verify(&layer_files)
@@ -166,9 +208,7 @@ async fn exchange(
     for layer in &hello.layers {
         let digest = migrate_common::rootfs::digest::LayerDigest::parse(&layer.digest)?;
         if !daemon.store.has(&digest) {
-            return Err(anyhow!(
-                "layer {digest} is neither in the store nor was it sent"
-            ));
+            return Err(anyhow!("layer {digest} is neither in the store nor was it sent").into());
         }
     }
     {
@@ -181,24 +221,67 @@ async fn exchange(
     }
     session.send(LayersReady {}).await?;
 
-    let manifest = match session.recv().await?.body {
-        Some(Body::CheckpointSent(sent)) => sent.files,
-        other => return Err(unexpected(other)),
+    let mut rounds = 0;
+    let sent = loop {
+        match session.recv().await?.body {
+            Some(Body::RoundSent(round)) => {
+                if round.round != rounds + 1 || round.round > MAX_ROUNDS {
+                    return Err(anyhow!(
+                        "pre-dump round {} announced after round {rounds}",
+                        round.round
+                    )
+                    .into());
+                }
+                inbox
+                    .verify(&round.files)
+                    .await
+                    .with_context(|| format!("receiving pre-dump round {}", round.round))?;
+                rounds = round.round;
+                info!(
+                    container = hello.container_id,
+                    round = rounds,
+                    files = round.files.len(),
+                    "pre-dump round verified"
+                );
+            }
+            Some(Body::CheckpointSent(sent)) => break sent,
+            other => return Err(unexpected(other).into()),
+        }
     };
+    if sent.parent_round != rounds {
+        return Err(anyhow!(
+            "the final dump builds on round {}, but {rounds} round(s) were sent",
+            sent.parent_round
+        )
+        .into());
+    }
     inbox
-        .verify(&manifest)
+        .verify(&sent.files)
         .await
         .context("receiving the checkpoint")?;
     info!(
         container = hello.container_id,
-        files = manifest.len(),
+        files = sent.files.len(),
+        lazy = sent.lazy,
         "checkpoint verified; restoring"
     );
+    let plan = RestorePlan {
+        parent_round: sent.parent_round,
+        lazy: sent.lazy,
+    };
+    if sent.lazy {
+        return match postcopy::restore_lazily(session, daemon, hello, dir, plan, peer).await {
+            Ok(()) => Ok(()),
+            Err(LazyEnd::Discard(e)) => Err(Ending::Discard(e)),
+            Err(LazyEnd::Keep(e)) => Err(Ending::Keep(e)),
+        };
+    }
 
     let outcome = {
         let (daemon, hello, dir) = (daemon.clone(), hello.clone(), dir.clone());
-        tokio::task::spawn_blocking(move || restore::restore(&daemon, &hello, &dir)).await?
-    };
+        tokio::task::spawn_blocking(move || restore::restore(&daemon, &hello, &dir, plan)).await
+    }
+    .map_err(|e| anyhow!("the restore task failed: {e}"))?;
     match outcome {
         Ok(restored) => {
             info!(
@@ -212,7 +295,7 @@ async fn exchange(
         Err(failed) => {
             let message = format!("{}: {}", failed.stage, failed.message);
             session.send(failed).await?;
-            return Err(anyhow!("restore failed: {message}"));
+            return Err(anyhow!("restore failed: {message}").into());
         }
     }
 
@@ -220,17 +303,28 @@ async fn exchange(
         Some(Body::Commit(_)) => session.send(migrate_common::protocol::Committed {}).await?,
         // An abort here means the source kept its copy after all: the
         // caller removes ours, since the state no longer holds it.
-        other => return Err(unexpected(other)),
+        other => return Err(unexpected(other).into()),
     }
-    let _ = session.control.send_half().finish();
+    session.finish();
     Ok(())
 }
 
 /// The error for a message the state machine admitted but that ends the
 /// exchange: an abort from the source.
-fn unexpected(body: Option<Body>) -> anyhow::Error {
+pub fn unexpected(body: Option<Body>) -> anyhow::Error {
     match body {
         Some(Body::Abort(Abort { reason })) => anyhow!("the source aborted: {reason}"),
         other => anyhow!("unexpected {}", ControlMessage { body: other }.kind()),
     }
+}
+
+/// Checks that a connection claiming to resume a migration comes from the
+/// peer that started it.
+pub fn same_peer(started_by: &Option<String>, resumed_by: &Option<String>) -> Result<()> {
+    if started_by != resumed_by {
+        bail!(
+            "the migration was started by {started_by:?}, not by {resumed_by:?}"
+        );
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@ use migrate_common::runc::Runc;
 use migrate_common::transport;
 use migrate_dst::Daemon;
 
-type Control = ControlChannel<quinn::RecvStream, quinn::SendStream>;
+type Control = ControlChannel<quinn::SendStream>;
 
 /// Connects to the daemon on `port` as the source would and opens the
 /// control stream.

@@ -1,5 +1,6 @@
-//! Phase 5: checkpoint with `runc checkpoint` while keeping the container
-//! frozen, not killed, until the destination has answered.
+//! The final dump of stop-and-copy and pre-copy: `runc checkpoint` while
+//! keeping the container frozen, not killed, until the destination has
+//! answered; and the migration's working dir.
 //!
 //! The images go to a working dir on tmpfs. The container's fate is held by
 //! the post-dump gate ([`migrate_common::hook`]): [`Checkpoint::finish`] lets
@@ -16,7 +17,7 @@ use migrate_common::runc::{CheckpointSpec, CriuOptions, DumpKind, Runc};
 use tokio::process::{Child, Command};
 
 /// A migration's private working directory on the source.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WorkDir {
     pub root: PathBuf,
 }
@@ -41,8 +42,20 @@ impl WorkDir {
         Ok(Self { root })
     }
 
+    /// Where every dump's image dir lives: `images/<round>` for pre-dump
+    /// rounds and `images/final` for the final dump, so that each can name
+    /// its parent as `../<round>`.
     pub fn images(&self) -> PathBuf {
         self.root.join("images")
+    }
+
+    /// The image dir of pre-dump round `round` (from 1).
+    pub fn round_dir(&self, round: u32) -> PathBuf {
+        self.images().join(round.to_string())
+    }
+
+    pub fn final_dir(&self) -> PathBuf {
+        self.images().join("final")
     }
 
     pub fn remove(&self) -> Result<()> {
@@ -82,6 +95,18 @@ fn process_alive(pid: i32) -> bool {
     )
 }
 
+/// What every dump of one migration shares.
+#[derive(Debug, Clone, Copy)]
+pub struct DumpSetup<'a> {
+    pub runc: &'a Runc,
+    pub id: &'a str,
+    pub work: &'a WorkDir,
+    /// This program, for CRIU's action script to call back.
+    pub migrate_exe: &'a Path,
+    pub ghost_limit: u64,
+    pub options: CriuOptions,
+}
+
 /// A running `runc checkpoint` that has dumped the container and waits in
 /// post-dump for a verdict.
 #[derive(Debug)]
@@ -110,16 +135,19 @@ impl Checkpoint {
     /// before that, the container is still running and the error carries the
     /// tail of CRIU's dump log.
     pub async fn start(
-        runc: &Runc,
-        id: &str,
-        work: &WorkDir,
-        migrate_exe: &Path,
-        ghost_limit: u64,
-        options: CriuOptions,
+        setup: &DumpSetup<'_>,
+        image_dir: &Path,
+        parent: Option<&Path>,
     ) -> Result<Self> {
-        let image_dir = work.images();
-        std::fs::create_dir(&image_dir)
-            .with_context(|| format!("creating {}", image_dir.display()))?;
+        let DumpSetup {
+            runc,
+            id,
+            work,
+            migrate_exe,
+            ghost_limit,
+            options,
+        } = *setup;
+        let image_dir = image_dir.to_owned();
         let socket = work.root.join("criu-action.sock");
         let script = work.root.join("criu-action.sh");
         let config = work.root.join("criu.conf");
@@ -137,7 +165,7 @@ impl Checkpoint {
             kind: DumpKind::Final,
             image_dir: &image_dir,
             work_dir: &image_dir,
-            parent: None,
+            parent,
             criu_config: &config,
             options,
         });
@@ -220,7 +248,7 @@ impl Checkpoint {
     }
 }
 
-async fn read_output(child: &mut Child) -> String {
+pub(crate) async fn read_output(child: &mut Child) -> String {
     use tokio::io::AsyncReadExt;
     let mut text = String::new();
     if let Some(mut out) = child.stdout.take() {

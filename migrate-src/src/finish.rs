@@ -1,26 +1,34 @@
-//! Phase 8: the end of a migration on the source, either way.
+//! The end of a migration on the source, every way it can end.
 //!
-//! Success: the destination runs the container, so CRIU may kill the frozen
-//! source copy; then runc's record and our working dir go, and the
-//! destination is told to commit. Failure: the destination is told to abort,
-//! CRIU resumes the container, and the error says which side failed and
-//! confirms (from runc) that the container runs on the source again.
+//! Success: the destination runs the container and the source copy is gone
+//! (CRIU ended it); runc's record and our working dir go, and the
+//! destination is told to commit. Failure before the decision point: the
+//! destination is told to abort, the container is resumed here, and the
+//! error says which side failed and confirms (from runc) that the container
+//! runs on the source again. Failure after it in post-copy: nothing is
+//! resumed or killed; the error says the case is in doubt and what each side
+//! holds.
 
 use std::time::Duration;
 
+use anyhow::Context;
 use migrate_common::mount::unmount_all_under;
-use migrate_common::protocol::{Abort, Body, Commit, ControlError, Failed};
+use migrate_common::protocol::{Abort, Body, Commit, ControlError, Failed, Recovery};
 use migrate_common::runc::Runc;
 
 use crate::checkpoint::Outcome;
+use crate::lazy::LazyEnd;
 use crate::{MigrateOptions, Session};
 
 /// How long the source waits for the destination's last word.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why a migration stopped, before rollback.
+/// Exit code of a migration in doubt: both copies held, an operator decides.
+pub const EXIT_IN_DOUBT: u8 = 3;
+
+/// Why a migration stopped, before recovery.
 #[derive(Debug)]
-pub(crate) enum Failure {
+pub enum Failure {
     Refused(Vec<String>),
     Destination(Failed),
     Source(anyhow::Error),
@@ -41,6 +49,18 @@ impl Failure {
             None => "an empty message".to_owned(),
         };
         Self::Unexpected { expected, got }
+    }
+
+    /// What this failure requires, given what the state machine says of
+    /// the phase it happened in: a destination that says it failed (and so
+    /// removed its copy) cannot be running the container.
+    fn recovery(&self, in_phase: Recovery) -> Recovery {
+        match (self, in_phase) {
+            (Failure::Destination(_) | Failure::Refused(_), Recovery::Reconnect) => {
+                Recovery::ResumeSource
+            }
+            _ => in_phase,
+        }
     }
 }
 
@@ -85,6 +105,8 @@ pub enum MigrationError {
     Timeout { timeout: Duration, outcome: String },
     #[error("interrupted")]
     Interrupted { outcome: String },
+    #[error("in doubt: {reason}")]
+    InDoubt { reason: String, outcome: String },
 }
 
 impl MigrationError {
@@ -97,7 +119,24 @@ impl MigrationError {
             | Self::Protocol { outcome, .. }
             | Self::Source { outcome, .. }
             | Self::Timeout { outcome, .. }
-            | Self::Interrupted { outcome } => outcome,
+            | Self::Interrupted { outcome }
+            | Self::InDoubt { outcome, .. } => outcome,
+        }
+    }
+
+    /// 1: failed, the container runs on the source as before; 3: in doubt.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::InDoubt { .. } => EXIT_IN_DOUBT,
+            _ => 1,
+        }
+    }
+
+    /// Where the container runs now, in a word, for `--json`.
+    pub fn runs_on(&self) -> &'static str {
+        match self {
+            Self::InDoubt { .. } => "held on both hosts, in doubt",
+            _ => "source",
         }
     }
 }
@@ -110,11 +149,12 @@ fn log_section(tail: &str) -> String {
     }
 }
 
-/// Success: returns warnings about cleanup steps that failed (the migration
-/// itself succeeded: the container runs on the destination).
+/// The eager modes' success: CRIU may kill the frozen source copy. Returns
+/// warnings about cleanup steps that failed (the migration itself succeeded:
+/// the container runs on the destination).
 pub(crate) async fn complete(session: &mut Session, opts: &MigrateOptions) -> Vec<String> {
     let mut warnings = Vec::new();
-    if let Some(checkpoint) = session.checkpoint.take() {
+    if let Some(checkpoint) = session.eager.take() {
         match checkpoint.finish().await {
             Ok(Outcome::Finished) => {}
             Ok(Outcome::Resumed) => warnings.push(
@@ -124,6 +164,14 @@ pub(crate) async fn complete(session: &mut Session, opts: &MigrateOptions) -> Ve
             Err(e) => warnings.push(format!("{e:#}")),
         }
     }
+    warnings.extend(clean_up(session, opts).await);
+    warnings
+}
+
+/// After the source copy is gone (every mode): runc's record and the work
+/// dir go, and the destination is told to commit.
+pub(crate) async fn clean_up(session: &mut Session, opts: &MigrateOptions) -> Vec<String> {
+    let mut warnings = Vec::new();
     if let Err(e) = remove_runc_record(&opts.runc, &opts.container_id) {
         warnings.push(format!("removing the source's runc record: {e:#}"));
     }
@@ -132,10 +180,10 @@ pub(crate) async fn complete(session: &mut Session, opts: &MigrateOptions) -> Ve
             warnings.push(format!("{e:#}"));
         }
     }
-    if let Some(control) = session.control.as_mut() {
+    if let Some(link) = session.link.as_mut() {
         let confirmed = tokio::time::timeout(FAREWELL_TIMEOUT, async {
-            control.send(Commit {}).await?;
-            control.recv().await
+            link.control.send(Commit {}).await?;
+            link.control.recv().await
         })
         .await;
         match confirmed {
@@ -150,7 +198,6 @@ pub(crate) async fn complete(session: &mut Session, opts: &MigrateOptions) -> Ve
             }
         }
     }
-    close(session).await;
     warnings
 }
 
@@ -164,28 +211,36 @@ fn remove_runc_record(runc: &Runc, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn roll_back(
+/// Undoes what the failure requires and says where the container is now.
+pub(crate) async fn recover(
     mut session: Session,
     failure: Failure,
     opts: &MigrateOptions,
 ) -> MigrationError {
+    let recovery = failure.recovery(session.state.recovery());
     let told_destination = matches!(failure, Failure::Refused(_) | Failure::Destination(_));
-    if !told_destination {
-        if let Some(control) = session.control.as_mut() {
+    if !told_destination && recovery != Recovery::KeepDestination {
+        if let Some(link) = session.link.as_mut() {
             let reason = match &failure {
                 Failure::Interrupted => "interrupted on the source".to_owned(),
                 Failure::Timeout(t) => format!("source freeze timeout ({t:?}) expired"),
                 _ => "the source is rolling back".to_owned(),
             };
             let _ =
-                tokio::time::timeout(Duration::from_secs(2), control.send(Abort { reason })).await;
+                tokio::time::timeout(Duration::from_secs(2), link.control.send(Abort { reason }))
+                    .await;
         }
     }
 
     let mut outcome = Vec::new();
-    let froze = session.checkpoint.is_some();
-    if let Some(checkpoint) = session.checkpoint.take() {
+    let froze = session.eager.is_some() || session.lazy.is_some();
+    if let Some(checkpoint) = session.eager.take() {
         if let Err(e) = checkpoint.resume().await {
+            outcome.push(format!("resuming the container failed: {e:#}"));
+        }
+    }
+    if let Some(lazy) = session.lazy.as_mut() {
+        if let Err(e) = go_back_from_lazy(lazy, session.tunnel.as_ref()).await {
             outcome.push(format!("resuming the container failed: {e:#}"));
         }
     }
@@ -208,7 +263,9 @@ pub(crate) async fn roll_back(
         Ok(state) => format!("WARNING: container {id} is {} on the source", state.status),
         Err(e) => format!("WARNING: cannot confirm the state of {id} on the source: {e}"),
     });
-    close(&mut session).await;
+    if let Some(link) = session.link.take() {
+        link.close().await;
+    }
     let outcome = outcome.join("\n");
 
     match failure {
@@ -231,14 +288,62 @@ pub(crate) async fn roll_back(
     }
 }
 
-async fn close(session: &mut Session) {
-    if let Some(mut control) = session.control.take() {
-        let _ = control.send_half().finish();
+/// A lazy dump that must not complete: make CRIU fail the page transfer
+/// (it then leaves the original frozen), wait for it, and resume the
+/// original.
+async fn go_back_from_lazy(
+    lazy: &mut crate::lazy::LazyDump,
+    tunnel: Option<&migrate_common::tunnel::Tunnel>,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    match (tunnel, lazy.socket.as_mut()) {
+        (Some(tunnel), _) => tunnel
+            .abort()
+            .await
+            .context("ending CRIU's page transfer")?,
+        (None, Some(socket)) => socket
+            .write_all(&migrate_common::criu::page_server::abort_request())
+            .await
+            .context("ending CRIU's page transfer")?,
+        (None, None) => anyhow::bail!("the page-server socket is gone"),
     }
-    if let Some(conn) = session.conn.take() {
-        conn.close(0u32.into(), b"done");
+    match lazy.ended().await? {
+        LazyEnd::OriginalFrozen => lazy.go_back(),
+        LazyEnd::OriginalGone => anyhow::bail!("CRIU ended the original instead of keeping it"),
     }
-    if let Some(endpoint) = session.endpoint.take() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// A post-copy migration that can neither go on nor go back on its own.
+pub(crate) async fn in_doubt(
+    mut session: Session,
+    reason: String,
+    restored: bool,
+    opts: &MigrateOptions,
+) -> MigrationError {
+    let id = &opts.container_id;
+    let holder = session
+        .lazy
+        .as_ref()
+        .and_then(|l| l.holder_pid())
+        .map(|pid| format!(" (held by `runc checkpoint`, pid {pid})"))
+        .unwrap_or_default();
+    let destination = if restored {
+        "the destination runs its copy, which waits on the pages it does not have yet"
+    } else {
+        "the destination may have restored its copy, which would wait on its pages"
+    };
+    let outcome = format!(
+        "nothing was resumed or killed: container {id} is frozen on the source with all of its memory{holder}; \
+         {destination}. Nothing runs twice. The destination keeps its copy held until told.\n\
+         To go on, the page transfer must resume over a new connection to {}; to go back, the destination's \
+         copy must be removed (losing what it did since the freeze) before the original is resumed. \
+         Decide which; do not resume the original while the destination's copy exists.",
+        opts.destination
+    );
+    if let Some(link) = session.link.take() {
+        link.abandon();
     }
+    // The work dir holds the images CRIU still uses; it stays.
+    session.work = None;
+    MigrationError::InDoubt { reason, outcome }
 }

@@ -11,14 +11,18 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use migrate_common::criu::Criu;
 use migrate_common::runc::{CriuOptions, Runc};
+use migrate_src::mode::RequestedMode;
 use migrate_src::progress::Reporter;
-use migrate_src::MigrateOptions;
+use migrate_src::{MigrateOptions, MigrationError};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "migrate",
     version,
     about = "Live-migrate a running runc container to another host",
+    after_help = "Exit status: 0 the container runs on the destination only; 1 the migration failed and \
+                  the container runs on the source as before; 2 usage error; 3 in doubt (post-copy lost \
+                  the destination mid-transfer: both copies are held, nothing runs twice, an operator decides).",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -52,10 +56,34 @@ struct MigrateArgs {
     /// Where checkpoint images are written; should be tmpfs.
     #[arg(long, default_value = "/dev/shm/migrate")]
     work_dir: PathBuf,
-    /// Longest the container may stay frozen waiting for the destination,
-    /// in seconds; then it resumes on the source.
-    #[arg(long, default_value_t = 120)]
+    /// How memory moves. auto: pre-copy where this host tracks dirty memory,
+    /// else stop-and-copy (never post-copy). pre-copy: pre-dump rounds while
+    /// the container runs, then a short frozen dump. post-copy: frozen only
+    /// for the dump of everything but memory; the container runs on the
+    /// destination at once and its memory follows — if the destination or
+    /// the link fails for longer than --resume-timeout while memory is still
+    /// here, the migration is in doubt (exit 3): both copies stay held and an
+    /// operator decides. hybrid: pre-copy rounds, then post-copy.
+    #[arg(long, value_enum, default_value_t = RequestedMode::Auto)]
+    mode: RequestedMode,
+    /// Pre-copy's downtime target in milliseconds: freeze once the predicted
+    /// frozen step fits.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    max_downtime: u64,
+    /// Most pre-copy rounds before freezing anyway.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    max_rounds: u32,
+    /// Longest the container may stay frozen before the destination has
+    /// everything it needs to restore it, in seconds; then it resumes here.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
     freeze_timeout: u64,
+    /// Seconds of silence after which the link counts as lost.
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
+    link_timeout: u64,
+    /// Post-copy: seconds to reconnect a lost link before the migration is
+    /// in doubt.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    resume_timeout: u64,
     /// Bytes of deleted-but-mapped files CRIU may copy into the images.
     #[arg(long, default_value_t = 64 << 20)]
     ghost_limit: u64,
@@ -122,10 +150,13 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("migrate: error: {e:#}");
-            if let Some(failure) = e.downcast_ref::<migrate_src::MigrationError>() {
-                eprintln!("migrate: {}", failure.outcome());
+            match e.downcast_ref::<MigrationError>() {
+                Some(failure) => {
+                    eprintln!("migrate: {}", failure.outcome());
+                    ExitCode::from(failure.exit_code())
+                }
+                None => ExitCode::FAILURE,
             }
-            ExitCode::FAILURE
         }
     }
 }
@@ -159,6 +190,11 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
         criu: Criu::new(args.criu),
         work_base: args.work_dir,
         freeze_timeout: Duration::from_secs(args.freeze_timeout),
+        mode: args.mode,
+        max_downtime: Duration::from_millis(args.max_downtime),
+        max_rounds: args.max_rounds,
+        link_timeout: Duration::from_secs(args.link_timeout),
+        resume_timeout: Duration::from_secs(args.resume_timeout),
         ghost_limit: args.ghost_limit,
         criu_options: CriuOptions {
             tcp_established: args.tcp_established,
@@ -170,11 +206,26 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = runtime.block_on(migrate_src::migrate(&opts, &reporter));
     reporter.finish();
-    let summary = result?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        println!("{}", summary.human());
+    match result {
+        Ok(summary) if args.json => println!("{}", serde_json::to_string(&summary)?),
+        Ok(summary) => println!("{}", summary.human()),
+        Err(failure) => {
+            let (outcome, runs_on, exit_code) =
+                (failure.outcome().to_owned(), failure.runs_on(), failure.exit_code());
+            let error = anyhow::Error::from(failure);
+            if args.json {
+                let object = serde_json::json!({
+                    "container": opts.container_id,
+                    "destination": opts.destination,
+                    "error": format!("{error:#}"),
+                    "outcome": outcome,
+                    "runs_on": runs_on,
+                    "exit_code": exit_code,
+                });
+                println!("{object}");
+            }
+            return Err(error);
+        }
     }
     Ok(())
 }

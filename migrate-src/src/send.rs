@@ -1,6 +1,6 @@
-//! Phases 4 and 6: bulk data to the destination, several QUIC streams at
-//! once: missing lower layers before the freeze, then every CRIU image file
-//! and the upper-dir archive while the container is frozen.
+//! Bulk data to the destination, several QUIC streams at once: missing
+//! lower layers and pre-dump rounds while the container runs, then the final
+//! dump's image files and the rootfs while it is frozen.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
 use migrate_common::rootfs::archive::pack_dir;
-use migrate_common::transfer::{send_file, send_stream, TransferError, TransferStats};
+use migrate_common::transfer::{send_file, send_stream, StreamId, TransferError, TransferStats};
 use tokio::task::JoinSet;
 
 use crate::inspect::Layer;
@@ -20,15 +20,8 @@ const PARALLEL_STREAMS: usize = 4;
 /// One unit of bulk data.
 #[derive(Debug, Clone)]
 enum Item {
-    File {
-        name: String,
-        path: PathBuf,
-    },
-    Tree {
-        kind: StreamKind,
-        name: String,
-        dir: PathBuf,
-    },
+    File { id: StreamId, path: PathBuf },
+    Tree { id: StreamId, dir: PathBuf },
 }
 
 /// Sends the layers the destination asked for.
@@ -42,15 +35,25 @@ pub async fn send_layers(
         .iter()
         .filter(|l| missing.contains(&l.info.digest))
         .map(|l| Item::Tree {
-            kind: StreamKind::Layer,
-            name: l.info.digest.clone(),
+            id: StreamId::new(StreamKind::Layer, 0, l.info.digest.clone()),
             dir: l.path.clone(),
         })
         .collect();
     send_all(conn, items, stats).await
 }
 
-/// Sends every file of the image dir and the upper dir.
+/// Sends every image file of one dump: round `round` of pre-copy, or 0 for
+/// the final dump.
+pub async fn send_images(
+    conn: &quinn::Connection,
+    dir: &Path,
+    round: u32,
+    stats: &Arc<TransferStats>,
+) -> Result<Vec<FileDigest>> {
+    send_all(conn, image_items(dir, round)?, stats).await
+}
+
+/// Sends the final dump's image files and the upper dir.
 pub async fn send_checkpoint(
     conn: &quinn::Connection,
     image_dir: &Path,
@@ -58,14 +61,19 @@ pub async fn send_checkpoint(
     stats: &Arc<TransferStats>,
 ) -> Result<Vec<FileDigest>> {
     let mut items = vec![Item::Tree {
-        kind: StreamKind::UpperDir,
-        name: String::new(),
+        id: StreamId::new(StreamKind::UpperDir, 0, ""),
         dir: upper.to_owned(),
     }];
+    items.extend(image_items(image_dir, 0)?);
+    send_all(conn, items, stats).await
+}
+
+/// The regular files of an image dir (the `parent` link is not one: the
+/// destination makes its own), largest first, so that the big page files
+/// start at once and the small ones fill the gaps.
+fn image_items(dir: &Path, round: u32) -> Result<Vec<Item>> {
     let mut images: Vec<(u64, Item)> = Vec::new();
-    for entry in
-        std::fs::read_dir(image_dir).with_context(|| format!("listing {}", image_dir.display()))?
-    {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry?;
         let meta = entry.metadata()?;
         if !meta.is_file() {
@@ -75,16 +83,13 @@ pub async fn send_checkpoint(
         images.push((
             meta.len(),
             Item::File {
-                name,
+                id: StreamId::new(StreamKind::Image, round, name),
                 path: entry.path(),
             },
         ));
     }
-    // Largest first, so the big page files start at once and the small ones
-    // fill the gaps.
     images.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
-    items.extend(images.into_iter().map(|(_, item)| item));
-    send_all(conn, items, stats).await
+    Ok(images.into_iter().map(|(_, item)| item).collect())
 }
 
 async fn send_all(
@@ -114,14 +119,12 @@ async fn send_item(
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest> {
     match item {
-        Item::File { name, path } => {
-            send_file(&conn, StreamKind::Image, &name, path.clone(), stats)
-                .await
-                .with_context(|| format!("sending image {}", path.display()))
-        }
-        Item::Tree { kind, name, dir } => {
+        Item::File { id, path } => send_file(&conn, &id, path.clone(), stats)
+            .await
+            .with_context(|| format!("sending {}", path.display())),
+        Item::Tree { id, dir } => {
             let what = dir.display().to_string();
-            send_stream(&conn, kind, &name, stats, move |sink| {
+            send_stream(&conn, &id, stats, move |sink| {
                 pack_dir(&dir, sink).map_err(TransferError::from)?;
                 Ok(())
             })

@@ -114,6 +114,12 @@ impl LazyPages {
         self.child.id()
     }
 
+    /// Ends the daemon (the restore it served failed or was abandoned).
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.work_dir.join(LOG_FILE)
     }
@@ -138,6 +144,7 @@ fn transferred_pages(log: &str) -> Option<(u64, u64)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -123,6 +123,7 @@ impl RequestCutter {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

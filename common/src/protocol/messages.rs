@@ -4,7 +4,7 @@
 /// The one envelope that travels on the control stream, in both directions.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
     pub body: Option<Body>,
 }
 
@@ -30,6 +30,14 @@ pub enum Body {
     Committed(Committed),
     #[prost(message, tag = "10")]
     Abort(Abort),
+    #[prost(message, tag = "11")]
+    RoundSent(RoundSent),
+    #[prost(message, tag = "12")]
+    PagesComplete(PagesComplete),
+    #[prost(message, tag = "13")]
+    Resume(Resume),
+    #[prost(message, tag = "14")]
+    Resumed(Resumed),
 }
 
 impl ControlMessage {
@@ -47,6 +55,10 @@ impl ControlMessage {
             Some(Body::Commit(_)) => "Commit",
             Some(Body::Committed(_)) => "Committed",
             Some(Body::Abort(_)) => "Abort",
+            Some(Body::RoundSent(_)) => "RoundSent",
+            Some(Body::PagesComplete(_)) => "PagesComplete",
+            Some(Body::Resume(_)) => "Resume",
+            Some(Body::Resumed(_)) => "Resumed",
         }
     }
 }
@@ -70,7 +82,11 @@ into_control_message!(
     Failed,
     Commit,
     Committed,
-    Abort
+    Abort,
+    RoundSent,
+    PagesComplete,
+    Resume,
+    Resumed
 );
 
 /// Source → destination, first message: who we are, what we want to move, and
@@ -98,6 +114,35 @@ pub struct Hello {
     /// CRIU options that restore must repeat.
     #[prost(bool, tag = "8")]
     pub tcp_established: bool,
+    /// How memory will move; the destination checks it can take part.
+    #[prost(enumeration = "MemoryMode", tag = "9")]
+    pub mode: i32,
+    /// Random, chosen by the source: names this migration when a lost
+    /// connection is replaced ([`Resume`]).
+    #[prost(string, tag = "10")]
+    pub migration_id: String,
+}
+
+/// How the container's memory moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum MemoryMode {
+    Invalid = 0,
+    /// Everything while frozen.
+    StopAndCopy = 1,
+    /// Pre-dump rounds while running, then the pages dirtied since, frozen.
+    PreCopy = 2,
+    /// Everything but memory while frozen; memory after the restore.
+    PostCopy = 3,
+    /// Pre-dump rounds, then post-copy for what is left.
+    Hybrid = 4,
+}
+
+impl MemoryMode {
+    /// Whether the destination restores before it has the memory.
+    pub fn is_lazy(self) -> bool {
+        matches!(self, Self::PostCopy | Self::Hybrid)
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
@@ -130,6 +175,12 @@ pub struct PreflightReply {
     pub missing_layers: Vec<String>,
     #[prost(string, tag = "7")]
     pub hostname: String,
+    /// Whether this host can restore with lazy pages (post-copy, hybrid);
+    /// when not, `lazy_pages_problem` says why.
+    #[prost(bool, tag = "8")]
+    pub lazy_pages: bool,
+    #[prost(string, tag = "9")]
+    pub lazy_pages_problem: String,
 }
 
 /// Source → destination: every missing layer has been sent on its own data
@@ -144,12 +195,30 @@ pub struct LayersSent {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LayersReady {}
 
-/// Source → destination: the container is frozen and every image file and the
-/// upper-dir archive have been sent; this is the manifest to verify them by.
+/// Source → destination: the images of one pre-dump round (numbered from 1)
+/// have been sent, while the container runs; the manifest to verify them by.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RoundSent {
+    #[prost(uint32, tag = "1")]
+    pub round: u32,
+    #[prost(message, repeated, tag = "2")]
+    pub files: Vec<FileDigest>,
+}
+
+/// Source → destination: the container is frozen and the final dump's image
+/// files, the upper dir sent while it ran and the changes since have all
+/// been sent; the manifest to verify them by.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CheckpointSent {
     #[prost(message, repeated, tag = "1")]
     pub files: Vec<FileDigest>,
+    /// The last pre-dump round the final dump builds on; 0 for none.
+    #[prost(uint32, tag = "2")]
+    pub parent_round: u32,
+    /// Memory is not in the images: restore with lazy pages, fetched over
+    /// the page tunnel.
+    #[prost(bool, tag = "3")]
+    pub lazy: bool,
 }
 
 /// Checksum of one data stream's uncompressed content.
@@ -164,6 +233,9 @@ pub struct FileDigest {
     /// blake3 of the uncompressed bytes, lowercase hex.
     #[prost(string, tag = "4")]
     pub blake3: String,
+    /// For images: the pre-dump round (1, 2, ...) or 0 for the final dump.
+    #[prost(uint32, tag = "5")]
+    pub round: u32,
 }
 
 /// Destination → source: the container runs on the destination.
@@ -200,6 +272,48 @@ pub struct Commit {}
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Committed {}
 
+/// Destination → source (post-copy): the lazy-pages daemon has every page
+/// and has ended; the source's original may go.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PagesComplete {
+    /// Pages copied into the restored processes.
+    #[prost(uint64, tag = "1")]
+    pub pages: u64,
+    /// Milliseconds from the restore to the last page.
+    #[prost(uint64, tag = "2")]
+    pub after_restore_ms: u64,
+}
+
+/// Source → destination, first message of a connection that replaces a
+/// lost one (post-copy): carry on with this migration.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resume {
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    #[prost(string, tag = "2")]
+    pub migration_id: String,
+    /// Bytes of the destination's page-tunnel stream the source has taken.
+    #[prost(uint64, tag = "3")]
+    pub tunnel_delivered: u64,
+}
+
+/// Destination → source: the migration goes on; where it stands.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Resumed {
+    /// Bytes of the source's page-tunnel stream the destination has taken.
+    #[prost(uint64, tag = "1")]
+    pub tunnel_delivered: u64,
+    /// Set once the container runs on the destination.
+    #[prost(message, optional, tag = "2")]
+    pub restored: Option<Restored>,
+    /// Set once every page has arrived.
+    #[prost(message, optional, tag = "3")]
+    pub pages_complete: Option<PagesComplete>,
+    /// Set when the destination failed (and says what it did about it).
+    #[prost(message, optional, tag = "4")]
+    pub failed: Option<Failed>,
+}
+
 /// Either direction, any state: stop the migration and undo.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Abort {
@@ -215,6 +329,9 @@ pub struct StreamHeader {
     /// Layer digest, image file name, or empty for the upper dir.
     #[prost(string, tag = "2")]
     pub name: String,
+    /// For images: the pre-dump round, 0 for the final dump.
+    #[prost(uint32, tag = "3")]
+    pub round: u32,
 }
 
 /// What a data stream carries.
@@ -226,6 +343,12 @@ pub enum StreamKind {
     Layer = 1,
     /// One CRIU image file, named by its file name.
     Image = 2,
-    /// The overlay upper dir as a tar archive.
+    /// The overlay upper dir as a tar archive, sent while the container runs.
     UpperDir = 3,
+    /// What changed in the upper dir since [`StreamKind::UpperDir`] was
+    /// packed, sent while the container is frozen.
+    UpperDelta = 4,
+    /// The bidirectional stream that relays CRIU's page-server connection
+    /// (post-copy); carries [`crate::tunnel`] frames, not zstd.
+    PageTunnel = 5,
 }
