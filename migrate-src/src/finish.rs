@@ -150,9 +150,9 @@ fn log_section(tail: &str) -> String {
 }
 
 /// The eager modes' success: CRIU may kill the frozen source copy. Returns
-/// warnings about cleanup steps that failed (the migration itself succeeded:
-/// the container runs on the destination).
-pub(crate) async fn complete(session: &mut Session, opts: &MigrateOptions) -> Vec<String> {
+/// warnings (the migration itself succeeded: the container runs on the
+/// destination).
+pub(crate) async fn end_source_copy(session: &mut Session) -> Vec<String> {
     let mut warnings = Vec::new();
     if let Some(checkpoint) = session.eager.take() {
         match checkpoint.finish().await {
@@ -164,7 +164,6 @@ pub(crate) async fn complete(session: &mut Session, opts: &MigrateOptions) -> Ve
             Err(e) => warnings.push(format!("{e:#}")),
         }
     }
-    warnings.extend(clean_up(session, opts).await);
     warnings
 }
 

@@ -114,6 +114,21 @@ struct Frozen {
     layers_reused: usize,
 }
 
+impl Frozen {
+    /// CRIU writes a dump's statistics once it has ended, after the images
+    /// crossed; they complete the final round's line.
+    fn count_final_pages(&mut self, session: &Session) {
+        let (Some(work), Some(last)) = (session.work.as_ref(), self.rounds.last_mut()) else {
+            return;
+        };
+        if let Ok(criu) = DumpStats::read(&work.final_dir()) {
+            last.pages_written = criu.pages_written;
+            last.pages_skipped = criu.pages_skipped_parent;
+            last.pages_lazy = criu.pages_lazy;
+        }
+    }
+}
+
 /// Moves the container; on failure the container runs on the source as
 /// before, or, in post-copy, is held on both sides in doubt; the error says
 /// which.
@@ -335,13 +350,12 @@ async fn freeze_and_send(
     .map_err(Failure::Source)?;
     let file_count = files.len();
     let sent_at = Instant::now();
-    let final_stats = DumpStats::read(&final_dir).unwrap_or_default();
     rounds.push(RoundReport {
         round: last_round + 1,
         kind: if lazy { "lazy" } else { "final" },
-        pages_written: final_stats.pages_written,
-        pages_skipped: final_stats.pages_skipped_parent,
-        pages_lazy: final_stats.pages_lazy,
+        pages_written: 0,
+        pages_skipped: 0,
+        pages_lazy: 0,
         bytes_raw: stats.raw_bytes() - raw_before,
         bytes_wire: link.conn.stats().udp_tx.bytes - wire_before,
         dump_s: (dumped_at - frozen_at).as_secs_f64(),
@@ -414,7 +428,10 @@ async fn after_eager_restore(
     let restored_at = Instant::now();
     let _ = session.state.advance(SourcePhase::Finishing);
     reporter.phase("finishing on the source");
-    let warnings = finish::complete(&mut session, opts).await;
+    let mut frozen = frozen;
+    let mut warnings = finish::end_source_copy(&mut session).await;
+    frozen.count_final_pages(&session);
+    warnings.extend(finish::clean_up(&mut session, opts).await);
     let _ = session.state.advance(SourcePhase::Committing);
     let wire = session.retired_wire_bytes
         + session
@@ -459,6 +476,8 @@ async fn after_lazy_restore(
     };
     let _ = session.state.advance(SourcePhase::Finishing);
     reporter.phase("finishing on the source");
+    let mut frozen = frozen;
+    frozen.count_final_pages(&session);
     let warnings = finish::clean_up(&mut session, opts).await;
     let _ = session.state.advance(SourcePhase::Committing);
     let wire = session.retired_wire_bytes

@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod checks;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -4,89 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::Output;
 use std::time::{Duration, Instant};
 
+use migrate_e2e::checks::{
+    assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
+    counter, stderr, wait_for_ticks, GAME,
+};
 use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
-
-/// The container's game: a random token and a counter kept only in the
-/// shell's memory, a file held open on descriptor 3, a cwd, a file deleted
-/// from the lower layer (an overlay whiteout), a file created in the upper
-/// dir, and an HTTP server on the container's own loopback.
-const GAME: &str = r#"
-set -e
-mkdir -p /work
-cd /work
-exec 3</etc/game.conf
-token=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
-rm /etc/group
-echo "made before the migration" > /work/made-before
-httpd -p 127.0.0.1:8080 -h /work
-i=0
-while true; do
-    i=$((i + 1))
-    echo "$token $i" > /work/counter
-    echo "tick $token $i"
-    sleep 0.2
-done
-"#;
-
-/// (token, count) as the game last wrote them, read through `exec`.
-fn counter(exec: impl Fn(&[&str]) -> String) -> (String, u64) {
-    let text = exec(&["cat", "/work/counter"]);
-    let (token, count) = text.trim().split_once(' ').unwrap();
-    (token.to_owned(), count.parse().unwrap())
-}
-
-fn wait_for_ticks(container: &SourceContainer, ticks: u64) -> (String, u64) {
-    let mut last = (String::new(), 0);
-    wait_until("the game to tick", Duration::from_secs(20), || {
-        if let Ok(text) = std::fs::read_to_string(container.rootfs.join("work/counter")) {
-            if let Some((t, c)) = text.trim().split_once(' ') {
-                last = (t.to_owned(), c.parse().unwrap_or(0));
-            }
-        }
-        last.1 >= ticks
-    });
-    last
-}
-
-/// What migrate printed on stderr; echoed into the test's output, which
-/// cargo shows when the test fails.
-fn stderr(out: &Output) -> String {
-    let text = String::from_utf8_lossy(&out.stderr).into_owned();
-    eprintln!("--- migrate ({}) said:\n{text}---", out.status);
-    text
-}
-
-/// The container still runs on the source with the same process and memory:
-/// same pid, same token, and the counter goes on past `before`.
-fn assert_running_on_source_unchanged(
-    container: &SourceContainer,
-    pid: u64,
-    before: &(String, u64),
-) {
-    assert_eq!(
-        container.pid(),
-        Some(pid),
-        "the container must run on the source with its original pid"
-    );
-    let now = wait_for_ticks(container, before.1 + 3);
-    assert_eq!(
-        now.0, before.0,
-        "the in-memory token changed: the container was restarted, not resumed"
-    );
-}
-
-fn assert_work_dir_clean(lab: &Lab) {
-    let left: Vec<_> = std::fs::read_dir(lab.work_dir())
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(
-        left.is_empty(),
-        "the source left working dirs behind: {left:?}"
-    );
-}
 
 #[test]
 fn migration_preserves_memory_files_and_rootfs_changes() {
@@ -114,7 +38,18 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
         "the link carried less than the payload: {summary}"
     );
     assert_eq!(summary["layers_sent"], 1);
-    assert_eq!(summary["mode"], "stop-and-copy");
+    // This host has no soft-dirty tracking: auto falls back, and says why.
+    assert_eq!(summary["mode"]["requested"], "auto");
+    assert_eq!(summary["mode"]["used"], "stop-and-copy", "{summary}");
+    let reason = summary["mode"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("soft-dirty") && !reason.contains('\n'),
+        "auto must say in one line why it fell back: {reason:?}"
+    );
+    let rounds = summary["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 1, "one round, the final dump: {summary}");
+    assert_eq!(rounds[0]["kind"], "final");
+    assert!(rounds[0]["pages_written"].as_u64().unwrap() > 0, "{summary}");
 
     // Gone from the source, with nothing left behind.
     assert!(
@@ -286,25 +221,6 @@ fn failed_restore_resumes_the_container_on_the_source() {
     assert_running_on_source_unchanged(&container, pid, &before);
     assert_destination_discarded(&dst, "game3");
     assert_work_dir_clean(&lab);
-}
-
-/// The destination removed everything it had made for `id`.
-fn assert_destination_discarded(dst: &Destination, id: &str) {
-    wait_until(
-        "the destination to remove its partial state",
-        Duration::from_secs(20),
-        || !dst.container_dir(id).exists(),
-    );
-    assert!(
-        dst.runc(&["state", id]).stdout.is_empty(),
-        "runc still knows {id} on the destination"
-    );
-    assert!(
-        mounts_under(&dst.state_dir).is_empty(),
-        "mounts left: {:?}",
-        mounts_under(&dst.state_dir)
-    );
-    assert!(mounts_under(&dst.runc_root).is_empty());
 }
 
 /// 192 MiB of incompressible data in the rootfs: sending the upper dir,

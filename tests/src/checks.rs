@@ -1,0 +1,107 @@
+//! What the end-to-end tests check, shared by every test file: the game
+//! container whose memory, files and loopback server prove a migration kept
+//! its state, and the assertions that nothing is left behind.
+
+use std::process::Output;
+use std::time::Duration;
+
+use crate::{mounts_under, wait_until, Destination, Lab, SourceContainer};
+
+/// The container's game: a random token and a counter kept only in the
+/// shell's memory, a file held open on descriptor 3, a cwd, a file deleted
+/// from the lower layer (an overlay whiteout), a file created in the upper
+/// dir, and an HTTP server on the container's own loopback.
+pub const GAME: &str = r#"
+set -e
+mkdir -p /work
+cd /work
+exec 3</etc/game.conf
+token=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+rm /etc/group
+echo "made before the migration" > /work/made-before
+httpd -p 127.0.0.1:8080 -h /work
+i=0
+while true; do
+    i=$((i + 1))
+    echo "$token $i" > /work/counter
+    echo "tick $token $i"
+    sleep 0.2
+done
+"#;
+
+/// (token, count) as the game last wrote them, read through `exec`.
+pub fn counter(exec: impl Fn(&[&str]) -> String) -> (String, u64) {
+    let text = exec(&["cat", "/work/counter"]);
+    let (token, count) = text.trim().split_once(' ').unwrap();
+    (token.to_owned(), count.parse().unwrap())
+}
+
+pub fn wait_for_ticks(container: &SourceContainer, ticks: u64) -> (String, u64) {
+    let mut last = (String::new(), 0);
+    wait_until("the game to tick", Duration::from_secs(20), || {
+        if let Ok(text) = std::fs::read_to_string(container.rootfs.join("work/counter")) {
+            if let Some((t, c)) = text.trim().split_once(' ') {
+                last = (t.to_owned(), c.parse().unwrap_or(0));
+            }
+        }
+        last.1 >= ticks
+    });
+    last
+}
+
+/// What migrate printed on stderr; echoed into the test's output, which
+/// cargo shows when the test fails.
+pub fn stderr(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("--- migrate ({}) said:\n{text}---", out.status);
+    text
+}
+
+/// The container still runs on the source with the same process and memory:
+/// same pid, same token, and the counter goes on past `before`.
+pub fn assert_running_on_source_unchanged(
+    container: &SourceContainer,
+    pid: u64,
+    before: &(String, u64),
+) {
+    assert_eq!(
+        container.pid(),
+        Some(pid),
+        "the container must run on the source with its original pid"
+    );
+    let now = wait_for_ticks(container, before.1 + 3);
+    assert_eq!(
+        now.0, before.0,
+        "the in-memory token changed: the container was restarted, not resumed"
+    );
+}
+
+pub fn assert_work_dir_clean(lab: &Lab) {
+    let left: Vec<_> = std::fs::read_dir(lab.work_dir())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "the source left working dirs behind: {left:?}"
+    );
+}
+
+/// The destination removed everything it had made for `id`.
+pub fn assert_destination_discarded(dst: &Destination, id: &str) {
+    wait_until(
+        "the destination to remove its partial state",
+        Duration::from_secs(20),
+        || !dst.container_dir(id).exists(),
+    );
+    assert!(
+        dst.runc(&["state", id]).stdout.is_empty(),
+        "runc still knows {id} on the destination"
+    );
+    assert!(
+        mounts_under(&dst.state_dir).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&dst.state_dir)
+    );
+    assert!(mounts_under(&dst.runc_root).is_empty());
+}
+
