@@ -40,6 +40,7 @@
 //! ignores the keyword and makes that empty file.
 
 mod pack;
+mod paths;
 mod sparse;
 mod unpack;
 mod xattrs;

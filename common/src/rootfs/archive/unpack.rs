@@ -15,6 +15,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{self, Gid, Uid};
 use tar::{Entry, EntryType};
 
+use super::paths::{existing_parent, is_real_dir, safe_components};
 use super::{xattrs, ArchiveError, REMOVE_KEY, REMOVE_VALUE};
 
 /// Recreates a tree packed by [`super::pack_dir`] under `dest` (which exists and is empty),
@@ -334,44 +335,6 @@ impl<'a> Unpacker<'a> {
     }
 }
 
-/// `dest` joined with `parents`, each checked to be a real directory, or `None` if one is
-/// missing.
-fn existing_parent(
-    dest: &Path,
-    parents: &[&OsStr],
-    rel: &Path,
-) -> Result<Option<PathBuf>, ArchiveError> {
-    let mut path = dest.to_path_buf();
-    for component in parents {
-        path.push(component);
-        if !is_real_dir(&path, rel)? {
-            return Ok(None);
-        }
-    }
-    Ok(Some(path))
-}
-
-/// Whether `path`, on the way to the entry `rel`, is a directory (`true`) or missing
-/// (`false`). Anything else, a symlink above all, would let the entry land outside the
-/// destination.
-fn is_real_dir(path: &Path, rel: &Path) -> Result<bool, ArchiveError> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => Ok(true),
-        Ok(meta) if meta.file_type().is_symlink() => Err(ArchiveError::UnsafePath {
-            path: rel.to_path_buf(),
-        }),
-        Ok(_) => Err(ArchiveError::Create {
-            path: path.to_path_buf(),
-            source: Errno::ENOTDIR.into(),
-        }),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(ArchiveError::Create {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
 /// Removes whatever is at `abs`, a directory with everything below it; nothing there is
 /// fine. `remove_dir_all` neither follows symlinks nor races with them (it works on the
 /// directories it opened).
@@ -386,23 +349,6 @@ fn remove_entry(abs: &Path) -> Result<(), ArchiveError> {
         path: abs.to_path_buf(),
         source,
     })
-}
-
-/// The entry's path split into its components, or `None` if it is absolute or has a `..`
-/// component. Empty and `.` components are dropped, so the root comes back empty.
-fn safe_components(raw: &[u8]) -> Option<Vec<&OsStr>> {
-    if raw.starts_with(b"/") {
-        return None;
-    }
-    let mut components = Vec::new();
-    for component in raw.split(|&b| b == b'/') {
-        match component {
-            b"" | b"." => {}
-            b".." => return None,
-            name => components.push(OsStr::from_bytes(name)),
-        }
-    }
-    Some(components)
 }
 
 fn entry_meta<R: Read>(entry: &mut Entry<'_, R>, rel: &Path) -> Result<EntryMeta, ArchiveError> {
