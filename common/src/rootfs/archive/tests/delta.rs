@@ -132,14 +132,14 @@ fn delta_round_trip_without_root() {
     let odd = PathBuf::from(odd_dir());
     let cafe = PathBuf::from(OsStr::from_bytes(b"caf\xe9"));
     // Deepest first, which for these unrelated paths is the reverse of the walk.
-    let removed = [
+    let removed: Vec<PathBuf> = vec![
         odd.clone(),
         "fifo".into(),
         "emptydir".into(),
         "empty".into(),
-    ]
-    .into_iter()
-    .chain([cafe.clone(), "a/b".into()]);
+        cafe.clone(),
+        "a/b".into(),
+    ];
     // Unchanged: a/whiteout, deep, deep/d1/d2 down to d9 (whose file is sent again through
     // its other name, so d9 must keep its mtime), link and longlink.
     let mut sent: Vec<PathBuf> = [
@@ -171,10 +171,35 @@ fn delta_round_trip_without_root() {
     // In the walk's order: parents before children.
     sent.sort();
     let expected: Vec<(PathBuf, bool)> = removed
+        .into_iter()
         .map(|path| (path, true))
         .chain(sent.into_iter().map(|path| (path, false)))
         .collect();
     assert_eq!(archive_names(&delta), expected);
+
+    // A second name links to the first one, which this same delta holds in full.
+    let mut reader = tar::Archive::new(delta.as_slice());
+    let links: Vec<(Vec<u8>, Vec<u8>)> = reader
+        .entries()
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|entry| entry.header().entry_type() == EntryType::Link)
+        .map(|entry| {
+            let target = entry.link_name_bytes().unwrap().into_owned();
+            (entry.path_bytes().into_owned(), target)
+        })
+        .collect();
+    let long = long_file(Path::new(""))
+        .into_os_string()
+        .into_encoded_bytes();
+    assert_eq!(
+        links,
+        [
+            (long, b"a/hardlink".to_vec()),
+            (b"file.txt".to_vec(), b"a/file-link".to_vec()),
+            (b"sticky/tail-link".to_vec(), b"sparse-tail".to_vec()),
+        ]
+    );
 }
 
 #[test]
