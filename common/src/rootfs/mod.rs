@@ -1,10 +1,13 @@
 //! The container's root filesystem: finding its overlay mount, identifying
-//! lower layers by content, and moving the upper dir as an archive.
+//! lower layers by content, and moving the upper dir as an archive, whole or as the changes
+//! since an earlier one.
 
 pub mod archive;
+pub mod delta;
 pub mod digest;
 pub mod mountinfo;
 pub mod overlay;
+pub mod snapshot;
 
 pub use digest::LayerDigest;
 pub use overlay::OverlayMount;

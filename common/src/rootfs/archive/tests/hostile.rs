@@ -1,0 +1,182 @@
+//! Archives a hostile sender could write: none may touch anything outside the destination.
+
+use super::*;
+use crate::rootfs::archive::{unpack_delta, ArchiveError};
+
+/// Name, type and link target of an entry.
+type RawEntry<'a> = (&'a [u8], EntryType, &'a [u8]);
+
+/// An archive whose names and link targets are written verbatim.
+fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
+    let mut builder = Builder::new(Vec::new());
+    for &(name, kind, target) in entries {
+        let data: &[u8] = if kind == EntryType::Regular {
+            b"evil"
+        } else {
+            b""
+        };
+        let header = raw_header(name, kind, target, data.len() as u64);
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+fn removal_archive(name: &[u8]) -> Vec<u8> {
+    single_record_archive(name, "MIGRATE.remove", b"1")
+}
+
+fn assert_refused(result: Result<(), ArchiveError>) {
+    match result {
+        Err(ArchiveError::UnsafePath { .. }) => {}
+        other => panic!("expected UnsafePath, got {other:?}"),
+    }
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    fs::read_dir(dir).unwrap().next().is_none()
+}
+
+/// A scratch dir holding `dest/` and `outside/victim`, and the bytes of the victim's path.
+fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let scratch = tempfile::tempdir().unwrap();
+    let dest = scratch.path().join("dest");
+    fs::create_dir(&dest).unwrap();
+    let outside = scratch.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("victim"), b"untouched").unwrap();
+    (scratch, dest, outside)
+}
+
+#[test]
+fn refuses_parent_and_absolute_paths() {
+    let (scratch, dest, outside) = scratch();
+    let absolute = outside.join("evil");
+    let archives = [
+        raw_archive(&[(b"../evil", EntryType::Regular, b"")]),
+        raw_archive(&[(b"a/../../evil", EntryType::Regular, b"")]),
+        raw_archive(&[(absolute.as_os_str().as_bytes(), EntryType::Regular, b"")]),
+        raw_archive(&[(b"h", EntryType::Link, b"../outside/victim")]),
+    ];
+    for archive in &archives {
+        assert_refused(unpack_dir(archive.as_slice(), &dest));
+        assert_refused(unpack_delta(archive.as_slice(), &dest));
+    }
+    assert!(!scratch.path().join("evil").exists());
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert!(is_empty_dir(&dest));
+}
+
+#[test]
+fn refuses_to_write_through_an_archived_symlink() {
+    let (scratch, _, outside) = scratch();
+    let target = outside.as_os_str().as_bytes();
+
+    let cases: [&[RawEntry<'_>]; 3] = [
+        &[
+            (b"a", EntryType::Symlink, target),
+            (b"a/x", EntryType::Regular, b""),
+        ],
+        &[
+            (b"a", EntryType::Symlink, target),
+            (b"a/sub/", EntryType::Directory, b""),
+        ],
+        &[
+            (b"a", EntryType::Symlink, target),
+            (b"h", EntryType::Link, b"a/victim"),
+        ],
+    ];
+    for (i, entries) in cases.into_iter().enumerate() {
+        let archive = raw_archive(entries);
+        for delta in [false, true] {
+            let dest = scratch.path().join(format!("dest{i}-{delta}"));
+            fs::create_dir(&dest).unwrap();
+            assert_refused(if delta {
+                unpack_delta(archive.as_slice(), &dest)
+            } else {
+                unpack_dir(archive.as_slice(), &dest)
+            });
+            assert_eq!(
+                fs::read_dir(&outside).unwrap().count(),
+                1,
+                "case {i} wrote outside"
+            );
+        }
+    }
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"untouched");
+    assert_eq!(fs::metadata(outside.join("victim")).unwrap().nlink(), 1);
+}
+
+#[test]
+fn removals_stay_inside_the_destination() {
+    let (_scratch, dest, outside) = scratch();
+    symlink(&outside, dest.join("a")).unwrap();
+    let absolute = outside.join("victim");
+    let names: [&[u8]; 7] = [
+        b"../outside/victim",
+        b"a/../../outside/victim",
+        absolute.as_os_str().as_bytes(),
+        // Through a symlink already in the destination.
+        b"a/victim",
+        // The destination itself.
+        b"./",
+        b".",
+        b"",
+    ];
+    for name in names {
+        assert_refused(unpack_delta(removal_archive(name).as_slice(), &dest));
+    }
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"untouched");
+    assert!(dest.exists());
+
+    // Removing the symlink itself removes the link, not what it points at.
+    unpack_delta(removal_archive(b"a").as_slice(), &dest).unwrap();
+    assert!(is_empty_dir(&dest));
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"untouched");
+}
+
+#[test]
+fn a_delta_replaces_a_symlink_instead_of_writing_through_it() {
+    let (_scratch, dest, outside) = scratch();
+    symlink(outside.join("victim"), dest.join("f")).unwrap();
+    symlink(&outside, dest.join("d")).unwrap();
+    let archive = raw_archive(&[
+        (b"f", EntryType::Regular, b""),
+        (b"d/", EntryType::Directory, b""),
+        (b"d/x", EntryType::Regular, b""),
+    ]);
+    unpack_delta(archive.as_slice(), &dest).unwrap();
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"evil");
+    assert!(fs::symlink_metadata(dest.join("d")).unwrap().is_dir());
+    assert_eq!(fs::read(dest.join("d/x")).unwrap(), b"evil");
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"untouched");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+}
+
+#[test]
+fn removal_entries_belong_to_deltas_only() {
+    let (_scratch, dest, _) = scratch();
+    fs::write(dest.join("f"), b"kept").unwrap();
+    let malformed = |result| match result {
+        Err(ArchiveError::Malformed { path, .. }) => assert_eq!(path, Path::new("f")),
+        other => panic!("expected Malformed, got {other:?}"),
+    };
+    malformed(unpack_dir(removal_archive(b"f").as_slice(), &dest));
+    let odd_value = single_record_archive(b"f", "MIGRATE.remove", b"yes");
+    malformed(unpack_delta(odd_value.as_slice(), &dest));
+    assert_eq!(fs::read(dest.join("f")).unwrap(), b"kept");
+
+    // Removing what is already gone is fine.
+    unpack_delta(removal_archive(b"gone/deeper").as_slice(), &dest).unwrap();
+    unpack_delta(removal_archive(b"f").as_slice(), &dest).unwrap();
+    assert!(is_empty_dir(&dest));
+}
+
+#[test]
+fn refuses_unsupported_entry_types() {
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = raw_archive(&[(b"volume", EntryType::new(b'V'), b"")]);
+    match unpack_dir(archive.as_slice(), scratch.path()) {
+        Err(ArchiveError::Unsupported { kind: 'V', .. }) => {}
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
