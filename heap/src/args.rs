@@ -10,7 +10,8 @@ Allocates an anonymous heap of SIZE bytes, fills it with content that
 compresses like a real heap (about 3.5x with zstd level 1), rewrites RATE
 bytes of it per second, and every beat writes a JSON status file (atomically)
 with the longest gap between two beats it has seen. SIGUSR1 verifies every
-page and records the result in the status; SIGTERM or SIGINT ends it.
+page and records the result in the status; SIGUSR2 starts measuring the
+longest gap afresh; SIGTERM or SIGINT ends it.
 
   --size SIZE     heap size: bytes, or with K, M, G, T (binary: 1K = 1024), e.g. 512M
   --dirty RATE    bytes per second to rewrite, spread over the heap (same units,

@@ -24,21 +24,25 @@ use workload::{Pacer, Workload};
 
 /// Set by SIGUSR1: verify every page at the next beat.
 static VERIFY: AtomicBool = AtomicBool::new(false);
+/// Set by SIGUSR2: start measuring the longest gap afresh (a benchmark
+/// sends it just before a migration).
+static RESET_GAP: AtomicBool = AtomicBool::new(false);
 /// Set by SIGTERM and SIGINT: write a last status and exit.
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    if signal == libc::SIGUSR1 {
-        VERIFY.store(true, Ordering::SeqCst);
-    } else {
-        STOP.store(true, Ordering::SeqCst);
-    }
+    let flag = match signal {
+        libc::SIGUSR1 => &VERIFY,
+        libc::SIGUSR2 => &RESET_GAP,
+        _ => &STOP,
+    };
+    flag.store(true, Ordering::SeqCst);
 }
 
-/// Handlers for SIGUSR1, SIGTERM and SIGINT. As a container's pid 1 the
+/// Handlers for SIGUSR1, SIGUSR2, SIGTERM and SIGINT. As a container's pid 1 the
 /// program gets only signals it handles, so SIGTERM needs one too.
 fn install_signal_handlers() -> std::io::Result<()> {
-    for signal in [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT] {
+    for signal in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT] {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
         // value; the handler only stores to atomics, which is
         // async-signal-safe.
@@ -106,6 +110,7 @@ fn run(opts: &Options) -> Result<(), String> {
     let mut st = Status {
         started_ms,
         ready_ms,
+        gap_since_ms: ready_ms,
         pages: heap.pages(),
         seed: opts.seed,
         dirty_bytes_per_sec: opts.dirty_per_sec,
@@ -118,7 +123,11 @@ fn run(opts: &Options) -> Result<(), String> {
     loop {
         let now = now_ms();
         let gap = now - last_beat;
-        if gap > st.max_gap_ms {
+        if RESET_GAP.swap(false, Ordering::SeqCst) {
+            st.max_gap_ms = 0.0;
+            st.max_gap_end_ms = now;
+            st.gap_since_ms = now;
+        } else if gap > st.max_gap_ms {
             st.max_gap_ms = gap;
             st.max_gap_end_ms = now;
         }

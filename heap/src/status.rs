@@ -6,7 +6,7 @@
 //! {"seq":1234,"now_ms":1767225600123,"started_ms":1767225590000,
 //!  "ready_ms":1767225591500,"fill_ms":1500,"pages":131072,"page_size":4096,
 //!  "seed":1,"dirty_bytes_per_sec":16777216,"beat_ms":10,
-//!  "max_gap_ms":1375.412,"max_gap_end_ms":1767225599000,
+//!  "gap_since_ms":1767225591500,"max_gap_ms":1375.412,"max_gap_end_ms":1767225599000,
 //!  "dirtied_pages":40960,"spot_checks":4936,"spot_bad":0,
 //!  "verify":{"n":1,"ok":true,"bad_pages":0,"first_bad_page":null,
 //!            "pages":131072,"ms":812,"at_ms":1767225600100}}
@@ -14,8 +14,9 @@
 //!
 //! Times are CLOCK_REALTIME in ms (both "hosts" of a benchmark share one
 //! clock). `max_gap_ms` is the longest interval between two consecutive
-//! beats since the heap was filled, as the program saw it: across a
-//! migration, the application's downtime. Its own verification runs are
+//! beats since `gap_since_ms` (the end of the fill, or the last SIGUSR2),
+//! as the program saw it: across a migration, the application's downtime;
+//! `max_gap_end_ms` is when that gap ended. Its own verification runs are
 //! not counted as gaps. `verify` is null until the first SIGUSR1.
 
 use std::fmt::Write as _;
@@ -36,6 +37,9 @@ pub struct Status {
     pub now_ms: f64,
     pub started_ms: f64,
     pub ready_ms: f64,
+    /// Since when `max_gap_ms` is measured: the end of the fill, or the
+    /// last SIGUSR2.
+    pub gap_since_ms: f64,
     pub pages: u64,
     pub seed: u64,
     pub dirty_bytes_per_sec: u64,
@@ -85,7 +89,7 @@ impl Status {
             s,
             "{{\"seq\":{},\"now_ms\":{},\"started_ms\":{},\"ready_ms\":{},\"fill_ms\":{},\
              \"pages\":{},\"page_size\":{},\"seed\":{},\"dirty_bytes_per_sec\":{},\"beat_ms\":{},\
-             \"max_gap_ms\":{:.3},\"max_gap_end_ms\":{},\"dirtied_pages\":{},\
+             \"gap_since_ms\":{},\"max_gap_ms\":{:.3},\"max_gap_end_ms\":{},\"dirtied_pages\":{},\
              \"spot_checks\":{},\"spot_bad\":{},\"verify\":",
             self.seq,
             self.now_ms as u64,
@@ -97,6 +101,7 @@ impl Status {
             self.seed,
             self.dirty_bytes_per_sec,
             self.beat_ms,
+            self.gap_since_ms as u64,
             self.max_gap_ms,
             self.max_gap_end_ms as u64,
             self.dirtied_pages,
@@ -146,6 +151,7 @@ mod tests {
             now_ms: 1_000_500.7,
             started_ms: 1_000_000.0,
             ready_ms: 1_000_250.0,
+            gap_since_ms: 1_000_300.0,
             pages: 16,
             seed: 1,
             dirty_bytes_per_sec: 4096,
@@ -162,6 +168,7 @@ mod tests {
         assert_eq!(v["now_ms"], 1_000_500);
         assert_eq!(v["fill_ms"], 250);
         assert_eq!(v["page_size"], 4096);
+        assert_eq!(v["gap_since_ms"], 1_000_300);
         assert_eq!(v["max_gap_ms"], 12.346);
         assert_eq!(v["max_gap_end_ms"], 1_000_400);
         assert_eq!(v["dirtied_pages"], 2);
