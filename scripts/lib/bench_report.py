@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Raw records and the report of scripts/bench.sh.
+
+  bench_report.py record RUNS.jsonl KEY=VALUE...
+      appends one JSON object to RUNS.jsonl. VALUE is parsed as JSON when it
+      is valid JSON, else kept as a string; KEY=@FILE reads FILE as JSON
+      (null when FILE is missing or empty).
+
+  bench_report.py report RUNS.jsonl META.json OUT.json
+      writes OUT.json ({"meta", "runs", "summary"}) and prints a table of
+      medians, each case next to the CRIU floor of the same size and
+      workload.
+"""
+
+import json
+import statistics
+import sys
+
+# Figures every case has; the summary takes their medians.
+FIGURES = ["downtime_ms", "app_downtime_ms", "total_ms", "bytes_wire"]
+
+
+def parse_value(text):
+    if text.startswith("@"):
+        try:
+            with open(text[1:]) as f:
+                data = f.read().strip()
+            return json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def record(path, pairs):
+    obj = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            sys.exit(f"bench_report.py record: {pair!r} is not KEY=VALUE")
+        obj[key] = parse_value(value)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def load_runs(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def numeric_fields(obj):
+    if not isinstance(obj, dict):
+        return {}
+    return {
+        k: v
+        for k, v in obj.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs):
+    groups = {}
+    for r in runs:
+        key = (r.get("size_bytes", 0), r.get("workload"), r.get("label"))
+        groups.setdefault(key, []).append(r)
+    summary = []
+    for (size_bytes, workload, label), rs in groups.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        row = {
+            "size": rs[0].get("size"),
+            "size_bytes": size_bytes,
+            "workload": workload,
+            "case": rs[0].get("case"),
+            "mode": rs[0].get("mode"),
+            "label": label,
+            "runs": len(ok),
+        }
+        if not ok:
+            row["status"] = rs[0].get("status")
+            row["reason"] = rs[0].get("reason")
+        else:
+            row["status"] = "ok"
+            for fig in FIGURES:
+                row[fig] = median([r.get(fig) for r in ok])
+            # Every other number migrate reports (e.g. source_free_ms).
+            extra = {}
+            for r in ok:
+                for k, v in numeric_fields(r.get("migrate")).items():
+                    if k not in FIGURES:
+                        extra.setdefault(k, []).append(v)
+            if extra:
+                row["migrate_medians"] = {k: median(v) for k, v in sorted(extra.items())}
+        summary.append(row)
+
+    # Rows stay in the order the cases first ran: sizes, workloads, cases
+    # and modes as the command line listed them.
+    # Ratios to the floor of the same size and workload.
+    floors = {
+        (r["size_bytes"], r["workload"]): r
+        for r in summary
+        if r["case"] == "criu-floor" and r["status"] == "ok"
+    }
+    for row in summary:
+        floor = floors.get((row["size_bytes"], row["workload"]))
+        if row["status"] != "ok" or not floor:
+            continue
+        for fig in ["downtime_ms", "app_downtime_ms", "total_ms"]:
+            if row.get(fig) is not None and floor.get(fig):
+                row[fig.replace("_ms", "_vs_floor")] = round(row[fig] / floor[fig], 2)
+    return summary
+
+
+def fmt_ms(v):
+    return "-" if v is None else f"{v:.0f}"
+
+
+def fmt_mib(v):
+    return "-" if v is None else f"{v / (1 << 20):.1f}"
+
+
+def fmt_ratio(v):
+    return "" if v is None else f"x{v:.2f}"
+
+
+def table(summary):
+    head = ["size", "workload", "case", "n", "downtime ms", "", "app gap ms", "", "total ms", "", "wire MiB"]
+    rows = [head]
+    notes = {}  # dict as an ordered set: an unavailable mode is noted once
+    for r in summary:
+        if r["status"] != "ok":
+            rows.append([r["size"], r["workload"], r["label"], "0", r["status"], "", "", "", "", "", ""])
+            notes[(r["label"], r["status"], r.get("reason"))] = None
+            continue
+        rows.append(
+            [
+                r["size"],
+                r["workload"],
+                r["label"],
+                str(r["runs"]),
+                fmt_ms(r.get("downtime_ms")),
+                fmt_ratio(r.get("downtime_vs_floor")),
+                fmt_ms(r.get("app_downtime_ms")),
+                fmt_ratio(r.get("app_downtime_vs_floor")),
+                fmt_ms(r.get("total_ms")),
+                fmt_ratio(r.get("total_vs_floor")),
+                fmt_mib(r.get("bytes_wire")),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    numeric = {3, 4, 6, 8, 10}
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    for label, status, reason in notes:
+        lines.append(f"  {label}: {status}: {reason}")
+    return "\n".join(lines)
+
+
+def report(runs_path, meta_path, out_path):
+    runs = load_runs(runs_path)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    summary = summarize(runs)
+    with open(out_path, "w") as f:
+        json.dump({"meta": meta, "runs": runs, "summary": summary}, f, indent=2)
+        f.write("\n")
+    print("medians; xN = ratio to the CRIU floor of the same size and workload")
+    print("downtime: the tool's (freeze to restored); app gap: longest pause the heap saw")
+    print(table(summary))
+
+
+def main(argv):
+    if len(argv) >= 3 and argv[1] == "record":
+        record(argv[2], argv[3:])
+    elif len(argv) == 5 and argv[1] == "report":
+        report(argv[2], argv[3], argv[4])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
