@@ -265,15 +265,17 @@ impl Read for ChannelReader {
 }
 
 /// Opens a data stream, writes `header`, then the compressed output of
-/// `produce` (which runs on a blocking thread). Returns the manifest entry.
-pub async fn send_stream<F>(
+/// `produce` (which runs on a blocking thread). Returns what `produce`
+/// returned and the manifest entry.
+pub async fn send_stream<F, T>(
     conn: &quinn::Connection,
     id: &StreamId,
     stats: Arc<TransferStats>,
     produce: F,
-) -> Result<FileDigest, TransferError>
+) -> Result<(T, FileDigest), TransferError>
 where
-    F: FnOnce(&mut dyn Write) -> Result<(), TransferError> + Send + 'static,
+    F: FnOnce(&mut dyn Write) -> Result<T, TransferError> + Send + 'static,
+    T: Send + 'static,
 {
     let name = id.to_string();
     let mut send = conn.open_uni().await.map_err(TransferError::Open)?;
@@ -286,7 +288,7 @@ where
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let worker_stats = stats.clone();
-    let worker = tokio::task::spawn_blocking(move || -> Result<(u64, String), TransferError> {
+    let worker = tokio::task::spawn_blocking(move || -> Result<(T, u64, String), TransferError> {
         let channel = ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
@@ -299,7 +301,7 @@ where
             bytes: 0,
             stats: worker_stats,
         };
-        produce(&mut hashing)?;
+        let value = produce(&mut hashing)?;
         let HashingWriter {
             inner: encoder,
             hasher,
@@ -312,7 +314,7 @@ where
         channel
             .flush()
             .map_err(|e| TransferError::io("flushing stream", e))?;
-        Ok((bytes, hasher.finalize().to_hex().to_string()))
+        Ok((value, bytes, hasher.finalize().to_hex().to_string()))
     });
 
     let mut write_result = Ok(());
@@ -333,12 +335,12 @@ where
         name: name.to_owned(),
     })?;
     write_result?;
-    let (raw_bytes, blake3) = produced?;
+    let (value, raw_bytes, blake3) = produced?;
     send.finish().map_err(|_| TransferError::Write {
         name: name.to_owned(),
         source: quinn::WriteError::ClosedStream,
     })?;
-    Ok(id.digest(raw_bytes, blake3))
+    Ok((value, id.digest(raw_bytes, blake3)))
 }
 
 /// Sends one regular file.
@@ -348,14 +350,15 @@ pub async fn send_file(
     path: PathBuf,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
-    send_stream(conn, id, stats, move |sink| {
+    let ((), digest) = send_stream(conn, id, stats, move |sink| {
         let mut file = File::open(&path)
             .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
         copy_large(&mut file, sink)
             .map_err(|e| TransferError::io(format!("sending {}", path.display()), e))?;
         Ok(())
     })
-    .await
+    .await?;
+    Ok(digest)
 }
 
 /// Reads the header of an accepted data stream.
@@ -551,7 +554,7 @@ mod tests {
                 .await
                 .unwrap();
                 let upper = StreamId::new(StreamKind::UpperDir, 0, "");
-                let b = send_stream(&src, &upper, stats, move |sink| {
+                let ((), b) = send_stream(&src, &upper, stats, move |sink| {
                     sink.write_all(&generated)
                         .map_err(|e| TransferError::io("test", e))
                 })
@@ -573,16 +576,15 @@ mod tests {
         let mut recv = dst.accept_uni().await.unwrap();
         let id = read_header(&mut recv).await.unwrap();
         assert_eq!(id.kind, StreamKind::UpperDir);
-        let (bytes, got_stream) =
-            receive_stream(recv, &id, budget, recv_stats.clone(), |source| {
-                let mut all = Vec::new();
-                source
-                    .read_to_end(&mut all)
-                    .map_err(|e| TransferError::io("test", e))?;
-                Ok(all)
-            })
-            .await
-            .unwrap();
+        let (bytes, got_stream) = receive_stream(recv, &id, budget, recv_stats.clone(), |source| {
+            let mut all = Vec::new();
+            source
+                .read_to_end(&mut all)
+                .map_err(|e| TransferError::io("test", e))?;
+            Ok(all)
+        })
+        .await
+        .unwrap();
 
         let (sent_file, sent_stream) = sender.await.unwrap();
         assert_eq!(got_file, sent_file);

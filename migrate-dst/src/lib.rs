@@ -104,7 +104,9 @@ impl Daemon {
         self.held_table().remove(id);
     }
 
-    fn held_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<ResumeRequest>>> {
+    fn held_table(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<ResumeRequest>>> {
         // Every update is a single insert or remove.
         self.held
             .lock()
@@ -124,7 +126,10 @@ impl Daemon {
             },
             None => "no migration of that id is held here",
         };
-        warn!(migration = request.resume.migration_id, refused, "refusing to resume");
+        warn!(
+            migration = request.resume.migration_id,
+            refused, "refusing to resume"
+        );
         let _ = request
             .control
             .send(Failed {
@@ -184,14 +189,21 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                 info!(name = peer.clone().unwrap_or_default(), "connected");
                 match first_message(&conn).await {
                     Ok((control, Some(Body::Hello(hello)))) => {
-                        if let Err(e) = session::serve(conn.clone(), control, hello, peer, daemon).await {
+                        if let Err(e) =
+                            session::serve(conn.clone(), control, hello, peer, daemon).await
+                        {
                             warn!(error = %format!("{e:#}"), "migration ended with an error");
                         }
                     }
                     Ok((control, Some(Body::Resume(resume)))) => {
                         drop(permit);
                         daemon
-                            .route(ResumeRequest { conn: conn.clone(), control, resume, peer })
+                            .route(ResumeRequest {
+                                conn: conn.clone(),
+                                control,
+                                resume,
+                                peer,
+                            })
                             .await;
                         // The held migration owns the connection now.
                         return;
@@ -232,9 +244,7 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Accepts the control stream and reads its first message.
-async fn first_message(
-    conn: &quinn::Connection,
-) -> Result<(session::Control, Option<Body>)> {
+async fn first_message(conn: &quinn::Connection) -> Result<(session::Control, Option<Body>)> {
     let (send, recv) = conn
         .accept_bi()
         .await

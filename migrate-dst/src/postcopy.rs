@@ -64,8 +64,9 @@ pub async fn restore_lazily(
 ) -> Result<(), LazyEnd> {
     let discard = |e: anyhow::Error| LazyEnd::Discard(e);
     let images = restore::final_images(dir, plan.parent_round).map_err(discard)?;
-    let (daemon_end, agent_end) =
-        StdUnixStream::pair().context("creating the page-server socket pair").map_err(discard)?;
+    let (daemon_end, agent_end) = StdUnixStream::pair()
+        .context("creating the page-server socket pair")
+        .map_err(discard)?;
     let mut fds = InheritedFds::default();
     fds.add(daemon_end.into(), PS_SOCKET_FD);
     fds.add(
@@ -80,8 +81,13 @@ pub async fn restore_lazily(
         .context("starting criu lazy-pages")
         .map_err(discard)?;
     drop(fds);
-    lazy.ready(DAEMON_READY).await.map_err(|e| discard(e.into()))?;
-    agent_end.set_nonblocking(true).context("preparing the page-server socket").map_err(discard)?;
+    lazy.ready(DAEMON_READY)
+        .await
+        .map_err(|e| discard(e.into()))?;
+    agent_end
+        .set_nonblocking(true)
+        .context("preparing the page-server socket")
+        .map_err(discard)?;
     let socket = tokio::net::UnixStream::from_std(agent_end)
         .context("preparing the page-server socket")
         .map_err(discard)?;
@@ -113,7 +119,10 @@ pub async fn restore_lazily(
                 return std::future::pending().await;
             }
             let (send, recv) = accept_tunnel(&conn).await?;
-            relayed.run(send, recv, from).await.map_err(anyhow::Error::from)
+            relayed
+                .run(send, recv, from)
+                .await
+                .map_err(anyhow::Error::from)
         });
         let lost = loop {
             tokio::select! {
@@ -269,12 +278,18 @@ fn session_finish(session: &mut Session) {
 
 /// Waits for the source to open the page tunnel on `conn`.
 async fn accept_tunnel(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-    let (send, mut recv) = conn.accept_bi().await.context("waiting for the page tunnel")?;
+    let (send, mut recv) = conn
+        .accept_bi()
+        .await
+        .context("waiting for the page tunnel")?;
     let header: StreamHeader = read_frame(&mut recv)
         .await?
         .ok_or_else(|| anyhow!("the page tunnel ended before its header"))?;
     if header.kind != StreamKind::PageTunnel as i32 {
-        anyhow::bail!("expected the page tunnel, got a stream of kind {}", header.kind);
+        anyhow::bail!(
+            "expected the page tunnel, got a stream of kind {}",
+            header.kind
+        );
     }
     Ok((send, recv))
 }

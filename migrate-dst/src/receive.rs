@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
-use migrate_common::rootfs::archive::unpack_dir;
+use migrate_common::rootfs::archive::{unpack_delta, unpack_dir};
 use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::transfer::{self, ByteBudget, StreamId, TransferError, TransferStats};
 use tokio::sync::Notify;
@@ -42,6 +42,26 @@ pub struct Inbox {
 }
 
 impl Inbox {
+    /// Waits until stream `id` has been received, and returns whether it
+    /// was received well.
+    async fn wait_for(&self, id: &StreamId) -> Result<FileDigest> {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let received = self
+                    .received
+                    .lock()
+                    .map_err(|_| anyhow!("inbox lock poisoned"))?;
+                match received.get(id) {
+                    Some(Ok(digest)) => return Ok(digest.clone()),
+                    Some(Err(e)) => bail!("{id} failed: {e}"),
+                    None => {}
+                }
+            }
+            notified.await;
+        }
+    }
+
     fn record(&self, id: StreamId, result: Result<FileDigest, String>) {
         if let Ok(mut received) = self.received.lock() {
             received.insert(id, result);
@@ -171,7 +191,8 @@ async fn receive_one(
             Ok(digest_of_stream)
         }
         StreamKind::Image => {
-            let images = images.ok_or_else(|| anyhow!("{id} arrived before the checkpoint phase"))?;
+            let images =
+                images.ok_or_else(|| anyhow!("{id} arrived before the checkpoint phase"))?;
             let dir = dump_dir(&images, id.round)?;
             let path = image_path(&dir, &id.name)?;
             Ok(transfer::receive_file(recv, id, &path, budget, stats)
@@ -188,8 +209,27 @@ async fn receive_one(
             .context("receiving the upper dir")?;
             Ok(digest)
         }
-        StreamKind::UpperDelta | StreamKind::PageTunnel | StreamKind::Invalid => {
-            bail!("{:?} is not a data stream this destination accepts", id.kind)
+        StreamKind::UpperDelta => {
+            let dir = upper.ok_or_else(|| {
+                anyhow!("the upper dir's changes arrived before the checkpoint phase")
+            })?;
+            // The changes apply on top of the whole dir sent before them.
+            inbox
+                .wait_for(&StreamId::new(StreamKind::UpperDir, 0, ""))
+                .await
+                .context("the upper dir the changes apply to")?;
+            let ((), digest) = transfer::receive_stream(recv, id, budget, stats, move |source| {
+                unpack_delta(source, &dir).map_err(TransferError::from)
+            })
+            .await
+            .context("receiving the upper dir's changes")?;
+            Ok(digest)
+        }
+        StreamKind::PageTunnel | StreamKind::Invalid => {
+            bail!(
+                "{:?} is not a data stream this destination accepts",
+                id.kind
+            )
         }
     }
 }
@@ -217,14 +257,21 @@ pub fn link_parent(dir: &Path, parent: u32) -> Result<()> {
     match std::os::unix::fs::symlink(&target, &link) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let existing = std::fs::read_link(&link)
-                .with_context(|| format!("reading {}", link.display()))?;
+            let existing =
+                std::fs::read_link(&link).with_context(|| format!("reading {}", link.display()))?;
             if existing != target {
-                bail!("{} points at {}, not {}", link.display(), existing.display(), target.display());
+                bail!(
+                    "{} points at {}, not {}",
+                    link.display(),
+                    existing.display(),
+                    target.display()
+                );
             }
             Ok(())
         }
-        Err(e) => Err(e).with_context(|| format!("linking {} to {}", link.display(), target.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("linking {} to {}", link.display(), target.display()))
+        }
     }
 }
 
@@ -265,15 +312,24 @@ mod tests {
         let first = dump_dir(images.path(), 1).unwrap();
         assert!(!first.join("parent").exists());
         let second = dump_dir(images.path(), 2).unwrap();
-        assert_eq!(std::fs::read_link(second.join("parent")).unwrap(), Path::new("../1"));
+        assert_eq!(
+            std::fs::read_link(second.join("parent")).unwrap(),
+            Path::new("../1")
+        );
         assert!(second.join("parent").is_dir());
         // Asking again (parallel streams of one round) is fine.
         dump_dir(images.path(), 2).unwrap();
         let last = dump_dir(images.path(), 0).unwrap();
         assert_eq!(last, images.path().join("final"));
         link_parent(&last, 2).unwrap();
-        assert_eq!(std::fs::read_link(last.join("parent")).unwrap(), Path::new("../2"));
-        assert!(link_parent(&last, 1).is_err(), "a different parent is refused");
+        assert_eq!(
+            std::fs::read_link(last.join("parent")).unwrap(),
+            Path::new("../2")
+        );
+        assert!(
+            link_parent(&last, 1).is_err(),
+            "a different parent is refused"
+        );
         assert!(dump_dir(images.path(), MAX_ROUNDS + 1).is_err());
     }
 

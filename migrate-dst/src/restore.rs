@@ -151,8 +151,8 @@ fn restore_in(
     let started = Instant::now();
     let images = final_images(dir, plan.parent_round)
         .map_err(|e| failed("preparing the images", &e, String::new()))?;
-    let cgroups_path =
-        prepare(daemon, hello, dir).map_err(|e| failed("preparing the bundle", &e, String::new()))?;
+    let cgroups_path = prepare(daemon, hello, dir)
+        .map_err(|e| failed("preparing the bundle", &e, String::new()))?;
     let criu_config = restore_config(daemon, dir, cgroups_path.as_deref())
         .map_err(|e| failed("preparing CRIU's configuration", &e, String::new()))?;
     let id = &hello.container_id;

@@ -34,13 +34,19 @@ impl Session {
     pub async fn send(&mut self, msg: impl Into<ControlMessage>) -> Result<()> {
         let msg = msg.into();
         self.state = self.state.next(Direction::Sent, &msg)?;
-        let control = self.control.as_mut().ok_or_else(|| anyhow!("the link is lost"))?;
+        let control = self
+            .control
+            .as_mut()
+            .ok_or_else(|| anyhow!("the link is lost"))?;
         control.send(msg).await?;
         Ok(())
     }
 
     pub async fn recv(&mut self) -> Result<ControlMessage> {
-        let control = self.control.as_mut().ok_or_else(|| anyhow!("the link is lost"))?;
+        let control = self
+            .control
+            .as_mut()
+            .ok_or_else(|| anyhow!("the link is lost"))?;
         let msg = control.recv().await?;
         self.state = self.state.next(Direction::Received, &msg)?;
         Ok(msg)
@@ -322,9 +328,7 @@ pub fn unexpected(body: Option<Body>) -> anyhow::Error {
 /// peer that started it.
 pub fn same_peer(started_by: &Option<String>, resumed_by: &Option<String>) -> Result<()> {
     if started_by != resumed_by {
-        bail!(
-            "the migration was started by {started_by:?}, not by {resumed_by:?}"
-        );
+        bail!("the migration was started by {started_by:?}, not by {resumed_by:?}");
     }
     Ok(())
 }

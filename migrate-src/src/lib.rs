@@ -37,8 +37,7 @@ use migrate_common::certs::TlsDir;
 use migrate_common::criu::stats::DumpStats;
 use migrate_common::criu::{ensure_pipe_max_size, Criu, PipeMaxSize};
 use migrate_common::protocol::{
-    Body, CheckpointSent, Hello, LayersSent, MemoryMode, SourcePhase, SourceState,
-    PROTOCOL_VERSION,
+    Body, CheckpointSent, Hello, LayersSent, MemoryMode, SourcePhase, SourceState, PROTOCOL_VERSION,
 };
 use migrate_common::runc::{CriuOptions, Runc};
 use migrate_common::transfer::TransferStats;
@@ -253,9 +252,10 @@ async fn freeze_and_send(
         reporter.phase(format!("sending {layers_sent} layer(s)"));
     }
     let link = session.link.as_mut().ok_or_else(no_link)?;
-    let layer_files = send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &stats)
-        .await
-        .map_err(Failure::Source)?;
+    let layer_files =
+        send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &stats)
+            .await
+            .map_err(Failure::Source)?;
     link.control
         .send(LayersSent { files: layer_files })
         .await
@@ -266,6 +266,12 @@ async fn freeze_and_send(
     }
 
     advance(session, SourcePhase::PreSending)?;
+    reporter.phase("sending the rootfs changes (container running)");
+    let link = session.link.as_mut().ok_or_else(no_link)?;
+    let (upper_base, upper_snapshot) =
+        send::send_upper_base(&link.conn, &container.overlay.upper, &stats)
+            .await
+            .map_err(Failure::Source)?;
     let work = session
         .work
         .insert(WorkDir::create(&opts.work_base, id).map_err(Failure::Source)?)
@@ -341,13 +347,20 @@ async fn freeze_and_send(
     let deadline = tokio::time::Instant::from_std(frozen_at + opts.freeze_timeout);
     let link = session.link.as_mut().ok_or_else(no_link)?;
     let (raw_before, wire_before) = (stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
-    let files = tokio::time::timeout_at(
+    let mut files = tokio::time::timeout_at(
         deadline,
-        send::send_checkpoint(&link.conn, &final_dir, &container.overlay.upper, &stats),
+        send::send_checkpoint(
+            &link.conn,
+            &final_dir,
+            &container.overlay.upper,
+            upper_snapshot,
+            &stats,
+        ),
     )
     .await
     .map_err(|_| Failure::Timeout(opts.freeze_timeout))?
     .map_err(Failure::Source)?;
+    files.push(upper_base);
     let file_count = files.len();
     let sent_at = Instant::now();
     rounds.push(RoundReport {

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::certs::TlsDir;
 use migrate_common::protocol::{
-    Body, ControlChannel, ControlMessage, Hello, PreflightReply, Resume, Resumed,
-    PROTOCOL_VERSION,
+    Body, ControlChannel, ControlMessage, Hello, PreflightReply, Resume, Resumed, PROTOCOL_VERSION,
 };
 use migrate_common::transport;
 
@@ -43,10 +42,7 @@ impl Link {
             transport::connect_with_idle_timeout(dial.destination, dial.tls, dial.idle_timeout)
                 .await
                 .with_context(|| format!("connecting to {}", dial.destination))?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .context("opening the control stream")?;
+        let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
         Ok(Self {
             endpoint,
             conn,

@@ -210,8 +210,11 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
         Ok(summary) if args.json => println!("{}", serde_json::to_string(&summary)?),
         Ok(summary) => println!("{}", summary.human()),
         Err(failure) => {
-            let (outcome, runs_on, exit_code) =
-                (failure.outcome().to_owned(), failure.runs_on(), failure.exit_code());
+            let (outcome, runs_on, exit_code) = (
+                failure.outcome().to_owned(),
+                failure.runs_on(),
+                failure.exit_code(),
+            );
             let error = anyhow::Error::from(failure);
             if args.json {
                 let object = serde_json::json!({

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use migrate_common::protocol::{
-    write_frame, Body, ControlMessage, Failed, PagesComplete, Restored, SourcePhase,
-    StreamHeader, StreamKind,
+    write_frame, Body, ControlMessage, Failed, PagesComplete, Restored, SourcePhase, StreamHeader,
+    StreamKind,
 };
 use migrate_common::tunnel::{Inbound, Tunnel};
 use tokio::sync::mpsc;
@@ -91,7 +91,10 @@ pub async fn follow(
 
     loop {
         let Some(current) = link.as_mut() else {
-            return Err(in_doubt("no connection to the destination".into(), &progress));
+            return Err(in_doubt(
+                "no connection to the destination".into(),
+                &progress,
+            ));
         };
         let lost = match open_tunnel(&current.conn).await {
             Err(e) => e,
@@ -232,7 +235,8 @@ async fn wait_for_source(
             Ok(LazyEnd::OriginalGone) => progress.source_free_at = Some(Instant::now()),
             Ok(LazyEnd::OriginalFrozen) | Err(_) => {
                 return Err(PostCopyError::InDoubt {
-                    reason: "the destination had every page, but CRIU did not end the original".into(),
+                    reason: "the destination had every page, but CRIU did not end the original"
+                        .into(),
                     restored: true,
                 })
             }

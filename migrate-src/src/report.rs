@@ -284,7 +284,10 @@ mod tests {
         assert_eq!(v["warnings"][0], "w1");
         let text = s.human();
         assert!(text.contains("warning   w1"), "{text}");
-        assert!(text.contains("3 ms predicted") || text.contains("2 ms predicted"), "{text}");
+        assert!(
+            text.contains("3 ms predicted") || text.contains("2 ms predicted"),
+            "{text}"
+        );
         assert!(text.contains("another round"), "{text}");
     }
 

@@ -1,13 +1,15 @@
 //! Bulk data to the destination, several QUIC streams at once: missing
-//! lower layers and pre-dump rounds while the container runs, then the final
-//! dump's image files and the rootfs while it is frozen.
+//! lower layers, the upper dir and pre-dump rounds while the container runs,
+//! then the final dump's image files and what changed in the upper dir since
+//! while it is frozen.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
-use migrate_common::rootfs::archive::pack_dir;
+use migrate_common::rootfs::archive::{pack_delta, pack_dir};
+use migrate_common::rootfs::snapshot::TreeSnapshot;
 use migrate_common::transfer::{send_file, send_stream, StreamId, TransferError, TransferStats};
 use tokio::task::JoinSet;
 
@@ -53,19 +55,60 @@ pub async fn send_images(
     send_all(conn, image_items(dir, round)?, stats).await
 }
 
-/// Sends the final dump's image files and the upper dir.
+/// Sends the upper dir while the container runs; returns its manifest entry
+/// and what was packed, for the delta.
+pub async fn send_upper_base(
+    conn: &quinn::Connection,
+    upper: &Path,
+    stats: &Arc<TransferStats>,
+) -> Result<(FileDigest, TreeSnapshot)> {
+    let dir = upper.to_owned();
+    let (snapshot, digest) = send_stream(
+        conn,
+        &StreamId::new(StreamKind::UpperDir, 0, ""),
+        stats.clone(),
+        move |sink| {
+            let (_, snapshot) = pack_dir(&dir, sink).map_err(TransferError::from)?;
+            Ok(snapshot)
+        },
+    )
+    .await
+    .with_context(|| format!("sending {}", upper.display()))?;
+    Ok((digest, snapshot))
+}
+
+/// Sends the final dump's image files and, with the container frozen, what
+/// changed in the upper dir since `base` was packed.
 pub async fn send_checkpoint(
     conn: &quinn::Connection,
     image_dir: &Path,
     upper: &Path,
+    base: TreeSnapshot,
     stats: &Arc<TransferStats>,
 ) -> Result<Vec<FileDigest>> {
-    let mut items = vec![Item::Tree {
-        id: StreamId::new(StreamKind::UpperDir, 0, ""),
-        dir: upper.to_owned(),
-    }];
-    items.extend(image_items(image_dir, 0)?);
-    send_all(conn, items, stats).await
+    let dir = upper.to_owned();
+    let delta_id = StreamId::new(StreamKind::UpperDelta, 0, "");
+    let delta = send_stream(conn, &delta_id, stats.clone(), move |sink| {
+        let (_, summary) = pack_delta(&dir, &base, sink).map_err(TransferError::from)?;
+        Ok(summary)
+    });
+    let images = send_all(conn, image_items(image_dir, 0)?, stats);
+    let ((summary, delta), mut files) = tokio::try_join!(
+        async {
+            delta
+                .await
+                .with_context(|| format!("sending the changes in {}", upper.display()))
+        },
+        images
+    )?;
+    tracing::debug!(
+        entries = summary.entries,
+        removed = summary.removed,
+        bytes = summary.bytes,
+        "upper dir changes sent"
+    );
+    files.push(delta);
+    Ok(files)
 }
 
 /// The regular files of an image dir (the `parent` link is not one: the
@@ -124,12 +167,13 @@ async fn send_item(
             .with_context(|| format!("sending {}", path.display())),
         Item::Tree { id, dir } => {
             let what = dir.display().to_string();
-            send_stream(&conn, &id, stats, move |sink| {
+            let ((), digest) = send_stream(&conn, &id, stats, move |sink| {
                 pack_dir(&dir, sink).map_err(TransferError::from)?;
                 Ok(())
             })
             .await
-            .with_context(|| format!("sending {what}"))
+            .with_context(|| format!("sending {what}"))?;
+            Ok(digest)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! container whose memory, files and loopback server prove a migration kept
 //! its state, and the assertions that nothing is left behind.
 
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -105,3 +106,55 @@ pub fn assert_destination_discarded(dst: &Destination, id: &str) {
     assert!(mounts_under(&dst.runc_root).is_empty());
 }
 
+/// A shell line that starts the heap workload in the background: `size` of
+/// checksummed memory that compresses like a real heap, status in
+/// /heap/status.json.
+pub fn heap(size: &str, dirty: &str) -> String {
+    format!(
+        "/bin/migrate-heap --size {size} --dirty {dirty} --status /heap/status.json >/dev/null 2>&1 &\n"
+    )
+}
+
+/// The heap workload's status, read through a rootfs.
+pub fn heap_status(rootfs: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(rootfs.join("heap/status.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Waits until the heap workload has filled its memory.
+pub fn wait_for_heap(rootfs: &Path) {
+    wait_until("the heap to be filled", Duration::from_secs(60), || {
+        heap_status(rootfs).is_some_and(|s| s["ready_ms"].as_u64().unwrap_or(0) > 0)
+    });
+}
+
+/// Makes the heap workload of container `id` (runc root `runc_root`, rootfs
+/// `rootfs`) check every page of its memory, and asserts that all are as
+/// they must be.
+pub fn assert_heap_intact(runc_root: &Path, id: &str, rootfs: &Path) {
+    let before = heap_status(rootfs)
+        .and_then(|s| s["verify"]["n"].as_u64())
+        .unwrap_or(0);
+    crate::runc_exec(
+        runc_root,
+        id,
+        &["sh", "-c", "kill -USR1 $(pidof migrate-heap)"],
+    );
+    let mut last = None;
+    wait_until(
+        "the heap to verify itself",
+        Duration::from_secs(120),
+        || {
+            last = heap_status(rootfs);
+            last.as_ref()
+                .and_then(|s| s["verify"]["n"].as_u64())
+                .is_some_and(|n| n > before)
+        },
+    );
+    let status = last.unwrap();
+    assert_eq!(
+        status["verify"]["ok"], true,
+        "the container's memory is corrupt: {status}"
+    );
+    assert!(status["verify"]["pages"].as_u64().unwrap() > 0, "{status}");
+}

@@ -59,7 +59,7 @@ pub fn require_prerequisites() {
         Path::new("/bin/busybox").exists(),
         "/bin/busybox is missing: install busybox-static (scripts/setup.sh does)"
     );
-    for name in ["migrate", "migrate-dst"] {
+    for name in ["migrate", "migrate-dst", "migrate-heap"] {
         assert!(
             bin(name).exists(),
             "{} is missing: run `cargo build --workspace` first",
@@ -218,6 +218,7 @@ impl Lab {
         }
         let layer = root.join("layer");
         make_busybox_rootfs(&layer);
+        install_binary(&layer, &bin("migrate-heap"));
         Self {
             n,
             hosts,
@@ -373,6 +374,24 @@ impl Lab {
 impl Default for Lab {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Copies `binary` into the layer's /bin with every shared library `ldd`
+/// lists for it, each at its path on this host, so that it runs in a
+/// busybox rootfs.
+pub fn install_binary(layer: &Path, binary: &Path) {
+    let name = binary.file_name().unwrap();
+    std::fs::copy(binary, layer.join("bin").join(name)).unwrap();
+    let listed = sh(Command::new("ldd").arg(binary));
+    for lib in listed
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+    {
+        let inside = layer.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        // copy follows symlinks: the layer gets the real file.
+        std::fs::copy(lib, &inside).unwrap();
     }
 }
 

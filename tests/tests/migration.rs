@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use migrate_e2e::checks::{
     assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
-    counter, stderr, wait_for_ticks, GAME,
+    counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
 };
 use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
 
@@ -49,7 +49,10 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
     let rounds = summary["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 1, "one round, the final dump: {summary}");
     assert_eq!(rounds[0]["kind"], "final");
-    assert!(rounds[0]["pages_written"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        rounds[0]["pages_written"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
 
     // Gone from the source, with nothing left behind.
     assert!(
@@ -223,13 +226,22 @@ fn failed_restore_resumes_the_container_on_the_source() {
     assert_work_dir_clean(&lab);
 }
 
-/// 192 MiB of incompressible data in the rootfs: sending the upper dir,
-/// which happens while the container is frozen, takes long enough to cut
-/// the migration in the middle.
-const BLOB: &str = "head -c 201326592 /dev/urandom > /blob\n";
+/// The game with 384 MiB of memory beside it: sending its memory, which
+/// happens while the container is frozen, takes long enough to cut the
+/// migration in the middle.
+fn heavy_game() -> String {
+    format!("{}{GAME}", heap("384M", "0"))
+}
 
-/// Starts migrating a container made with [`BLOB`] and returns once its
-/// upper dir is arriving at the destination: the container is frozen then.
+/// Starts a container made with [`heavy_game`] and waits for its memory.
+fn start_heavy(lab: &Lab, id: &str) -> SourceContainer {
+    let container = lab.start_container(id, &heavy_game());
+    wait_for_heap(&container.rootfs);
+    container
+}
+
+/// Starts migrating a container made with [`heavy_game`] and returns once
+/// its memory is arriving at the destination: the container is frozen then.
 fn migrate_until_mid_transfer(
     lab: &Lab,
     dst: &Destination,
@@ -241,12 +253,15 @@ fn migrate_until_mid_transfer(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = migrate.spawn().unwrap();
-    let upper = dst.container_dir(&container.id).join("upper");
-    wait_until(
-        "the upper dir to be arriving",
-        Duration::from_secs(60),
-        || std::fs::metadata(upper.join("blob")).is_ok_and(|m| m.len() > 16 << 20),
-    );
+    let images = dst.container_dir(&container.id).join("images/final");
+    wait_until("the memory to be arriving", Duration::from_secs(60), || {
+        std::fs::read_dir(&images).is_ok_and(|dir| {
+            dir.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("pages-")
+                    && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
+            })
+        })
+    });
     child
 }
 
@@ -254,7 +269,7 @@ fn migrate_until_mid_transfer(
 fn interrupting_the_source_resumes_the_container() {
     let lab = Lab::new();
     let dst = lab.start_destination(&[]);
-    let container = lab.start_container("game5", &format!("{BLOB}{GAME}"));
+    let container = start_heavy(&lab, "game5");
     let before = wait_for_ticks(&container, 3);
     let pid = container.pid().unwrap();
 
@@ -280,7 +295,7 @@ fn interrupting_the_source_resumes_the_container() {
 fn freeze_timeout_resumes_the_container() {
     let lab = Lab::new();
     let dst = lab.start_destination(&[]);
-    let container = lab.start_container("game6", &format!("{BLOB}{GAME}"));
+    let container = start_heavy(&lab, "game6");
     let before = wait_for_ticks(&container, 3);
     let pid = container.pid().unwrap();
 
@@ -309,7 +324,7 @@ fn freeze_timeout_resumes_the_container() {
 fn killing_the_destination_mid_transfer_resumes_the_container() {
     let lab = Lab::new();
     let mut dst = lab.start_destination(&[]);
-    let container = lab.start_container("game4", &format!("{BLOB}{GAME}"));
+    let container = start_heavy(&lab, "game4");
     let before = wait_for_ticks(&container, 3);
     let pid = container.pid().unwrap();
 
@@ -337,7 +352,7 @@ fn killing_the_destination_mid_transfer_resumes_the_container() {
 fn killing_the_source_agent_mid_transfer_resumes_the_container() {
     let lab = Lab::new();
     let dst = lab.start_destination(&[]);
-    let container = lab.start_container("game7", &format!("{BLOB}{GAME}"));
+    let container = start_heavy(&lab, "game7");
     let before = wait_for_ticks(&container, 3);
     let pid = container.pid().unwrap();
 

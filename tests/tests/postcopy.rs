@@ -23,8 +23,13 @@ fn post_copy_moves_the_container_before_its_memory() {
     assert_eq!(summary["mode"]["used"], "post-copy", "{summary}");
     assert_eq!(summary["rounds"][0]["kind"], "lazy", "{summary}");
     assert!(summary["bytes_pages"].as_u64().unwrap() > 0, "{summary}");
-    assert!(summary["source_free_ms"].as_u64().unwrap() >= summary["downtime_ms"].as_u64().unwrap());
-    assert!(container.state().is_none(), "still registered on the source");
+    assert!(
+        summary["source_free_ms"].as_u64().unwrap() >= summary["downtime_ms"].as_u64().unwrap()
+    );
+    assert!(
+        container.state().is_none(),
+        "still registered on the source"
+    );
     assert!(mounts_under(&container.runc_root).is_empty());
     assert_work_dir_clean(&lab);
 

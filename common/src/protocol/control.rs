@@ -54,7 +54,10 @@ where
     /// The next message; a clean end of the stream is [`ControlError::Closed`]
     /// because every exchange ends with an explicit message. Cancel-safe.
     pub async fn recv(&mut self) -> Result<ControlMessage, ControlError> {
-        self.incoming.recv().await.unwrap_or(Err(ControlError::Closed))
+        self.incoming
+            .recv()
+            .await
+            .unwrap_or(Err(ControlError::Closed))
     }
 
     pub fn send_half(&mut self) -> &mut W {

@@ -107,9 +107,7 @@ impl DestinationState {
             (S::Restoring { lazy: false }, Sent, Some(Body::Restored(_))) => {
                 Some(S::AwaitingCommit)
             }
-            (S::Restoring { lazy: true }, Sent, Some(Body::Restored(_))) => {
-                Some(S::ReceivingPages)
-            }
+            (S::Restoring { lazy: true }, Sent, Some(Body::Restored(_))) => Some(S::ReceivingPages),
             (S::ReceivingPages, Sent, Some(Body::PagesComplete(_))) => Some(S::AwaitingCommit),
             (S::AwaitingCommit, Received, Some(Body::Commit(_))) => Some(S::Committing),
             (S::Committing, Sent, Some(Body::Committed(_))) => Some(S::Completed),
@@ -232,9 +230,7 @@ mod tests {
             DestinationState::AwaitingCommit,
             DestinationState::Restoring { lazy: true },
         ] {
-            assert!(state
-                .next(Sent, &PagesComplete::default().into())
-                .is_err());
+            assert!(state.next(Sent, &PagesComplete::default().into()).is_err());
         }
         // No round after the final dump.
         assert!(DestinationState::Restoring { lazy: false }
