@@ -148,6 +148,7 @@ criu_version=$(criu --version | sed -n 's/^Version: *//p')
 if [ "${BASH_REMATCH[1]}" -lt 4 ] || { [ "${BASH_REMATCH[1]}" -eq 4 ] && [ "${BASH_REMATCH[2]}" -lt 2 ]; }; then
     die "CRIU >= 4.2 is needed, found $criu_version: run scripts/setup.sh"
 fi
+criu check >/dev/null 2>&1 || die "criu check fails on this kernel (run it to see why)"
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null ||
     die "the kernel has no overlay filesystem"
 
