@@ -21,6 +21,7 @@
 set -Eeuo pipefail
 export LC_ALL=C
 
+caller_dir=$PWD
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 # shellcheck source=scripts/hosts.sh
@@ -124,6 +125,8 @@ done
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive number"
 [[ $warmup =~ ^[0-9]+$ ]] || die "--warmup must be whole seconds"
 [[ $dirty_rate =~ ^[0-9]+[KMG]?$ ]] || die "--dirty-rate: $dirty_rate is not a rate like 16M"
+# --out is relative to where the script was started, not to the repo.
+[ -z "$out" ] || [[ $out == /* ]] || out=$caller_dir/$out
 
 size_bytes() {
     local n=${1%[KMG]}
