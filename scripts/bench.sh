@@ -21,6 +21,7 @@
 set -Eeuo pipefail
 export LC_ALL=C
 
+caller_dir=$PWD
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 # shellcheck source=scripts/hosts.sh
@@ -124,6 +125,8 @@ done
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive number"
 [[ $warmup =~ ^[0-9]+$ ]] || die "--warmup must be whole seconds"
 [[ $dirty_rate =~ ^[0-9]+[KMG]?$ ]] || die "--dirty-rate: $dirty_rate is not a rate like 16M"
+# --out is relative to where the script was started, not to the repo.
+[ -z "$out" ] || [[ $out == /* ]] || out=$caller_dir/$out
 
 size_bytes() {
     local n=${1%[KMG]}
@@ -148,6 +151,7 @@ criu_version=$(criu --version | sed -n 's/^Version: *//p')
 if [ "${BASH_REMATCH[1]}" -lt 4 ] || { [ "${BASH_REMATCH[1]}" -eq 4 ] && [ "${BASH_REMATCH[2]}" -lt 2 ]; }; then
     die "CRIU >= 4.2 is needed, found $criu_version: run scripts/setup.sh"
 fi
+criu check >/dev/null 2>&1 || die "criu check fails on this kernel (run it to see why)"
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null ||
     die "the kernel has no overlay filesystem"
 

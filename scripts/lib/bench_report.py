@@ -168,6 +168,15 @@ def table(summary):
     lines.insert(1, "-" * len(lines[0]))
     for label, status, reason in notes:
         lines.append(f"  {label}: {status}: {reason}")
+    # migrate's own timings (phases, and whatever else it reports in ms,
+    # e.g. when post-copy's last page arrived).
+    phases = [r for r in summary if r.get("migrate_medians")]
+    if phases:
+        lines.append("migrate's own timings (medians, ms):")
+        for r in phases:
+            ms = {k: v for k, v in r["migrate_medians"].items() if k.endswith("_ms")}
+            cells = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in ms.items())
+            lines.append(f"  {r['size']} {r['workload']} {r['label']}: {cells}")
     return "\n".join(lines)
 
 
