@@ -1,6 +1,6 @@
 //! `migrate-dst`: the destination daemon of live container migrations.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +102,8 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs go to files and journals.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let listen = args.listen.context("--listen is required")?;
     let tls = TlsDir::load(&args.tls_dir).context("loading TLS material")?;

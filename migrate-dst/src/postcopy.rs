@@ -184,7 +184,9 @@ pub async fn restore_lazily(
                         }
                     }
                 }
-                ended = &mut relay => {
+                // Once the daemon has every page and has ended, nothing is
+                // left to relay.
+                ended = &mut relay, if !pages_done => {
                     break match ended {
                         Err(e) => format!("{e:#}"),
                         Ok(()) => "the page tunnel ended".to_owned(),
@@ -220,6 +222,9 @@ pub async fn restore_lazily(
                     session.control = Some(control);
                     peer_delivered = resume.tunnel_delivered;
                     lost_since = None;
+                    if !pages_done {
+                        lazy.unsuspend();
+                    }
                     break String::new();
                 }
                 () = tokio::time::sleep(IN_DOUBT_AFTER), if lost_since.is_some() => {
@@ -235,6 +240,9 @@ pub async fn restore_lazily(
             warn!(container = id, error = %lost, "lost the source during the page transfer; holding the container and waiting for it");
             session.control = None;
             lost_since = Some(Instant::now());
+            if !pages_done {
+                lazy.suspend();
+            }
         }
     }
 }

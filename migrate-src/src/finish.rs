@@ -106,7 +106,12 @@ pub enum MigrationError {
     #[error("interrupted")]
     Interrupted { outcome: String },
     #[error("in doubt: {reason}")]
-    InDoubt { reason: String, outcome: String },
+    InDoubt {
+        reason: String,
+        outcome: String,
+        /// The `runc checkpoint` process holding the frozen original.
+        held_by: Option<u32>,
+    },
 }
 
 impl MigrationError {
@@ -129,6 +134,14 @@ impl MigrationError {
         match self {
             Self::InDoubt { .. } => EXIT_IN_DOUBT,
             _ => 1,
+        }
+    }
+
+    /// The process holding the frozen original, when in doubt.
+    pub fn held_by(&self) -> Option<u32> {
+        match self {
+            Self::InDoubt { held_by, .. } => *held_by,
+            _ => None,
         }
     }
 
@@ -320,10 +333,8 @@ pub(crate) async fn in_doubt(
     opts: &MigrateOptions,
 ) -> MigrationError {
     let id = &opts.container_id;
-    let holder = session
-        .lazy
-        .as_ref()
-        .and_then(|l| l.holder_pid())
+    let held_by = session.lazy.as_ref().and_then(|l| l.holder_pid());
+    let holder = held_by
         .map(|pid| format!(" (held by `runc checkpoint`, pid {pid})"))
         .unwrap_or_default();
     let destination = if restored {
@@ -344,5 +355,9 @@ pub(crate) async fn in_doubt(
     }
     // The work dir holds the images CRIU still uses; it stays.
     session.work = None;
-    MigrationError::InDoubt { reason, outcome }
+    MigrationError::InDoubt {
+        reason,
+        outcome,
+        held_by,
+    }
 }

@@ -141,6 +141,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("MIGRATE_LOG"))
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs go to files and journals.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     report(run_migration(cli.migrate))
 }
@@ -210,10 +212,11 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
         Ok(summary) if args.json => println!("{}", serde_json::to_string(&summary)?),
         Ok(summary) => println!("{}", summary.human()),
         Err(failure) => {
-            let (outcome, runs_on, exit_code) = (
+            let (outcome, runs_on, exit_code, held_by) = (
                 failure.outcome().to_owned(),
                 failure.runs_on(),
                 failure.exit_code(),
+                failure.held_by(),
             );
             let error = anyhow::Error::from(failure);
             if args.json {
@@ -224,6 +227,7 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
                     "outcome": outcome,
                     "runs_on": runs_on,
                     "exit_code": exit_code,
+                    "held_by_pid": held_by,
                 });
                 println!("{object}");
             }

@@ -18,7 +18,7 @@ use migrate_common::protocol::{
     write_frame, Body, ControlMessage, Failed, PagesComplete, Restored, SourcePhase, StreamHeader,
     StreamKind,
 };
-use migrate_common::tunnel::{Inbound, Tunnel};
+use migrate_common::tunnel::{Inbound, Tunnel, TunnelError};
 use tokio::sync::mpsc;
 
 use crate::finish::Failure;
@@ -100,14 +100,16 @@ pub async fn follow(
             Err(e) => e,
             Ok((send, recv)) => {
                 let mut relay = pin!(tunnel.run(send, recv, peer_delivered));
+                let mut relay_done = false;
                 loop {
                     tokio::select! {
-                        ended = &mut relay => {
-                            break match ended {
-                                Err(e) => format!("{e:#}"),
-                                Ok(()) => "the page tunnel ended".to_owned(),
-                            };
-                        }
+                        ended = &mut relay, if !relay_done => match ended {
+                            // CRIU has answered the daemon's close and gone:
+                            // nothing is left to relay.
+                            Err(TunnelError::Local(_)) if tunnel.close_seen() => relay_done = true,
+                            Err(e) => break format!("{e:#}"),
+                            Ok(()) => break "the page tunnel ended".to_owned(),
+                        },
                         msg = current.control.recv() => {
                             let msg = match msg {
                                 Ok(msg) => msg,

@@ -175,6 +175,46 @@ impl Hosts {
     }
 }
 
+/// The link between the hosts cut: every packet in or out of the source
+/// host's namespace dropped, as a network partition would, until dropped.
+#[derive(Debug)]
+pub struct LinkCut {
+    ns: String,
+}
+
+impl LinkCut {
+    fn rules(ns: &str, op: &str) {
+        for chain in ["INPUT", "OUTPUT"] {
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{ns}"))
+                .args(["iptables", "-w", op, chain, "-j", "DROP"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() || op == "-D",
+                "iptables {op} {chain} in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        Self::rules(&self.ns, "-D");
+    }
+}
+
+impl Hosts {
+    /// Cuts the link until the returned guard is dropped.
+    pub fn cut_link(&self) -> LinkCut {
+        LinkCut::rules(&self.src, "-I");
+        LinkCut {
+            ns: self.src.clone(),
+        }
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         for ns in [&self.src, &self.dst] {

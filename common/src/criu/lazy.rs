@@ -114,6 +114,27 @@ impl LazyPages {
         self.child.id()
     }
 
+    /// Stops the daemon while no page can reach it (the link is lost): with
+    /// requests outstanding and the restore finished, CRIU's daemon polls
+    /// without waiting and would spin a CPU for the whole outage.
+    pub fn suspend(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a suspended daemon go on.
+    pub fn unsuspend(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            if let Err(e) = nix::sys::signal::kill(pid, signal) {
+                tracing::warn!(error = %e, "sending {signal} to criu lazy-pages");
+            }
+        }
+    }
+
     /// Ends the daemon (the restore it served failed or was abandoned).
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();
