@@ -382,3 +382,95 @@ fn killing_the_source_agent_mid_transfer_resumes_the_container() {
     let (token, _) = counter(|args| runc_exec(&dst.runc_root, "game7", args));
     assert_eq!(token, before.0);
 }
+
+/// Changes the rootfs while it is being sent: 100 MB to make the pre-send
+/// take a while, then every 0.1 s a new file, the removal of an older one,
+/// a line appended, and at set ticks a whiteout, a dir replaced, a hard
+/// link and an opaque dir. The end state is fixed whatever the timing.
+const CHURN: &str = r#"
+set -e
+head -c 100000000 /dev/urandom > /blob
+mkdir -p /work
+i=0
+while [ $i -lt 100 ]; do
+    i=$((i + 1))
+    echo "v$i" > /work/f$i
+    if [ $i -gt 2 ]; then rm /work/f$((i - 2)); fi
+    echo "$i" >> /work/log
+    case $i in
+        10) rm /etc/passwd ;;
+        20) mkdir -p /work/d; echo x > /work/d/x ;;
+        30) rm -rf /work/d; mkdir /work/d; echo y > /work/d/y ;;
+        40) ln /work/log /work/log.link ;;
+        50) rm -rf /root; mkdir /root; echo z > /root/z ;;
+    esac
+    sleep 0.1
+done
+touch /work/done
+while true; do sleep 1; done
+"#;
+
+#[test]
+fn rootfs_changes_made_while_it_is_sent_arrive_exactly() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("churn1", CHURN);
+    wait_until("the churn to start", Duration::from_secs(30), || {
+        container.upper.join("work/f3").exists()
+    });
+    let out = lab.migrate(&container, &[]);
+    assert!(out.status.success(), "migrate failed:\n{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exec = |args: &[&str]| runc_exec(&dst.runc_root, "churn1", args);
+    assert!(
+        exec(&["sh", "-c", "test -e /work/done && echo done || echo running"]).trim() == "running",
+        "the churn ended before the migration did: nothing was changed while the rootfs crossed ({summary})"
+    );
+    wait_until(
+        "the churn to end on the destination",
+        Duration::from_secs(60),
+        || exec(&["sh", "-c", "test -e /work/done && echo y || echo n"]).trim() == "y",
+    );
+    let files = exec(&["sh", "-c", "cd /work && ls f* | sort"]);
+    assert_eq!(
+        files.split_whitespace().collect::<Vec<_>>(),
+        ["f100", "f99"]
+    );
+    assert_eq!(exec(&["cat", "/work/f99"]).trim(), "v99");
+    let log = exec(&["cat", "/work/log"]);
+    let expected: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        expected,
+        "lines appended while the rootfs crossed were lost"
+    );
+    let absent = |path: &str| {
+        exec(&[
+            "sh",
+            "-c",
+            &format!("test -e {path} && echo present || echo absent"),
+        ])
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(
+        absent("/etc/passwd"),
+        "absent",
+        "the whiteout did not arrive"
+    );
+    assert_eq!(
+        absent("/work/d/x"),
+        "absent",
+        "the replaced dir kept old entries"
+    );
+    assert_eq!(exec(&["cat", "/work/d/y"]).trim(), "y");
+    assert_eq!(exec(&["cat", "/root/z"]).trim(), "z");
+    assert_eq!(
+        exec(&["ls", "-A", "/root"]).trim(),
+        "z",
+        "the opaque dir shows lower entries"
+    );
+    assert_eq!(exec(&["stat", "-c", "%h", "/work/log"]).trim(), "2");
+    assert_eq!(exec(&["cat", "/work/log.link"]), log);
+    assert_eq!(exec(&["stat", "-c", "%s", "/blob"]).trim(), "100000000");
+}
