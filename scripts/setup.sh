@@ -28,6 +28,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# CRIU's page server (post-copy) needs pipes of at least 4 MiB: below that a
+# lazy dump fails with "page-pipe: splice: Bad file descriptor". The agents
+# raise it themselves when they need it; this makes it last across reboots.
+sysctl_drop_in=/etc/sysctl.d/60-migrate.conf
+if [ ! -f "$sysctl_drop_in" ]; then
+    log "installing $sysctl_drop_in (fs.pipe-max-size = 4194304 for CRIU's lazy pages)"
+    printf '# Written by migrate'"'"'s setup.sh: CRIU'"'"'s page server needs 4 MiB pipes.\nfs.pipe-max-size = 4194304\n' >"$sysctl_drop_in"
+fi
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+    echo 4194304 >/proc/sys/fs/pipe-max-size
+fi
+
 criu_ok() {
     command -v criu >/dev/null 2>&1 || return 1
     local version major minor
