@@ -114,6 +114,7 @@ pub async fn restore_lazily(
         let link_up = session.control.is_some();
         let conn = session.conn.clone();
         let (relayed, from) = (&tunnel, peer_delivered);
+        let mut relay_done = false;
         let mut relay = pin!(async move {
             if !link_up {
                 return std::future::pending().await;
@@ -148,7 +149,9 @@ pub async fn restore_lazily(
                         }
                     }
                 }
-                ended = lazy.wait(), if !pages_done => {
+                // A daemon that ends before the restore does is explained
+                // by the restore's outcome, which comes first.
+                ended = lazy.wait(), if restore_done && !pages_done => {
                     pages_done = true;
                     match ended {
                         Ok(outcome) => {
@@ -185,12 +188,13 @@ pub async fn restore_lazily(
                     }
                 }
                 // Once the daemon has every page and has ended, nothing is
-                // left to relay.
-                ended = &mut relay, if !pages_done => {
-                    break match ended {
-                        Err(e) => format!("{e:#}"),
-                        Ok(()) => "the page tunnel ended".to_owned(),
-                    };
+                // left to relay. A broken stream alone is not a lost link:
+                // the control stream says which it is.
+                ended = &mut relay, if !pages_done && !relay_done => {
+                    relay_done = true;
+                    if let Err(e) = ended {
+                        warn!(container = id, error = %format!("{e:#}"), "the page tunnel broke");
+                    }
                 }
                 msg = recv_if_up(session) => match msg {
                     Err(e) => break format!("{e:#}"),

@@ -7,13 +7,18 @@
 //! fails, even though by then the destination's copy may have run (measured,
 //! see docs/notes-issue5.md). This module keeps that decision ours:
 //!
-//! - The container is paused before the dump. CRIU records the freezer as
-//!   frozen and, whatever it does after a failure, leaves it frozen: the
-//!   original never runs again unless we resume it.
-//! - CRIU thaws the freezer once it holds the processes; they are frozen
-//!   again as soon as the images are complete, so that a CRIU that dies while
-//!   serving pages leaves them frozen too, and thawed only just before the
-//!   daemon's final close reaches CRIU (CRIU's kill needs them thawed).
+//! - CRIU freezes the container, holds its processes and thaws the freezer.
+//!   As soon as the images are complete (CRIU's `status-ready`, before any
+//!   page is served and before the destination can have anything to
+//!   restore) the container's cgroup is frozen again, and the destination is
+//!   not told to restore until it is ([`LazyDump::fenced`]). After a failed
+//!   transfer CRIU lets go of the processes but does not thaw them (it only
+//!   restores the freezer state it found, thawed, by not touching it), and a
+//!   CRIU that dies while serving leaves them frozen too: the original never
+//!   runs again unless we resume it. They are thawed only just before the
+//!   daemon's final close reaches CRIU, whose kill needs them thawed.
+//!   A dump that fails before `status-ready` is resumed by CRIU at once,
+//!   which is right: nothing was sent.
 //! - CRIU serves pages on an inherited socket (`ps-socket`), not a TCP
 //!   listener another local process could connect to. CRIU counts the end of
 //!   that socket as success, so it must never end early: runc (and so CRIU)
@@ -55,8 +60,10 @@ pub struct LazyDump {
     id: String,
     /// The agent's end of CRIU's page-server socket.
     pub socket: Option<tokio::net::UnixStream>,
-    /// When the container was paused: the start of its downtime.
+    /// When CRIU began freezing the container: the start of its downtime.
     pub frozen_at: Instant,
+    /// Freezing the cgroup again once the images are complete.
+    fence: Option<tokio::task::JoinHandle<Result<()>>>,
     /// When CRIU had written every image.
     pub dumped_at: Instant,
 }
@@ -71,9 +78,9 @@ pub enum LazyEnd {
 }
 
 impl LazyDump {
-    /// Pauses the container and starts the lazy dump; returns once its
-    /// images are complete and it is ready to serve pages. If anything fails
-    /// first, the container is resumed and runs on the source again.
+    /// Starts the lazy dump; returns once its images are complete and it is
+    /// ready to serve pages. If it fails first, CRIU has resumed the
+    /// container and it runs on the source again.
     pub async fn start(
         setup: &DumpSetup<'_>,
         image_dir: &Path,
@@ -114,9 +121,7 @@ impl LazyDump {
             AGENT_END_FD,
         );
 
-        runc.pause(id)
-            .with_context(|| format!("pausing {id} for the lazy dump"))?;
-        let frozen_at = Instant::now();
+        let started = Instant::now();
         let mut cmd = runc.checkpoint_command(&CheckpointSpec {
             id,
             kind: DumpKind::Lazy,
@@ -132,20 +137,15 @@ impl LazyDump {
             .spawn()
             .with_context(|| format!("starting {}", runc.binary.display()));
         drop(fds);
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                resume_quietly(runc, id);
-                return Err(e);
-            }
-        };
+        let mut child = spawned?;
 
-        let mut dumped_at = None;
+        let (mut frozen_at, mut dumped_at) = (None, None);
         loop {
             tokio::select! {
                 event = gate.next_event() => {
                     let Some(event) = event else { bail!("the CRIU action gate closed unexpectedly") };
                     match event.action.as_str() {
+                        "pre-dump" => frozen_at = Some(event.at),
                         "post-dump" => dumped_at = Some(event.at),
                         "status-ready" => break,
                         _ => {}
@@ -154,8 +154,6 @@ impl LazyDump {
                 status = child.wait() => {
                     let status = status.context("waiting for runc checkpoint")?;
                     let output = read_output(&mut child).await;
-                    // CRIU put the processes back as it found them: paused.
-                    resume_quietly(runc, id);
                     bail!(
                         "source: the lazy dump of {id} failed before its images were complete ({status}); \
                          the container keeps running on the source\nrunc: {}\nCRIU {}",
@@ -165,12 +163,14 @@ impl LazyDump {
                 }
             }
         }
-        // CRIU thawed the freezer after seizing the processes: freeze them
-        // again, so that they stay frozen even if CRIU dies while serving.
-        // Without it the migration still works; only that protection is lost.
-        if let Err(e) = runc.pause(id) {
-            tracing::warn!(error = %e, "freezing {id} again while its pages are served");
-        }
+        // While the images cross; awaited before the destination may restore.
+        let fence = {
+            let (runc, id) = (runc.clone(), id.to_owned());
+            tokio::task::spawn_blocking(move || {
+                runc.pause(&id)
+                    .with_context(|| format!("freezing {id} while its pages are served"))
+            })
+        };
         agent_end
             .set_nonblocking(true)
             .context("preparing the page-server socket")?;
@@ -184,7 +184,8 @@ impl LazyDump {
         });
         Ok(Self {
             dumped_at: dumped_at.unwrap_or_else(Instant::now),
-            frozen_at,
+            frozen_at: frozen_at.unwrap_or(started),
+            fence: Some(fence),
             end: Some(end),
             holder_pid,
             _gate: gate,
@@ -199,10 +200,28 @@ impl LazyDump {
         &self.image_dir
     }
 
+    /// Waits until the original is frozen by its cgroup, independently of
+    /// CRIU: the destination must not restore before.
+    pub async fn fenced(&mut self) -> Result<()> {
+        match self.fence.take() {
+            Some(fence) => fence.await.context("freezing the original")?,
+            None => Ok(()),
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.runc
+            .state(&self.id)
+            .is_ok_and(|state| state.status == "paused")
+    }
+
     /// Thaws the original just before the daemon's final close goes to
     /// CRIU, which then kills it: CRIU's kill of a frozen process waits
     /// forever. The processes stay stopped under CRIU meanwhile.
     pub fn thaw_for_the_end(&self) -> Result<()> {
+        if !self.paused() {
+            return Ok(());
+        }
         self.runc
             .resume(&self.id)
             .with_context(|| format!("thawing {} for CRIU to end it", self.id))
@@ -227,6 +246,9 @@ impl LazyDump {
         let state = self.runc.state(&self.id)?;
         migrate_common::netns::remove_criu_network_lock(state.pid)
             .context("removing CRIU's network lock from the original")?;
+        if !self.paused() {
+            return Ok(());
+        }
         self.runc
             .resume(&self.id)
             .with_context(|| format!("resuming {}", self.id))
@@ -256,11 +278,4 @@ async fn wait_for_end(mut child: Child, log: &Path) -> Result<LazyEnd, String> {
         output.trim(),
         log_tail(log, LOG_TAIL_LINES)
     ))
-}
-
-/// Best effort: the container was paused by us and must not stay so.
-fn resume_quietly(runc: &Runc, id: &str) {
-    if let Err(e) = runc.resume(id) {
-        tracing::warn!(error = %e, "resuming {id} after a failed lazy dump");
-    }
 }

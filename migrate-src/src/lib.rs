@@ -379,6 +379,10 @@ async fn freeze_and_send(
         decision: None,
     });
 
+    if let Some(dump) = session.lazy.as_mut() {
+        dump.fenced().await.map_err(Failure::Source)?;
+    }
+
     // The decision point: from here the destination may run the container.
     advance(session, SourcePhase::AwaitingRestore)?;
     let link = session.link.as_mut().ok_or_else(no_link)?;

@@ -107,8 +107,13 @@ pub async fn follow(
                             // CRIU has answered the daemon's close and gone:
                             // nothing is left to relay.
                             Err(TunnelError::Local(_)) if tunnel.close_seen() => relay_done = true,
-                            Err(e) => break format!("{e:#}"),
-                            Ok(()) => break "the page tunnel ended".to_owned(),
+                            // The stream ended or broke: either the link is
+                            // lost, which the control stream shows too, or the
+                            // destination gave up, which it says there.
+                            Err(TunnelError::Link(_) | TunnelError::PeerClosed) | Ok(()) => {
+                                relay_done = true;
+                            }
+                            Err(e) => return Err(in_doubt(format!("{e:#}"), &progress)),
                         },
                         msg = current.control.recv() => {
                             let msg = match msg {

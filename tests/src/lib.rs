@@ -405,6 +405,18 @@ impl Lab {
         cmd
     }
 
+    /// Puts a copy of the layer that lacks `missing` into the destination's
+    /// layer store, under the real layer's digest: the destination then
+    /// takes it for the layer, and a restore of a process holding `missing`
+    /// open fails for real in CRIU.
+    pub fn plant_layer_without(&self, missing: &str) {
+        let digest = migrate_common::rootfs::digest::layer_digest(&self.layer).unwrap();
+        let corrupt = self.path("dst-state").join("layers").join(digest.as_str());
+        std::fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
+        sh(Command::new("cp").arg("-a").arg(&self.layer).arg(&corrupt));
+        std::fs::remove_file(corrupt.join(missing)).unwrap();
+    }
+
     /// The source's base for per-migration working dirs.
     pub fn work_dir(&self) -> PathBuf {
         self.path("src-work")

@@ -178,17 +178,7 @@ fn failed_restore_resumes_the_container_on_the_source() {
     let lab = Lab::new();
     // The destination's copy of the layer lacks the file the game holds open,
     // so CRIU's restore fails to reopen it: a real restore failure.
-    let digest = migrate_common::rootfs::digest::layer_digest(&lab.layer).unwrap();
-    let state_dir = lab.path("dst-state");
-    let corrupt = state_dir.join("layers").join(digest.as_str());
-    std::fs::create_dir_all(corrupt.parent().unwrap()).unwrap();
-    migrate_e2e::sh(
-        std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&lab.layer)
-            .arg(&corrupt),
-    );
-    std::fs::remove_file(corrupt.join("etc/game.conf")).unwrap();
+    lab.plant_layer_without("etc/game.conf");
 
     let dst = lab.start_destination(&[]);
     let container = lab.start_container("game3", GAME);

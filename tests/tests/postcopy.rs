@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use migrate_e2e::checks::{
-    assert_heap_intact, assert_work_dir_clean, counter, heap, stderr, wait_for_heap,
-    wait_for_ticks, GAME,
+    assert_destination_discarded, assert_heap_intact, assert_running_on_source_unchanged,
+    assert_work_dir_clean, counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
 };
 use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
 
@@ -22,7 +22,6 @@ fn post_copy_moves_the_container_before_its_memory() {
     let out = lab.migrate(&container, &["--mode", "post-copy"]);
     assert!(out.status.success(), "migrate failed:\n{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{summary}");
     assert_eq!(summary["mode"]["used"], "post-copy", "{summary}");
     assert_eq!(summary["rounds"][0]["kind"], "lazy", "{summary}");
     assert!(summary["bytes_pages"].as_u64().unwrap() > 0, "{summary}");
@@ -56,7 +55,6 @@ fn post_copy_keeps_hundreds_of_mib_of_memory_intact() {
     let out = lab.migrate(&container, &["--mode", "post-copy"]);
     assert!(out.status.success(), "migrate failed:\n{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{summary}");
     let relayed = summary["bytes_pages"].as_u64().unwrap();
     assert!(
         relayed > 384 << 20,
@@ -229,4 +227,31 @@ impl Drop for Holders {
             );
         }
     }
+}
+
+#[test]
+fn a_failed_lazy_restore_resumes_the_original_with_its_network() {
+    let lab = Lab::new();
+    lab.plant_layer_without("etc/game.conf");
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("pc5", GAME);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let out = lab.migrate(&container, &["--mode", "post-copy"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the destination failed at restore"), "{err}");
+    assert!(err.contains("Can't open file etc/game.conf"), "{err}");
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
+    assert_running_on_source_unchanged(&container, pid, &before);
+    // CRIU keeps its network lock after a failed lazy transfer; it was
+    // taken off, or the server on the container's loopback would not answer.
+    let served = container.exec(&["wget", "-qO-", "http://127.0.0.1:8080/counter"]);
+    assert!(served.starts_with(&before.0), "served {served:?}");
+    assert_destination_discarded(&dst, "pc5");
+    assert_work_dir_clean(&lab);
 }
