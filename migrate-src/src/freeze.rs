@@ -1,0 +1,321 @@
+//! Everything up to the decision point, in order: inspect the container,
+//! choose the mode, connect and pass the destination's preflight, send the
+//! layers it lacks and the upper dir while the container runs, pre-copy
+//! rounds (pre-copy, hybrid), then the freeze and the final images and
+//! rootfs changes, and `CheckpointSent`. When this returns, the destination
+//! has all it needs to restore the container.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use migrate_common::criu::stats::DumpStats;
+use migrate_common::criu::{ensure_pipe_max_size, Criu, PipeMaxSize};
+use migrate_common::protocol::{
+    Body, CheckpointSent, Hello, LayersSent, MemoryMode, SourcePhase, SourceState, PROTOCOL_VERSION,
+};
+use migrate_common::transfer::TransferStats;
+
+use crate::checkpoint::{Checkpoint, DumpSetup, WorkDir};
+use crate::finish::Failure;
+use crate::lazy::LazyDump;
+use crate::link::{self, Dial, Link};
+use crate::mode::{self, ModeChoice, RequestedMode, SourceCapabilities};
+use crate::progress::Reporter;
+use crate::report::RoundReport;
+use crate::{advance, convergence, inspect, no_link, rounds, send, MigrateOptions, Session};
+
+/// What the frozen step sent, for the summary.
+#[derive(Debug)]
+pub(crate) struct Frozen {
+    pub choice: ModeChoice,
+    pub started: Instant,
+    pub frozen_at: Instant,
+    pub dumped_at: Instant,
+    pub stats: Arc<TransferStats>,
+    pub rounds: Vec<RoundReport>,
+    pub predicted_downtime_ms: Option<f64>,
+    pub files: usize,
+    pub layers_sent: usize,
+    pub layers_reused: usize,
+}
+
+impl Frozen {
+    /// CRIU writes a dump's statistics once it has ended, after the images
+    /// crossed; they complete the final round's line.
+    pub(crate) fn count_final_pages(&mut self, session: &Session) {
+        let (Some(work), Some(last)) = (session.work.as_ref(), self.rounds.last_mut()) else {
+            return;
+        };
+        if let Ok(criu) = DumpStats::read(&work.final_dir()) {
+            last.pages_written = criu.pages_written;
+            last.pages_skipped = criu.pages_skipped_parent;
+            last.pages_lazy = criu.pages_lazy;
+        }
+    }
+}
+
+/// Everything up to the decision point: the destination has all it needs
+/// to restore the container once this returns.
+pub(crate) async fn freeze_and_send(
+    opts: &MigrateOptions,
+    dial: &Dial<'_>,
+    reporter: &Reporter,
+    session: &mut Session,
+) -> Result<Frozen, Failure> {
+    let started = Instant::now();
+    let id = opts.container_id.as_str();
+
+    reporter.phase(format!("inspecting {id}"));
+    // Hashing layers and running criu block; off the async threads, so that
+    // Ctrl-C is still heard meanwhile.
+    let (container, criu_version, caps, pipe_note) = {
+        let (runc, criu, id, requested) = (
+            opts.runc.clone(),
+            opts.criu.clone(),
+            id.to_owned(),
+            opts.mode,
+        );
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let container = inspect::inspect(&runc, &id)?;
+            let version = criu.version().context("checking the source's CRIU")?;
+            let (caps, note) = capabilities(&criu, requested);
+            Ok((container, version, caps, note))
+        })
+        .await
+        .context("inspecting the container")
+        .map_err(Failure::Source)?
+        .map_err(Failure::Source)?
+    };
+    let choice = mode::choose(opts.mode, &caps).map_err(|e| Failure::Source(anyhow!(e)))?;
+    session.state = SourceState::new(choice.mode);
+    if let Some(note) = pipe_note {
+        reporter.note(note);
+    }
+    reporter.note(format!(
+        "mode: {} ({})",
+        mode::name(choice.mode),
+        choice.reason
+    ));
+    let lazy = choice.mode.is_lazy();
+
+    advance(session, SourcePhase::Connecting)?;
+    reporter.phase(format!("connecting to {}", opts.destination));
+    session.link = Some(Link::connect(dial).await.map_err(Failure::Source)?);
+
+    advance(session, SourcePhase::Preflight)?;
+    reporter.phase("preflight on the destination");
+    let link = session.link.as_mut().ok_or_else(no_link)?;
+    let reply = link::preflight(
+        link,
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            container_id: id.to_owned(),
+            config_json: container.config_json.clone(),
+            layers: container.layers.iter().map(|l| l.info.clone()).collect(),
+            upper_bytes: container.upper_bytes,
+            memory_bytes: container.memory_bytes,
+            source_criu_version: criu_version.to_string(),
+            tcp_established: opts.criu_options.tcp_established,
+            mode: choice.mode as i32,
+            migration_id: session.migration_id.clone(),
+        },
+    )
+    .await?;
+    if !reply.accepted {
+        return Err(Failure::Refused(reply.refusals));
+    }
+
+    advance(session, SourcePhase::SendingLayers)?;
+    let stats = Arc::new(TransferStats::default());
+    let _ticker = reporter.track(stats.clone());
+    let layers_sent = reply.missing_layers.len();
+    let layers_reused = container.layers.len().saturating_sub(layers_sent);
+    if layers_sent > 0 {
+        reporter.phase(format!("sending {layers_sent} layer(s)"));
+    }
+    let link = session.link.as_mut().ok_or_else(no_link)?;
+    let layer_files =
+        send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &stats)
+            .await
+            .map_err(Failure::Source)?;
+    link.control
+        .send(LayersSent { files: layer_files })
+        .await
+        .map_err(Failure::Link)?;
+    match link.control.recv().await.map_err(Failure::Link)?.body {
+        Some(Body::LayersReady(_)) => {}
+        other => return Err(Failure::unexpected("LayersReady", other)),
+    }
+
+    advance(session, SourcePhase::PreSending)?;
+    reporter.phase("sending the rootfs changes (container running)");
+    let link = session.link.as_mut().ok_or_else(no_link)?;
+    let (upper_base, upper_snapshot) =
+        send::send_upper_base(&link.conn, &container.overlay.upper, &stats)
+            .await
+            .map_err(Failure::Source)?;
+    let work = session
+        .work
+        .insert(WorkDir::create(&opts.work_base, id).map_err(Failure::Source)?)
+        .clone();
+    std::fs::create_dir_all(work.final_dir())
+        .with_context(|| format!("creating {}", work.final_dir().display()))
+        .map_err(Failure::Source)?;
+    let setup = DumpSetup {
+        runc: &opts.runc,
+        id,
+        work: &work,
+        migrate_exe: &opts.migrate_exe,
+        ghost_limit: opts.ghost_limit,
+        options: opts.criu_options,
+    };
+
+    let mut rounds = Vec::new();
+    let mut last_round = 0;
+    let mut predicted_downtime_ms = None;
+    if matches!(choice.mode, MemoryMode::PreCopy | MemoryMode::Hybrid) {
+        reporter.phase("pre-copy rounds (container running)");
+        let policy = convergence::Policy {
+            max_downtime_ms: opts.max_downtime.as_secs_f64() * 1000.0,
+            max_rounds: opts.max_rounds,
+        };
+        let Session { state, link, .. } = &mut *session;
+        let link = link.as_mut().ok_or_else(no_link)?;
+        let pre_copy = rounds::run(
+            &setup,
+            link,
+            &stats,
+            policy,
+            |round| {
+                state
+                    .advance(SourcePhase::PreCopyRound(round))
+                    .map_err(anyhow::Error::from)
+            },
+            |report| reporter.note(format!("round {}", report.line())),
+        )
+        .await
+        .map_err(Failure::Source)?;
+        last_round = pre_copy.last_round;
+        predicted_downtime_ms = pre_copy.verdict.and_then(|v| v.predicted_downtime_ms);
+        rounds = pre_copy.reports;
+    }
+    let parent = rounds::parent_of(last_round);
+    let final_dir = setup.work.final_dir();
+
+    advance(session, SourcePhase::Freezing)?;
+    reporter.phase(if lazy {
+        "lazy dump (container frozen)"
+    } else {
+        "checkpointing (container frozen)"
+    });
+    let (frozen_at, dumped_at) = if lazy {
+        let dump = LazyDump::start(&setup, &final_dir, parent.as_deref())
+            .await
+            .map_err(Failure::Source)?;
+        let times = (dump.frozen_at, dump.dumped_at);
+        session.lazy = Some(dump);
+        times
+    } else {
+        let dump = Checkpoint::start(&setup, &final_dir, parent.as_deref())
+            .await
+            .map_err(Failure::Source)?;
+        let times = (dump.frozen_at, dump.dumped_at);
+        session.eager = Some(dump);
+        times
+    };
+
+    advance(session, SourcePhase::SendingCheckpoint)?;
+    reporter.phase("sending checkpoint (container frozen)");
+    let deadline = tokio::time::Instant::from_std(frozen_at + opts.freeze_timeout);
+    let link = session.link.as_mut().ok_or_else(no_link)?;
+    let (raw_before, wire_before) = (stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
+    let mut files = tokio::time::timeout_at(
+        deadline,
+        send::send_checkpoint(
+            &link.conn,
+            &final_dir,
+            &container.overlay.upper,
+            upper_snapshot,
+            &stats,
+        ),
+    )
+    .await
+    .map_err(|_| Failure::Timeout(opts.freeze_timeout))?
+    .map_err(Failure::Source)?;
+    files.push(upper_base);
+    let file_count = files.len();
+    let sent_at = Instant::now();
+    rounds.push(RoundReport {
+        round: last_round + 1,
+        kind: if lazy { "lazy" } else { "final" },
+        pages_written: 0,
+        pages_skipped: 0,
+        pages_lazy: 0,
+        bytes_raw: stats.raw_bytes() - raw_before,
+        bytes_wire: link.conn.stats().udp_tx.bytes - wire_before,
+        dump_s: (dumped_at - frozen_at).as_secs_f64(),
+        transfer_s: (sent_at - dumped_at).as_secs_f64(),
+        predicted_downtime_ms,
+        dirty_pages_per_s: None,
+        link_bytes_per_s: None,
+        decision: None,
+    });
+
+    if let Some(dump) = session.lazy.as_mut() {
+        dump.fenced().await.map_err(Failure::Source)?;
+    }
+
+    // The decision point: from here the destination may run the container.
+    advance(session, SourcePhase::AwaitingRestore)?;
+    let link = session.link.as_mut().ok_or_else(no_link)?;
+    link.control
+        .send(CheckpointSent {
+            files,
+            parent_round: last_round,
+            lazy,
+        })
+        .await
+        .map_err(Failure::Link)?;
+    Ok(Frozen {
+        choice,
+        started,
+        frozen_at,
+        dumped_at,
+        stats,
+        rounds,
+        predicted_downtime_ms,
+        files: file_count,
+        layers_sent,
+        layers_reused,
+    })
+}
+
+/// What this host offers the modes that were asked for; and a note when
+/// it changed a kernel setting to offer it.
+fn capabilities(criu: &Criu, requested: RequestedMode) -> (SourceCapabilities, Option<String>) {
+    let dirty_tracking = matches!(
+        requested,
+        RequestedMode::Auto | RequestedMode::PreCopy | RequestedMode::Hybrid
+    ) && criu.supports_dirty_tracking();
+    let mut note = None;
+    let mut lazy_problem = None;
+    if matches!(requested, RequestedMode::PostCopy | RequestedMode::Hybrid) {
+        match ensure_pipe_max_size() {
+            Ok(PipeMaxSize::Enough(_)) => {}
+            Ok(PipeMaxSize::Raised { from, to }) => {
+                note = Some(format!(
+                    "raised fs.pipe-max-size from {from} to {to}: CRIU's lazy page server needs it"
+                ));
+            }
+            Err(e) => lazy_problem = Some(format!("{e:#}")),
+        }
+    }
+    (
+        SourceCapabilities {
+            dirty_tracking,
+            lazy_problem,
+        },
+        note,
+    )
+}
