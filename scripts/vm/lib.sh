@@ -58,14 +58,20 @@ CTR_BUNDLE=$CTR_DIR/bundle
 
 # The workload: a random token and a counter held only in the shell's
 # memory, written to /state five times a second; and HEAP_MIB of memory
-# (a dd buffer) filled once and then dirtied at DIRTY_KIB per second. If
-# the token survives and the counter goes on, the memory came along.
+# (a dd buffer) filled once and then dirtied at DIRTY_KIB per second
+# (vm.heap_mib=, vm.dirty_kib=; default 128 MiB, 2048 KiB), with
+# bytes from /pool (4 MiB of /dev/urandom: it makes only ~6 MiB/s under
+# TCG; 4 MiB is past zstd's default window, so the heap does not compress
+# to nothing). If the token survives and the counter goes on, the memory
+# came along.
 ctr_workload() {
+    heap=$((${VM_HEAP_MIB:-128} * 1048576))
     cat <<EOF
 token=\$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')
-{ head -c $((${HEAP_MIB:-128} * 1048576)) /dev/urandom
-  while :; do head -c $((${DIRTY_KIB:-2048} * 1024)) /dev/urandom; sleep 1; done
-} | dd bs=$((${HEAP_MIB:-128} * 1048576)) iflag=fullblock of=/dev/null 2>/dev/null &
+{ i=0
+  while [ \$i -lt $((heap / 4194304)) ]; do cat /pool; i=\$((i + 1)); done
+  while :; do head -c $((${VM_DIRTY_KIB:-2048} * 1024)) /pool; sleep 1; done
+} | dd bs=$heap iflag=fullblock of=/dev/null 2>/dev/null &
 n=0
 while :; do
     n=\$((n + 1))
@@ -80,11 +86,14 @@ ctr_prepare() {
     mount -t overlay overlay -o "lowerdir=/vm/layer,upperdir=$CTR_UPPER,workdir=$CTR_DIR/work" "$CTR_ROOTFS"
     sed "s|@ROOTFS@|$CTR_ROOTFS|" /vm/config.json.in >"$CTR_BUNDLE/config.json"
     ctr_workload >"$CTR_UPPER/workload.sh"
+    head -c 4194304 /dev/urandom >"$CTR_UPPER/pool"
 }
 
 ctr_start() {
-    runc run --detach --bundle "$CTR_BUNDLE" "$CTR_ID" </dev/null >/dev/null 2>/tmp/runc-run.err ||
-        fail "runc run: $(cat /tmp/runc-run.err)"
+    # The container's stdio on /dev/null (CRIU cannot dump a file of the
+    # host's mount namespace); runc's own errors go to its --log.
+    runc --log /tmp/runc-run.log run --detach --bundle "$CTR_BUNDLE" "$CTR_ID" </dev/null >/dev/null 2>&1 ||
+        fail "runc run: $(cat /tmp/runc-run.log)"
     # Wait until the heap is filled: the first /state lines come at once,
     # the heap takes a few seconds under TCG.
     i=0
@@ -97,7 +106,7 @@ ctr_start() {
 
 # ctr_wait_heap: waits until the container's memory use reaches HEAP_MIB.
 ctr_wait_heap() {
-    want=$((${HEAP_MIB:-128} * 1024 * 9 / 10))
+    want=$((${VM_HEAP_MIB:-128} * 1024 * 9 / 10))
     i=0
     while :; do
         kib=$(awk '/^anon /{ printf "%d", $2 / 1024 }' "/sys/fs/cgroup/vm/$CTR_ID/memory.stat" 2>/dev/null || echo 0)
