@@ -24,6 +24,7 @@ repo=$(pwd)
 scenario=runc-chain
 cpu=Westmere
 mem=1536
+mode=
 rounds=2
 timeout=900
 append=
@@ -37,6 +38,7 @@ while [ $# -gt 0 ]; do
         --cpu) cpu=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
+        --mode) mode=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --append) append=$2; shift 2 ;;
@@ -89,7 +91,7 @@ log "prepared in ${t_prepared} s"
 rm -rf "$out"
 mkdir -p "$out"
 port=$(vm_free_port)
-common_append="console=ttyS0 quiet panic=-1 vm.scenario=$scenario vm.rounds=$rounds $append"
+common_append="console=ttyS0 quiet panic=-1 vm.scenario=$scenario vm.rounds=$rounds${mode:+ vm.mode=$mode} $append"
 t_boot=$(date +%s.%N)
 vm_boot a 10.77.0.1 10.77.0.2 "listen=127.0.0.1:$port" "$common_append"
 vm_wait_listen "$port" "${qemu_pids[0]}"

@@ -241,16 +241,20 @@ vm_base_initramfs() {
 
 # Writes the per-run initramfs (a cpio appended to the base one) to stdout:
 # /init, the scenario scripts, migrate and migrate-dst (stripped of debug
-# info), and TLS material from `migrate certs` (one CA, a certificate per VM
+# info) with their shared libraries, and TLS material from `migrate certs` (one CA, a certificate per VM
 # address) under /vm/tls/ADDR.
 vm_run_initramfs() {
-    local root=$1 release=$2 addr
+    local root=$1 release=$2 addr bin lib
     rm -rf "$root"
     mkdir -p "$root/vm" "$root/usr/local/bin"
     install -m 0755 scripts/vm/init "$root/init"
     cp scripts/vm/lib.sh scripts/vm/scenario-*.sh "$root/vm/"
     for bin in migrate migrate-dst; do
         strip --strip-debug -o "$root/usr/local/bin/$bin" "$release/$bin"
+        # Their shared libraries (libgcc_s is not in the base image).
+        for lib in $(ldd "$release/$bin" | awk '/=>/ { print $3 }'); do
+            [ -e "$root$(realpath "$(dirname "$lib")")/$(basename "$lib")" ] || vm_copy_file "$root" "$lib"
+        done
     done
     "$release/migrate" certs ca --out "$tmp/ca" >&2
     for addr in 10.77.0.1 10.77.0.2; do
