@@ -88,8 +88,8 @@ cat "$base" "$tmp/run.cpio" >"$tmp/initrd"
 t_prepared=$(elapsed "$t_start")
 log "prepared in ${t_prepared} s"
 
-rm -rf "$out"
 mkdir -p "$out"
+rm -f "$out"/console-?.log "$out"/report-?.log "$out"/qemu-?.log "$out/result.json"
 port=$(vm_free_port)
 common_append="console=ttyS0 quiet panic=-1 vm.scenario=$scenario vm.rounds=$rounds${mode:+ vm.mode=$mode} $append"
 t_boot=$(date +%s.%N)

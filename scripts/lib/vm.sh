@@ -325,8 +325,11 @@ vm_wait_all() {
         done
         [ "$alive" -gt 0 ] || return "$rc"
         for role in a b; do
-            if [ "$(vm_reported_status "$role")" = fail ]; then
-                log "VM ${role^^} failed: stopping the VMs"
+            # A VM that failed, or powered off without a verdict (a crash):
+            # its peer would wait for it until the timeout.
+            if [ "$(vm_reported_status "$role")" = fail ] ||
+                { [ -n "${done_at[$role]:-}" ] && [ -z "$(vm_reported_status "$role")" ]; }; then
+                log "VM ${role^^} failed or stopped without a verdict: stopping the VMs"
                 sleep 2
                 for pid in "${qemu_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
                 return 1

@@ -27,11 +27,15 @@ fail() { say "FAIL: $*"; exit 1; }
 # again) and sends its output to the peer's PORT, retrying while the peer
 # does not listen yet, for up to TIMEOUT seconds (default 120). socat with
 # 64 KiB buffers: busybox nc moves 1 KiB per system call, slow under TCG.
+# It returns when the receiver has read everything and closed: socat is
+# bidirectional here and waits (-t) for the receiver's end to close, rather
+# than quitting with data still in its socket buffer (a VM that powers off
+# then never delivers it).
 peer_send() {
     port=$1
     shift
     deadline=$(($(cut -d. -f1 /proc/uptime) + ${TIMEOUT:-120}))
-    until "$@" | socat -u -b 65536 STDIN "TCP:$VM_PEER:$port" 2>/tmp/peer_send.err; do
+    until "$@" | socat -b 65536 -t 600 STDIO "TCP:$VM_PEER:$port" >/dev/null 2>/tmp/peer_send.err; do
         [ "$(cut -d. -f1 /proc/uptime)" -lt "$deadline" ] ||
             { say "sending to $VM_PEER:$port: $(cat /tmp/peer_send.err)"; return 1; }
         sleep 0.2
