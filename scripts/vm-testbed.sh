@@ -4,8 +4,8 @@
 # run: iterative pre-copy (CRIU pre-dumps). Run as root on Debian 12:
 #
 #   scripts/vm-testbed.sh [--scenario NAME] [--cpu MODEL] [--mem MIB]
-#                         [--rounds N] [--out DIR] [--timeout SECS]
-#                         [--append 'vm.key=value ...']
+#                         [--smp N] [--rounds N] [--mode MODE] [--out DIR]
+#                         [--timeout SECS] [--append 'vm.key=value ...']
 #
 # It installs what it needs (QEMU 10 from bookworm-backports, nothing else
 # from there), fetches and caches Debian's cloud kernel (bookworm-backports,
@@ -18,12 +18,14 @@
 # failure, after showing the consoles. See scripts/vm/README.md.
 set -euo pipefail
 
+invoked_from=$(pwd)
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 scenario=runc-chain
 cpu=Westmere
 mem=1536
+smp=1
 mode=
 rounds=2
 timeout=900
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
         --scenario) scenario=$2; shift 2 ;;
         --cpu) cpu=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
+        --smp) smp=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
         --mode) mode=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
@@ -47,11 +50,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+case "$out" in /*) ;; *) out=$invoked_from/$out ;; esac
+
 log() { printf '[vm-testbed %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (apt-get, mknod for the initramfs)"
-[ -f "scripts/vm/scenario-$scenario.sh" ] || die "no scenario scripts/vm/scenario-$scenario.sh (have: $(cd scripts/vm && ls scenario-*.sh | sed 's/^scenario-//; s/\.sh$//' | tr '\n' ' '))"
+[ -f "scripts/vm/scenario-$scenario.sh" ] || die "no scenario scripts/vm/scenario-$scenario.sh (have: $(cd scripts/vm && printf '%s ' scenario-*.sh | sed 's/scenario-//g; s/\.sh//g'))"
 
 t_start=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -61,6 +66,7 @@ elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'
 
 tmp=$(mktemp -d /tmp/vm-testbed.XXXXXX)
 qemu_pids=()
+# shellcheck disable=SC2317 # (run by the trap)
 cleanup() {
     local pid
     for pid in "${qemu_pids[@]}"; do
@@ -96,7 +102,7 @@ t_boot=$(date +%s.%N)
 vm_boot a 10.77.0.1 10.77.0.2 "listen=127.0.0.1:$port" "$common_append"
 vm_wait_listen "$port" "${qemu_pids[0]}"
 vm_boot b 10.77.0.2 10.77.0.1 "connect=127.0.0.1:$port" "$common_append"
-log "VMs started (cpu $cpu, ${mem} MiB each, net socket 127.0.0.1:$port): A pid ${qemu_pids[0]}, B pid ${qemu_pids[1]}"
+log "VMs started (cpu $cpu, $smp vCPU and ${mem} MiB each, net socket 127.0.0.1:$port): A pid ${qemu_pids[0]}, B pid ${qemu_pids[1]}"
 
 status=0
 vm_wait_all "$timeout" || status=$?

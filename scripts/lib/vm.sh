@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Host side of the VM test bed, sourced by scripts/vm-testbed.sh (which sets
-# repo, tmp, out, cpu, mem and the qemu_pids array these functions use).
+# repo, tmp, out, cpu, mem, smp, kernel_dir and the qemu_pids array these
+# functions use).
+# shellcheck disable=SC2154
 # Everything here logs to stderr; functions that produce a path print it
 # on stdout.
 
@@ -276,7 +278,7 @@ vm_free_port() {
 # vm_boot ROLE ADDR PEER NETDEV_OPTS APPEND: starts a VM in the background.
 vm_boot() {
     local role=$1 addr=$2 peer=$3 netopt=$4 append=$5
-    qemu-system-x86_64 -accel tcg -cpu "$cpu" -m "$mem" -smp 1 \
+    qemu-system-x86_64 -accel tcg -cpu "$cpu" -m "$mem" -smp "$smp" \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$kernel_dir/vmlinuz" -initrd "$tmp/initrd" \
         -append "$append vm.role=$role vm.addr=$addr vm.peer=$peer" \

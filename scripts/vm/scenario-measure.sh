@@ -5,6 +5,7 @@
 # with socat), MIB (vm.mib=, default 32) MiB each.
 # Usage (by init): sh scenario-measure.sh a|b
 set -eu
+# shellcheck source=scripts/vm/lib.sh
 . /vm/lib.sh
 role=$1
 mib=${VM_MIB:-32}

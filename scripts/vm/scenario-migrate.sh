@@ -7,6 +7,7 @@
 # and counter gone on from A's last state.
 # Usage (by init): sh scenario-migrate.sh a|b
 set -eu
+# shellcheck source=scripts/vm/lib.sh
 . /vm/lib.sh
 role=$1
 port=7070

@@ -11,6 +11,7 @@
 # time back to A). Reports: rounds (array), frozen_ms; B: restore_ms, checks.
 # Usage (by init): sh scenario-runc-chain.sh a|b
 set -eu
+# shellcheck source=scripts/vm/lib.sh
 . /vm/lib.sh
 role=$1
 rounds=${VM_ROUNDS:-2}
