@@ -84,8 +84,8 @@ vm_install_deps
 kernel_dir=$(vm_fetch_kernel "$cache/kernel")
 log "kernel: $kernel_dir"
 
-log "building migrate and migrate-dst (cargo build --release)"
-cargo build --release --quiet -p migrate-src -p migrate-dst
+log "building migrate, migrate-dst and migrate-heap (cargo build --release)"
+cargo build --release --quiet -p migrate-src -p migrate-dst -p migrate-heap
 
 base=$(vm_base_initramfs "$kernel_dir" "$cache/initramfs")
 log "base initramfs: $base ($(du -h "$base" | cut -f1))"

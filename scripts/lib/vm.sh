@@ -23,7 +23,7 @@ VM_MODULES=(virtio_net virtio_rng overlay veth tun
 # busybox tar lacks options it passes. iproute2's ip: CRIU saves and
 # restores network namespaces with `ip addr save` etc. socat: copies between
 # the VMs with 64 KiB buffers (busybox nc moves 1 KiB per syscall).
-VM_PROGRAMS=(/usr/local/sbin/criu /usr/sbin/runc /usr/bin/tar /usr/bin/ip /usr/sbin/xtables-nft-multi /usr/bin/socat)
+VM_PROGRAMS=(/usr/local/sbin/criu /usr/sbin/runc /usr/bin/tar /usr/bin/ip /usr/sbin/xtables-nft-multi /usr/bin/socat /usr/bin/jq)
 VM_XTABLES_LINKS=(iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore
     iptables-nft iptables-nft-save iptables-nft-restore ip6tables-nft ip6tables-nft-save ip6tables-nft-restore)
 
@@ -250,13 +250,21 @@ vm_run_initramfs() {
     rm -rf "$root"
     mkdir -p "$root/vm" "$root/usr/local/bin"
     install -m 0755 scripts/vm/init "$root/init"
-    cp scripts/vm/lib.sh scripts/vm/scenario-*.sh "$root/vm/"
+    cp scripts/vm/lib.sh scripts/vm/cases.sh scripts/vm/scenario-*.sh "$root/vm/"
     for bin in migrate migrate-dst; do
         strip --strip-debug -o "$root/usr/local/bin/$bin" "$release/$bin"
         # Their shared libraries (libgcc_s is not in the base image).
         for lib in $(ldd "$release/$bin" | awk '/=>/ { print $3 }'); do
             [ -e "$root$(realpath "$(dirname "$lib")")/$(basename "$lib")" ] || vm_copy_file "$root" "$lib"
         done
+    done
+    # The workload runs in the container: into its layer, with its
+    # libraries and loader at their paths inside it.
+    mkdir -p "$root/vm/layer/bin"
+    strip --strip-debug -o "$root/vm/layer/bin/migrate-heap" "$release/migrate-heap"
+    for lib in $(ldd "$release/migrate-heap" | grep -o '/[^ ]*' | sort -u); do
+        mkdir -p "$root/vm/layer$(dirname "$lib")"
+        cp -L "$lib" "$root/vm/layer$lib"
     done
     "$release/migrate" certs ca --out "$tmp/ca" >&2
     for addr in 10.77.0.1 10.77.0.2; do

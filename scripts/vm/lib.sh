@@ -55,27 +55,22 @@ peer_msg() { peer_send "$1" echo "$2"; }
 # as the lower layer of an overlay, and a bundle whose process runs
 # /workload.sh under busybox sh. CTR_* name the paths.
 CTR_ID=heap
-CTR_DIR=/run/ctr
+CTR_DIR=/run/ctr/heap
 CTR_ROOTFS=$CTR_DIR/rootfs
 CTR_UPPER=$CTR_DIR/upper
 CTR_BUNDLE=$CTR_DIR/bundle
 
 # The workload: a random token and a counter held only in the shell's
-# memory, written to /state five times a second; and HEAP_MIB of memory
-# (a dd buffer) filled once and then dirtied at DIRTY_KIB per second
-# (vm.heap_mib=, vm.dirty_kib=; default 128 MiB, 2048 KiB), with
-# bytes from /pool (4 MiB of /dev/urandom: it makes only ~6 MiB/s under
-# TCG; 4 MiB is past zstd's default window, so the heap does not compress
-# to nothing). If the token survives and the counter goes on, the memory
-# came along.
+# memory, written to /state five times a second; and migrate-heap with
+# HEAP_MIB of memory whose content compresses like a real heap's, rewritten
+# at DIRTY per second (vm.heap_mib=, vm.dirty=; default 128 MiB, 2M), able
+# to check every page (SIGUSR1, result in /heap/status.json). If the token
+# survives, the counter goes on and the heap checks out, the memory came
+# along.
 ctr_workload() {
-    heap=$((${VM_HEAP_MIB:-128} * 1048576))
     cat <<EOF
+/bin/migrate-heap --size ${VM_HEAP_MIB:-128}M --dirty ${DIRTY:-${VM_DIRTY:-2M}} --status /heap/status.json >/dev/null 2>&1 &
 token=\$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')
-{ i=0
-  while [ \$i -lt $((heap / 4194304)) ]; do cat /pool; i=\$((i + 1)); done
-  while :; do head -c $((${VM_DIRTY_KIB:-2048} * 1024)) /pool; sleep 1; done
-} | dd bs=$heap iflag=fullblock of=/dev/null 2>/dev/null &
 n=0
 while :; do
     n=\$((n + 1))
@@ -85,12 +80,20 @@ done
 EOF
 }
 
+# ctr_use ID: the container the ctr_* functions work on (default "heap").
+ctr_use() {
+    CTR_ID=$1
+    CTR_DIR=/run/ctr/$1
+    CTR_ROOTFS=$CTR_DIR/rootfs
+    CTR_UPPER=$CTR_DIR/upper
+    CTR_BUNDLE=$CTR_DIR/bundle
+}
+
 ctr_prepare() {
     mkdir -p "$CTR_UPPER" "$CTR_DIR/work" "$CTR_ROOTFS" "$CTR_BUNDLE"
     mount -t overlay overlay -o "lowerdir=/vm/layer,upperdir=$CTR_UPPER,workdir=$CTR_DIR/work" "$CTR_ROOTFS"
-    sed "s|@ROOTFS@|$CTR_ROOTFS|" /vm/config.json.in >"$CTR_BUNDLE/config.json"
+    sed "s|@ROOTFS@|$CTR_ROOTFS|; s|\"/vm/heap\"|\"/vm/$CTR_ID\"|" /vm/config.json.in >"$CTR_BUNDLE/config.json"
     ctr_workload >"$CTR_UPPER/workload.sh"
-    head -c 4194304 /dev/urandom >"$CTR_UPPER/pool"
 }
 
 ctr_start() {
@@ -108,18 +111,31 @@ ctr_start() {
     done
 }
 
-# ctr_wait_heap: waits until the container's memory use reaches HEAP_MIB.
+# ctr_wait_heap: waits until migrate-heap has filled its memory.
 ctr_wait_heap() {
-    want=$((${VM_HEAP_MIB:-128} * 1024 * 9 / 10))
     i=0
-    while :; do
-        kib=$(awk '/^anon /{ printf "%d", $2 / 1024 }' "/sys/fs/cgroup/vm/$CTR_ID/memory.stat" 2>/dev/null || echo 0)
-        [ "${kib:-0}" -lt "$want" ] || break
+    until grep -q '"ready_ms":[1-9]' "$CTR_UPPER/heap/status.json" 2>/dev/null; do
         i=$((i + 1))
-        [ $i -lt 600 ] || fail "the workload's heap did not fill (anon ${kib} KiB)"
+        [ $i -lt 900 ] || fail "the workload's heap did not fill"
         sleep 0.2
     done
-    say "container $CTR_ID runs, heap filled (anon $kib KiB)"
+    say "container $CTR_ID runs, heap filled: $(jq -c '{pages, fill_ms, dirty_bytes_per_sec}' "$CTR_UPPER/heap/status.json")"
+}
+
+# heap_verify ROOTFS: makes the container's migrate-heap check every page
+# and fails unless all are as they must be.
+heap_verify() {
+    status=$1/heap/status.json
+    # shellcheck disable=SC2016 # (expanded inside the container)
+    runc exec "$CTR_ID" sh -c 'kill -USR1 $(pidof migrate-heap)' || fail "cannot signal migrate-heap"
+    i=0
+    until [ "$(jq -r '.verify.n // 0' "$status" 2>/dev/null)" -ge 1 ]; do
+        i=$((i + 1))
+        [ $i -lt 1200 ] || fail "migrate-heap did not verify its memory"
+        sleep 0.1
+    done
+    [ "$(jq -r .verify.ok "$status")" = true ] || fail "the heap is corrupt: $(jq -c .verify "$status")"
+    say "heap intact: $(jq -c .verify "$status")"
 }
 
 # State "N TOKEN" as the container last wrote it, from a rootfs dir.
