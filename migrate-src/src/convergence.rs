@@ -10,9 +10,11 @@
 //! dirty rate     = pages written this round / time since the previous round began
 //! pages at freeze = dirty rate × (this round's dump + transfer time)
 //! predicted      = last pre-dump's frozen time
-//!                + pages at freeze × page size / dump rate        (CRIU collecting them)
-//!                + pages at freeze × page size / link rate        (bytes on the wire, as measured)
-//!                + restore estimate                               (RESTORE_ESTIMATE_MS)
+//!                + pages at freeze × CRIU's time per page          (collecting them)
+//!                + pages at freeze × wire bytes per page / link rate
+//!                + restore: RESTORE_BASE_MS + every page × the first round's
+//!                  time per page to dump and write it             (a restore reads them
+//!                                                                  all back, dirty or not)
 //! ```
 //!
 //! and then freezes (or, in hybrid mode, switches to post-copy) on the first
@@ -44,10 +46,11 @@ pub const TINY_WORKING_SET: u64 = 64;
 /// A round that writes more than this share of the previous one's pages is
 /// not shrinking.
 pub const SHRINK_THRESHOLD: f64 = 0.9;
-/// What a restore of a small container takes on the destination, before any
-/// measurement: runc and CRIU set-up, about 200 ms on the hosts measured
-/// (stop-and-copy of a 2 MiB container restored in 190-205 ms).
-pub const RESTORE_ESTIMATE_MS: f64 = 200.0;
+/// What a restore of a small container takes on the destination: runc and
+/// CRIU set-up, about 200 ms on the hosts measured (stop-and-copy of a 2 MiB
+/// container restored in 190-205 ms). The rest of a restore is reading the
+/// memory back, which the first round's dump time prices.
+pub const RESTORE_BASE_MS: f64 = 200.0;
 
 /// What one pre-copy round measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +61,10 @@ pub struct RoundFigures {
     pub frozen_ms: f64,
     /// Milliseconds CRIU took to collect the written pages.
     pub memdump_ms: f64,
+    /// Milliseconds CRIU took to write them out.
+    pub memwrite_ms: f64,
+    /// Pages of memory the container has, written or not.
+    pub pages_total: u64,
     /// Milliseconds from the start of the previous round's pre-dump to the
     /// start of this one: the window in which this round's pages got dirty.
     /// `None` for the first round.
@@ -130,9 +137,10 @@ impl Policy {
         };
         let round = rounds.len() as u32;
         let (dirty, link) = rates(this);
-        let predicted = self.prediction(this);
+        let first = &rounds[0];
+        let predicted = self.prediction(first, this);
         let previous = rounds.len().checked_sub(2).map(|i| rounds[i]);
-        let previous_prediction = previous.and_then(|prev| self.prediction(&prev));
+        let previous_prediction = previous.and_then(|prev| self.prediction(first, &prev));
 
         let decision = if predicted.is_some_and(|p| p <= self.max_downtime_ms) {
             Decision::Converged
@@ -158,12 +166,18 @@ impl Policy {
 
     /// The frozen step predicted after `this` round, once a dirty rate is
     /// known (not after the first round).
-    fn prediction(&self, this: &RoundFigures) -> Option<f64> {
+    fn prediction(&self, first: &RoundFigures, this: &RoundFigures) -> Option<f64> {
         let (dirty, link) = rates(this);
-        dirty.map(|dirty| self.predict(this, dirty, link))
+        dirty.map(|dirty| self.predict(first, this, dirty, link))
     }
 
-    fn predict(&self, this: &RoundFigures, dirty_pages_per_s: f64, link: Option<f64>) -> f64 {
+    fn predict(
+        &self,
+        first: &RoundFigures,
+        this: &RoundFigures,
+        dirty_pages_per_s: f64,
+        link: Option<f64>,
+    ) -> f64 {
         let pages_at_freeze = dirty_pages_per_s * (this.dump_ms + this.transfer_ms) / 1000.0;
         let dump_ms_per_page = if this.pages_written > 0 {
             this.memdump_ms / this.pages_written as f64
@@ -180,7 +194,13 @@ impl Policy {
             Some(rate) => pages_at_freeze * wire_per_page / rate * 1000.0,
             None => 0.0,
         };
-        this.frozen_ms + pages_at_freeze * dump_ms_per_page + transfer_ms + RESTORE_ESTIMATE_MS
+        let restore_ms_per_page = if first.pages_written > 0 {
+            (first.memdump_ms + first.memwrite_ms) / first.pages_written as f64
+        } else {
+            0.0
+        };
+        let restore_ms = RESTORE_BASE_MS + this.pages_total as f64 * restore_ms_per_page;
+        this.frozen_ms + pages_at_freeze * dump_ms_per_page + transfer_ms + restore_ms
     }
 }
 
@@ -206,15 +226,17 @@ mod tests {
         max_rounds: 8,
     };
 
-    /// A round of a 128 MiB container over a ~12 MB/s link whose images
-    /// compress about 3x, as measured in the VM test bed.
+    /// A synthetic round: a 128 MiB container over a 12 MB/s link whose
+    /// images compress 3x, CRIU moving a page in 1.2 µs.
     fn round(pages_written: u64, window_ms: Option<f64>) -> RoundFigures {
         let wire_bytes = pages_written * PAGE_SIZE / 3;
         RoundFigures {
             pages_written,
             pages_skipped: 32768 - pages_written.min(32768),
             frozen_ms: 40.0,
-            memdump_ms: pages_written as f64 * 0.002,
+            memdump_ms: pages_written as f64 * 0.001,
+            memwrite_ms: pages_written as f64 * 0.0002,
+            pages_total: 32768,
             window_ms,
             dump_ms: 100.0 + pages_written as f64 * 0.004,
             transfer_ms: wire_bytes as f64 / 12_000.0,
@@ -288,6 +310,8 @@ mod tests {
             pages_skipped: 32869 - pages_written,
             frozen_ms: 120.0,
             memdump_ms: 20.0,
+            memwrite_ms: 60.0,
+            pages_total: 32869,
             window_ms,
             dump_ms,
             transfer_ms,

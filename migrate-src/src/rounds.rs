@@ -78,6 +78,8 @@ pub async fn run(
             pages_skipped: criu.pages_skipped_parent,
             frozen_ms: criu.frozen_us as f64 / 1000.0,
             memdump_ms: criu.memdump_us as f64 / 1000.0,
+            memwrite_ms: criu.memwrite_us as f64 / 1000.0,
+            pages_total: criu.pages_scanned,
             window_ms: previous_start.map(|p| millis_f(started - p)),
             dump_ms: millis_f(dumped - started),
             transfer_ms: millis_f(sent - dumped),
