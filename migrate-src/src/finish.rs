@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use migrate_common::mount::unmount_all_under;
 use migrate_common::protocol::{Abort, Body, Commit, ControlError, Failed, Recovery};
 use migrate_common::runc::Runc;
@@ -301,26 +300,27 @@ pub(crate) async fn recover(
 }
 
 /// A lazy dump that must not complete: make CRIU fail the page transfer
-/// (it then leaves the original frozen), wait for it, and resume the
-/// original.
+/// (it then lets go of the original without killing it), wait for it, and
+/// resume the original. A CRIU that already failed by itself cannot take
+/// the request, which changes nothing.
 async fn go_back_from_lazy(
     lazy: &mut crate::lazy::LazyDump,
     tunnel: Option<&migrate_common::tunnel::Tunnel>,
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
-    match (tunnel, lazy.socket.as_mut()) {
-        (Some(tunnel), _) => tunnel
-            .abort()
-            .await
-            .context("ending CRIU's page transfer")?,
+    let abort = match (tunnel, lazy.socket.as_mut()) {
+        (Some(tunnel), _) => tunnel.abort().await.map_err(anyhow::Error::from),
         (None, Some(socket)) => socket
             .write_all(&migrate_common::criu::page_server::abort_request())
             .await
-            .context("ending CRIU's page transfer")?,
-        (None, None) => anyhow::bail!("the page-server socket is gone"),
+            .map_err(anyhow::Error::from),
+        (None, None) => Err(anyhow::anyhow!("the page-server socket is gone")),
+    };
+    if let Err(e) = abort {
+        tracing::debug!(error = %format!("{e:#}"), "CRIU did not take the abort request");
     }
     match lazy.ended().await? {
-        LazyEnd::OriginalFrozen => lazy.go_back(),
+        LazyEnd::OriginalKept => lazy.go_back(),
         LazyEnd::OriginalGone => anyhow::bail!("CRIU ended the original instead of keeping it"),
     }
 }

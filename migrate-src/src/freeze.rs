@@ -210,12 +210,11 @@ pub(crate) async fn freeze_and_send(
         "checkpointing (container frozen)"
     });
     let (frozen_at, dumped_at) = if lazy {
-        let dump = LazyDump::start(&setup, &final_dir, parent.as_deref())
-            .await
-            .map_err(Failure::Source)?;
-        let times = (dump.frozen_at, dump.dumped_at);
-        session.lazy = Some(dump);
-        times
+        let dump = session.lazy.insert(
+            LazyDump::spawn(&setup, &final_dir, parent.as_deref()).map_err(Failure::Source)?,
+        );
+        dump.images_ready().await.map_err(Failure::Source)?;
+        (dump.frozen_at, dump.dumped_at)
     } else {
         let dump = Checkpoint::start(&setup, &final_dir, parent.as_deref())
             .await

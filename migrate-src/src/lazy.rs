@@ -48,24 +48,25 @@ const CRIU_SOCKET_FD: i32 = 100;
 /// socket does not end when the agent does.
 const AGENT_END_FD: i32 = 101;
 
-/// A lazy dump that has written its images and serves pages.
+/// A lazy dump under way: writing its images, then serving pages.
 #[derive(Debug)]
 pub struct LazyDump {
     /// How `runc checkpoint` ended, once it has.
     end: Option<oneshot::Receiver<Result<LazyEnd, String>>>,
     holder_pid: Option<u32>,
-    _gate: PostDumpGate,
+    gate: PostDumpGate,
     image_dir: PathBuf,
     runc: Runc,
     id: String,
     /// The agent's end of CRIU's page-server socket.
     pub socket: Option<tokio::net::UnixStream>,
+    spawned_at: Instant,
     /// When CRIU began freezing the container: the start of its downtime.
     pub frozen_at: Instant,
-    /// Freezing the cgroup again once the images are complete.
-    fence: Option<tokio::task::JoinHandle<Result<()>>>,
     /// When CRIU had written every image.
     pub dumped_at: Instant,
+    /// Freezing the cgroup again once the images are complete.
+    fence: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 /// How a lazy dump's `runc checkpoint` ended.
@@ -73,19 +74,17 @@ pub struct LazyDump {
 pub enum LazyEnd {
     /// The transfer ended well and CRIU killed the original.
     OriginalGone,
-    /// The transfer failed; the original is still there, frozen.
-    OriginalFrozen,
+    /// The dump or the transfer failed; the original is still there, frozen
+    /// or (when the dump failed before the fence) resumed by CRIU.
+    OriginalKept,
 }
 
 impl LazyDump {
-    /// Starts the lazy dump; returns once its images are complete and it is
-    /// ready to serve pages. If it fails first, CRIU has resumed the
-    /// container and it runs on the source again.
-    pub async fn start(
-        setup: &DumpSetup<'_>,
-        image_dir: &Path,
-        parent: Option<&Path>,
-    ) -> Result<Self> {
+    /// Starts `runc checkpoint --lazy-pages`. The handle exists from the
+    /// start, so that whatever interrupts the migration from here on finds
+    /// the dump to end ([`crate::finish`] writes CRIU an abort request; CRIU
+    /// reads it as soon as it would serve pages).
+    pub fn spawn(setup: &DumpSetup<'_>, image_dir: &Path, parent: Option<&Path>) -> Result<Self> {
         let DumpSetup {
             runc,
             id,
@@ -97,7 +96,7 @@ impl LazyDump {
         let socket = work.root.join("criu-action.sock");
         let script = work.root.join("criu-action.sh");
         let config = work.root.join("criu-lazy.conf");
-        let mut gate = PostDumpGate::bind(&socket)?;
+        let gate = PostDumpGate::bind(&socket)?;
         // The fate of the original is decided by the page transfer, not at
         // post-dump, which CRIU runs before serving the first page.
         gate.decide(Verdict::Finish);
@@ -120,8 +119,13 @@ impl LazyDump {
                 .into(),
             AGENT_END_FD,
         );
+        agent_end
+            .set_nonblocking(true)
+            .context("preparing the page-server socket")?;
+        let socket = tokio::net::UnixStream::from_std(agent_end)
+            .context("preparing the page-server socket")?;
 
-        let started = Instant::now();
+        let spawned_at = Instant::now();
         let mut cmd = runc.checkpoint_command(&CheckpointSpec {
             id,
             kind: DumpKind::Lazy,
@@ -132,50 +136,11 @@ impl LazyDump {
             options,
         });
         fds.apply(&mut cmd);
-        let spawned = tokio::process::Command::from(cmd)
+        let child = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
             .spawn()
-            .with_context(|| format!("starting {}", runc.binary.display()));
+            .with_context(|| format!("starting {}", runc.binary.display()))?;
         drop(fds);
-        let mut child = spawned?;
-
-        let (mut frozen_at, mut dumped_at) = (None, None);
-        loop {
-            tokio::select! {
-                event = gate.next_event() => {
-                    let Some(event) = event else { bail!("the CRIU action gate closed unexpectedly") };
-                    match event.action.as_str() {
-                        "pre-dump" => frozen_at = Some(event.at),
-                        "post-dump" => dumped_at = Some(event.at),
-                        "status-ready" => break,
-                        _ => {}
-                    }
-                }
-                status = child.wait() => {
-                    let status = status.context("waiting for runc checkpoint")?;
-                    let output = read_output(&mut child).await;
-                    bail!(
-                        "source: the lazy dump of {id} failed before its images were complete ({status}); \
-                         the container keeps running on the source\nrunc: {}\nCRIU {}",
-                        output.trim(),
-                        log_tail(&image_dir.join("dump.log"), LOG_TAIL_LINES)
-                    );
-                }
-            }
-        }
-        // While the images cross; awaited before the destination may restore.
-        let fence = {
-            let (runc, id) = (runc.clone(), id.to_owned());
-            tokio::task::spawn_blocking(move || {
-                runc.pause(&id)
-                    .with_context(|| format!("freezing {id} while its pages are served"))
-            })
-        };
-        agent_end
-            .set_nonblocking(true)
-            .context("preparing the page-server socket")?;
-        let socket = tokio::net::UnixStream::from_std(agent_end)
-            .context("preparing the page-server socket")?;
         let holder_pid = child.id();
         let (ended, end) = oneshot::channel();
         let log = image_dir.join("dump.log");
@@ -183,17 +148,62 @@ impl LazyDump {
             let _ = ended.send(wait_for_end(child, &log).await);
         });
         Ok(Self {
-            dumped_at: dumped_at.unwrap_or_else(Instant::now),
-            frozen_at: frozen_at.unwrap_or(started),
-            fence: Some(fence),
             end: Some(end),
             holder_pid,
-            _gate: gate,
+            gate,
             image_dir: image_dir.to_owned(),
             runc: runc.clone(),
             id: id.to_owned(),
             socket: Some(socket),
+            spawned_at,
+            frozen_at: spawned_at,
+            dumped_at: spawned_at,
+            fence: None,
         })
+    }
+
+    /// Waits until CRIU has written every image and is ready to serve
+    /// pages, then starts freezing the cgroup again. If the dump fails
+    /// first, CRIU has resumed the container and it runs on the source.
+    pub async fn images_ready(&mut self) -> Result<()> {
+        let (mut frozen_at, mut dumped_at) = (None, None);
+        loop {
+            let event = tokio::select! {
+                event = self.gate.next_event() => event,
+                end = ended(&mut self.end) => {
+                    let reason = match end {
+                        Ok(_) => "it ended".to_owned(),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    bail!(
+                        "source: the lazy dump of {} failed before its images were complete: {reason}; \
+                         the container keeps running on the source\nCRIU {}",
+                        self.id,
+                        log_tail(&self.image_dir.join("dump.log"), LOG_TAIL_LINES)
+                    );
+                }
+            };
+            let Some(event) = event else {
+                bail!("the CRIU action gate closed unexpectedly")
+            };
+            match event.action.as_str() {
+                "pre-dump" => frozen_at = Some(event.at),
+                "post-dump" => dumped_at = Some(event.at),
+                "status-ready" => break,
+                _ => {}
+            }
+        }
+        self.frozen_at = frozen_at.unwrap_or(self.spawned_at);
+        self.dumped_at = dumped_at.unwrap_or_else(Instant::now);
+        // While the images cross; awaited before the destination may restore.
+        self.fence = Some({
+            let (runc, id) = (self.runc.clone(), self.id.clone());
+            tokio::task::spawn_blocking(move || {
+                runc.pause(&id)
+                    .with_context(|| format!("freezing {id} while its pages are served"))
+            })
+        });
+        Ok(())
     }
 
     pub fn image_dir(&self) -> &Path {
@@ -230,18 +240,11 @@ impl LazyDump {
     /// Waits for `runc checkpoint` to end. Cancel-safe; once it has
     /// answered, later calls wait forever.
     pub async fn ended(&mut self) -> Result<LazyEnd> {
-        let Some(end) = self.end.as_mut() else {
-            return std::future::pending().await;
-        };
-        let outcome = end.await;
-        self.end = None;
-        outcome
-            .map_err(|_| anyhow!("lost track of runc checkpoint"))?
-            .map_err(|e| anyhow!(e))
+        ended(&mut self.end).await
     }
 
-    /// After CRIU ended a failed transfer (the original frozen): removes the
-    /// network lock CRIU left and resumes the original.
+    /// After CRIU ended a failed dump or transfer: removes the network lock
+    /// CRIU may have left and resumes the original if it is frozen.
     pub fn go_back(&self) -> Result<()> {
         let state = self.runc.state(&self.id)?;
         migrate_common::netns::remove_criu_network_lock(state.pid)
@@ -260,6 +263,17 @@ impl LazyDump {
     }
 }
 
+async fn ended(end: &mut Option<oneshot::Receiver<Result<LazyEnd, String>>>) -> Result<LazyEnd> {
+    let Some(receiver) = end.as_mut() else {
+        return std::future::pending().await;
+    };
+    let outcome = receiver.await;
+    *end = None;
+    outcome
+        .map_err(|_| anyhow!("lost track of runc checkpoint"))?
+        .map_err(|e| anyhow!(e))
+}
+
 async fn wait_for_end(mut child: Child, log: &Path) -> Result<LazyEnd, String> {
     let status = child
         .wait()
@@ -268,9 +282,11 @@ async fn wait_for_end(mut child: Child, log: &Path) -> Result<LazyEnd, String> {
     if status.success() {
         return Ok(LazyEnd::OriginalGone);
     }
+    // CRIU's own words for a dump it gave up on: the processes are then
+    // let go of, not killed.
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    if text.contains("Lazy pages transfer FAILED") {
-        return Ok(LazyEnd::OriginalFrozen);
+    if text.contains("Lazy pages transfer FAILED") || text.contains("Dumping FAILED") {
+        return Ok(LazyEnd::OriginalKept);
     }
     let output = read_output(&mut child).await;
     Err(format!(

@@ -151,7 +151,7 @@ pub async fn follow(
                         }
                         end = lazy.ended() => match end {
                             Ok(LazyEnd::OriginalGone) => progress.source_free_at = Some(Instant::now()),
-                            Ok(LazyEnd::OriginalFrozen) => {
+                            Ok(LazyEnd::OriginalKept) => {
                                 return Err(in_doubt(
                                     "CRIU's page transfer failed on the source; the original is frozen there"
                                         .into(),
@@ -240,7 +240,7 @@ async fn wait_for_source(
     if progress.source_free_at.is_none() {
         match lazy.ended().await {
             Ok(LazyEnd::OriginalGone) => progress.source_free_at = Some(Instant::now()),
-            Ok(LazyEnd::OriginalFrozen) | Err(_) => {
+            Ok(LazyEnd::OriginalKept) | Err(_) => {
                 return Err(PostCopyError::InDoubt {
                     reason: "the destination had every page, but CRIU did not end the original"
                         .into(),

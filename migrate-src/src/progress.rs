@@ -45,12 +45,11 @@ impl Reporter {
     }
 
     /// A line that stays: above the bar on a terminal, on stderr otherwise
-    /// (not with `--json`, whose one object says it all).
+    /// (with `--json` too: the object goes to stdout).
     pub fn note(&self, msg: impl AsRef<str>) {
         match &self.bar {
             Some(bar) => bar.println(format!("migrate: {}", msg.as_ref())),
-            None if self.log_phases => eprintln!("migrate: {}", msg.as_ref()),
-            None => {}
+            None => eprintln!("migrate: {}", msg.as_ref()),
         }
     }
 

@@ -24,7 +24,7 @@ httpd -p 127.0.0.1:8080 -h /work
 i=0
 while true; do
     i=$((i + 1))
-    echo "$token $i" > /work/counter
+    echo "$token $i" > /work/counter.new && mv /work/counter.new /work/counter
     echo "tick $token $i"
     sleep 0.2
 done

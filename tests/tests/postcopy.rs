@@ -255,3 +255,35 @@ fn a_failed_lazy_restore_resumes_the_original_with_its_network() {
     assert_destination_discarded(&dst, "pc5");
     assert_work_dir_clean(&lab);
 }
+
+#[test]
+fn ctrl_c_once_the_container_runs_on_the_destination_does_not_go_back() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("pc6", &format!("{}{GAME}", heap("384M", "0")));
+    wait_for_heap(&container.rootfs);
+    let before = wait_for_ticks(&container, 3);
+
+    let child = migrate_until_restored(&lab, &dst, &container, &[]);
+    // nsenter execs migrate: this is migrate's own pid.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(
+        out.status.success(),
+        "an interrupt after the decision point must not undo the migration:\n{err}"
+    );
+    assert!(err.contains("waiting for the transfer to end"), "{err}");
+    assert!(
+        container.state().is_none(),
+        "still registered on the source"
+    );
+    let rootfs = dst.container_dir("pc6").join("rootfs");
+    assert_heap_intact(&dst.runc_root, "pc6", &rootfs);
+    let (token, _) = counter(|args| runc_exec(&dst.runc_root, "pc6", args));
+    assert_eq!(token, before.0);
+}
