@@ -15,15 +15,37 @@ use tokio::task::JoinSet;
 
 use crate::inspect::Layer;
 
-/// Streams open at once: enough to keep the link busy while one stream's
-/// compressor waits, few enough for 2-core hosts.
-const PARALLEL_STREAMS: usize = 4;
+/// Streams of large files open at once: enough to keep the link busy while
+/// one stream's compressor waits, few enough for 2-core hosts.
+const PARALLEL_LARGE: usize = 4;
+/// Streams open at once in all: a dump has dozens of small image files,
+/// whose cost is a round trip each rather than bytes, and the frozen step
+/// waits for the last of them.
+const PARALLEL_STREAMS: usize = 16;
+/// Files below this size count as small.
+const SMALL_FILE: u64 = 1 << 20;
 
 /// One unit of bulk data.
 #[derive(Debug, Clone)]
 enum Item {
-    File { id: StreamId, path: PathBuf },
-    Tree { id: StreamId, dir: PathBuf },
+    File {
+        id: StreamId,
+        path: PathBuf,
+        size: u64,
+    },
+    Tree {
+        id: StreamId,
+        dir: PathBuf,
+    },
+}
+
+impl Item {
+    fn is_large(&self) -> bool {
+        match self {
+            Item::File { size, .. } => *size >= SMALL_FILE,
+            Item::Tree { .. } => true,
+        }
+    }
 }
 
 /// Sends the layers the destination asked for.
@@ -128,6 +150,7 @@ fn image_items(dir: &Path, round: u32) -> Result<Vec<Item>> {
             Item::File {
                 id: StreamId::new(StreamKind::Image, round, name),
                 path: entry.path(),
+                size: meta.len(),
             },
         ));
     }
@@ -140,18 +163,28 @@ async fn send_all(
     items: Vec<Item>,
     stats: &Arc<TransferStats>,
 ) -> Result<Vec<FileDigest>> {
-    let mut pending = items.into_iter();
+    let mut pending = items.into_iter().peekable();
     let mut running = JoinSet::new();
+    let mut large_running = 0;
     let mut done = Vec::new();
     loop {
         while running.len() < PARALLEL_STREAMS {
+            let Some(next) = pending.peek() else { break };
+            let large = next.is_large();
+            if large && large_running >= PARALLEL_LARGE {
+                break;
+            }
             let Some(item) = pending.next() else { break };
-            running.spawn(send_item(conn.clone(), item, stats.clone()));
+            large_running += usize::from(large);
+            let (conn, stats) = (conn.clone(), stats.clone());
+            running.spawn(async move { (large, send_item(conn, item, stats).await) });
         }
         let Some(joined) = running.join_next().await else {
             break;
         };
-        done.push(joined.context("a sending task panicked")??);
+        let (large, sent) = joined.context("a sending task panicked")?;
+        large_running -= usize::from(large);
+        done.push(sent?);
     }
     Ok(done)
 }
@@ -162,7 +195,7 @@ async fn send_item(
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest> {
     match item {
-        Item::File { id, path } => send_file(&conn, &id, path.clone(), stats)
+        Item::File { id, path, .. } => send_file(&conn, &id, path.clone(), stats)
             .await
             .with_context(|| format!("sending {}", path.display())),
         Item::Tree { id, dir } => {

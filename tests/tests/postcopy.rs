@@ -81,11 +81,16 @@ fn migrate_until_restored(
     migrate
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = migrate.spawn().unwrap();
+    let mut child = migrate.spawn().unwrap();
     wait_until(
         "the container to run on the destination",
         Duration::from_secs(60),
         || {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+                panic!("migrate ended ({status}) before the restore:\n{err}");
+            }
             let out = dst.runc(&["state", &container.id]);
             out.status.success()
                 && serde_json::from_slice::<serde_json::Value>(&out.stdout)
