@@ -7,7 +7,20 @@
 # score over HTTP on its own loopback. After the migration the score goes on
 # from where it was, not from zero, the file changes are there, and the
 # server answers on the destination.
+#
+#   scripts/demo.sh [--mode auto|stop-and-copy|post-copy|pre-copy|hybrid]
+#
+# The mode goes to migrate (default auto: pre-copy where this kernel tracks
+# dirty memory, else stop-and-copy); post-copy shows the container running
+# on the destination before its memory has arrived.
 set -euo pipefail
+
+mode=auto
+case "${1:-}" in
+    --mode) mode=${2:?--mode needs a value}; shift 2 ;;
+    "") ;;
+    *) echo "usage: scripts/demo.sh [--mode MODE]" >&2; exit 2 ;;
+esac
 
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -89,9 +102,9 @@ say "on the source, the game runs:"
 runc --root "$demo/runc-src" list
 echo "score over HTTP inside the container: $(runc --root "$demo/runc-src" exec "$id" wget -qO- http://127.0.0.1:8080/score)"
 
-say "migrate $id --to $DST_ADDR:7070"
+say "migrate $id --to $DST_ADDR:7070 --mode $mode"
 on_host "$prefix-src" "$bin/migrate" "$id" --to "$DST_ADDR:7070" --tls-dir "$demo/tls-src" \
-    --runc-root "$demo/runc-src"
+    --runc-root "$demo/runc-src" --mode "$mode"
 
 say "after the migration"
 echo "source runc root:"

@@ -152,13 +152,21 @@ pub fn run_action_hook(socket: &Path, action: &str) -> i32 {
 
 /// The shell script CRIU runs (its config's `action-script` takes a path,
 /// not a command line).
+/// Only the actions the agent waits for or times are reported: CRIU runs
+/// the script for every action, some while the container is frozen, and
+/// each report is a process start.
 pub fn action_script(migrate_exe: &Path, socket: &Path) -> String {
     format!(
-        "#!/bin/sh\n# Written by migrate for one checkpoint: see migrate-common's hook module.\nexec {} criu-action-hook {}\n",
+        "#!/bin/sh\n# Written by migrate for one checkpoint: see migrate-common's hook module.\n\
+         case \"${ACTION_ENV}\" in\n  {REPORTED_ACTIONS}) ;;\n  *) exit 0 ;;\nesac\n\
+         exec {} criu-action-hook {}\n",
         shell_quote(&migrate_exe.to_string_lossy()),
         shell_quote(&socket.to_string_lossy())
     )
 }
+
+/// The actions [`action_script`] reports, in `case` pattern syntax.
+const REPORTED_ACTIONS: &str = "pre-dump|post-dump|status-ready";
 
 pub fn write_action_script(
     path: &Path,
@@ -194,6 +202,10 @@ mod tests {
     fn script_quotes_paths() {
         let s = action_script(Path::new("/opt/it's/migrate"), Path::new("/run/m/h.sock"));
         assert!(s.starts_with("#!/bin/sh\n"));
+        assert!(
+            s.contains("case \"$CRTOOLS_SCRIPT_ACTION\" in\n  pre-dump|post-dump|status-ready) ;;"),
+            "{s}"
+        );
         assert!(
             s.ends_with("exec '/opt/it'\\''s/migrate' criu-action-hook '/run/m/h.sock'\n"),
             "{s}"

@@ -84,6 +84,7 @@ pub async fn restore_lazily(
     lazy.ready(DAEMON_READY)
         .await
         .map_err(|e| discard(e.into()))?;
+    tracing::debug!("lazy-pages daemon ready");
     agent_end
         .set_nonblocking(true)
         .context("preparing the page-server socket")

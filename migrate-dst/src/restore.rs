@@ -158,6 +158,10 @@ fn restore_in(
     let id = &hello.container_id;
     let (stdout, stderr) = spawn_log_shim(daemon, dir)
         .map_err(|e| failed("starting the log shim", &e, String::new()))?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        "bundle ready; runc restore"
+    );
     let (bundle, criu_work, runc_log) = (dir.bundle(), dir.criu_work(), dir.runc_log());
     let spec = RestoreSpec {
         id,
@@ -187,6 +191,7 @@ fn restore_in(
             },
             other => failed("restore", &other.into(), String::new()),
         })?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "runc restore done");
     let state = daemon
         .runc
         .state(id)
