@@ -107,6 +107,31 @@ pub struct DumpSetup<'a> {
     pub options: CriuOptions,
 }
 
+impl DumpSetup<'_> {
+    /// The gate on CRIU's action script for the final dump (eager or lazy)
+    /// and the CRIU config file that names the script; `ps_socket` for a
+    /// lazy dump. Pre-dumps have no script: nothing waits on them.
+    pub fn gate_and_config(
+        &self,
+        config_name: &str,
+        ps_socket: Option<i32>,
+    ) -> Result<(PostDumpGate, PathBuf)> {
+        let socket = self.work.root.join("criu-action.sock");
+        let script = self.work.root.join("criu-action.sh");
+        let config = self.work.root.join(config_name);
+        let gate = PostDumpGate::bind(&socket)?;
+        write_action_script(&script, self.migrate_exe, &socket)?;
+        ConfigFile {
+            action_script: Some(script),
+            ghost_limit: Some(self.ghost_limit),
+            ps_socket,
+            cgroup_root: None,
+        }
+        .write(&config)?;
+        Ok((gate, config))
+    }
+}
+
 /// A running `runc checkpoint` that has dumped the container and waits in
 /// post-dump for a verdict.
 #[derive(Debug)]
@@ -140,25 +165,10 @@ impl Checkpoint {
         parent: Option<&Path>,
     ) -> Result<Self> {
         let DumpSetup {
-            runc,
-            id,
-            work,
-            migrate_exe,
-            ghost_limit,
-            options,
+            runc, id, options, ..
         } = *setup;
         let image_dir = image_dir.to_owned();
-        let socket = work.root.join("criu-action.sock");
-        let script = work.root.join("criu-action.sh");
-        let config = work.root.join("criu.conf");
-        let mut gate = PostDumpGate::bind(&socket)?;
-        write_action_script(&script, migrate_exe, &socket)?;
-        ConfigFile {
-            action_script: Some(script),
-            ghost_limit: Some(ghost_limit),
-            ..ConfigFile::default()
-        }
-        .write(&config)?;
+        let (mut gate, config) = setup.gate_and_config("criu.conf", None)?;
 
         let std_cmd = runc.checkpoint_command(&CheckpointSpec {
             id,

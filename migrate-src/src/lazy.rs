@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use migrate_common::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
-use migrate_common::hook::{write_action_script, PostDumpGate, Verdict};
+use migrate_common::criu::{log_tail, LOG_TAIL_LINES};
+use migrate_common::hook::{PostDumpGate, Verdict};
 use migrate_common::process::InheritedFds;
 use migrate_common::runc::{CheckpointSpec, DumpKind, Runc};
 use tokio::process::Child;
@@ -86,28 +86,12 @@ impl LazyDump {
     /// reads it as soon as it would serve pages).
     pub fn spawn(setup: &DumpSetup<'_>, image_dir: &Path, parent: Option<&Path>) -> Result<Self> {
         let DumpSetup {
-            runc,
-            id,
-            work,
-            migrate_exe,
-            ghost_limit,
-            options,
+            runc, id, options, ..
         } = *setup;
-        let socket = work.root.join("criu-action.sock");
-        let script = work.root.join("criu-action.sh");
-        let config = work.root.join("criu-lazy.conf");
-        let gate = PostDumpGate::bind(&socket)?;
+        let (gate, config) = setup.gate_and_config("criu-lazy.conf", Some(CRIU_SOCKET_FD))?;
         // The fate of the original is decided by the page transfer, not at
         // post-dump, which CRIU runs before serving the first page.
         gate.decide(Verdict::Finish);
-        write_action_script(&script, migrate_exe, &socket)?;
-        ConfigFile {
-            action_script: Some(script),
-            ghost_limit: Some(ghost_limit),
-            ps_socket: Some(CRIU_SOCKET_FD),
-            cgroup_root: None,
-        }
-        .write(&config)?;
         let (criu_end, agent_end) =
             StdUnixStream::pair().context("creating the page-server socket pair")?;
         let mut fds = InheritedFds::default();

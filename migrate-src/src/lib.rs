@@ -175,23 +175,11 @@ async fn after_eager_restore(
         }
     };
     let restored_at = Instant::now();
-    let _ = session.state.advance(SourcePhase::Finishing);
+    step(&mut session, SourcePhase::Finishing);
     reporter.phase("finishing on the source");
+    let warnings = finish::end_source_copy(&mut session).await;
     let mut frozen = frozen;
-    let mut warnings = finish::end_source_copy(&mut session).await;
-    frozen.count_final_pages(&session);
-    warnings.extend(finish::clean_up(&mut session, opts).await);
-    let _ = session.state.advance(SourcePhase::Committing);
-    let wire = session.retired_wire_bytes
-        + session
-            .link
-            .as_ref()
-            .map(|l| postcopy::wire_bytes(&l.conn))
-            .unwrap_or(0);
-    if let Some(link) = session.link.take() {
-        link.close().await;
-    }
-    let _ = session.state.advance(SourcePhase::Done);
+    let (warnings, wire) = wind_up(&mut session, &mut frozen, opts, warnings).await;
     Ok(summary(
         opts,
         &frozen,
@@ -201,6 +189,38 @@ async fn after_eager_restore(
         wire,
         warnings,
     ))
+}
+
+/// What every mode does once the source copy is gone: the final round's
+/// figures, the cleanup and the commit; returns the warnings and the wire
+/// bytes of every connection the migration used.
+async fn wind_up(
+    session: &mut Session,
+    frozen: &mut Frozen,
+    opts: &MigrateOptions,
+    mut warnings: Vec<String>,
+) -> (Vec<String>, u64) {
+    frozen.count_final_pages(session);
+    step(session, SourcePhase::Committing);
+    warnings.extend(finish::clean_up(session, opts).await);
+    let wire = session.retired_wire_bytes
+        + session
+            .link
+            .as_ref()
+            .map(|l| postcopy::wire_bytes(&l.conn))
+            .unwrap_or(0);
+    if let Some(link) = session.link.take() {
+        link.close().await;
+    }
+    step(session, SourcePhase::Done);
+    (warnings, wire)
+}
+
+/// A step the order of the code guarantees; a refusal is a bug, logged.
+fn step(session: &mut Session, phase: SourcePhase) {
+    if let Err(e) = session.state.advance(phase) {
+        tracing::warn!(error = %e, "source state");
+    }
 }
 
 /// Post-copy and hybrid: the destination runs the container at once, and
@@ -223,22 +243,10 @@ async fn after_lazy_restore(
             return Err(finish::in_doubt(session, reason, restored, opts).await);
         }
     };
-    let _ = session.state.advance(SourcePhase::Finishing);
+    step(&mut session, SourcePhase::Finishing);
     reporter.phase("finishing on the source");
     let mut frozen = frozen;
-    frozen.count_final_pages(&session);
-    let warnings = finish::clean_up(&mut session, opts).await;
-    let _ = session.state.advance(SourcePhase::Committing);
-    let wire = session.retired_wire_bytes
-        + session
-            .link
-            .as_ref()
-            .map(|l| postcopy::wire_bytes(&l.conn))
-            .unwrap_or(0);
-    if let Some(link) = session.link.take() {
-        link.close().await;
-    }
-    let _ = session.state.advance(SourcePhase::Done);
+    let (warnings, wire) = wind_up(&mut session, &mut frozen, opts, Vec::new()).await;
     let mut summary = summary(
         opts,
         &frozen,

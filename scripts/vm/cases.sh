@@ -25,18 +25,7 @@ case_count() { echo "$CASES" | tr ',' '\n' | grep -c .; }
 case_field() { echo "$CASES" | cut -d, -f"$1" | cut -d: -f"$2"; }
 
 run_b() {
-    mkdir -p /var/lib/migrate-dst
-    migrate-dst --listen "$VM_ADDR:$dst_port" --tls-dir "$tls" --state-dir /var/lib/migrate-dst \
-        --cgroup-parent /migrated </dev/null >/dev/null 2>/tmp/migrate-dst.log &
-    dst=$!
-    i=0
-    until grep -q listening /tmp/migrate-dst.log; do
-        kill -0 "$dst" 2>/dev/null || { cat /tmp/migrate-dst.log; fail "migrate-dst exited"; }
-        i=$((i + 1))
-        [ $i -lt 300 ] || { cat /tmp/migrate-dst.log; fail "migrate-dst does not listen"; }
-        sleep 0.1
-    done
-    say "migrate-dst listens on $VM_ADDR:$dst_port"
+    dst_start "$dst_port" --cgroup-parent /migrated
     peer_msg 7200 ready
     n=1
     while [ "$n" -le "$(case_count)" ]; do

@@ -140,3 +140,23 @@ heap_verify() {
 
 # State "N TOKEN" as the container last wrote it, from a rootfs dir.
 ctr_state() { cat "$1/state"; }
+
+# dst_start PORT [MIGRATE-DST OPTIONS...]: starts migrate-dst on this VM's
+# address and waits until it listens; its pid is in $dst, its log in
+# /tmp/migrate-dst.log.
+dst_start() {
+    listen_port=$1
+    shift
+    mkdir -p /var/lib/migrate-dst
+    migrate-dst --listen "$VM_ADDR:$listen_port" --tls-dir "/vm/tls/$VM_ADDR" \
+        --state-dir /var/lib/migrate-dst "$@" </dev/null >/dev/null 2>/tmp/migrate-dst.log &
+    dst=$!
+    i=0
+    until grep -q listening /tmp/migrate-dst.log; do
+        kill -0 "$dst" 2>/dev/null || { cat /tmp/migrate-dst.log; fail "migrate-dst exited"; }
+        i=$((i + 1))
+        [ $i -lt 300 ] || { cat /tmp/migrate-dst.log; fail "migrate-dst does not listen"; }
+        sleep 0.1
+    done
+    say "migrate-dst listens on $VM_ADDR:$listen_port"
+}

@@ -14,18 +14,7 @@ port=7070
 tls=/vm/tls/$VM_ADDR
 
 if [ "$role" = b ]; then
-    mkdir -p /var/lib/migrate-dst
-    migrate-dst --listen "$VM_ADDR:$port" --tls-dir "$tls" --state-dir /var/lib/migrate-dst \
-        </dev/null >/dev/null 2>/tmp/migrate-dst.log &
-    dst=$!
-    i=0
-    until grep -q listening /tmp/migrate-dst.log; do
-        kill -0 "$dst" 2>/dev/null || { cat /tmp/migrate-dst.log; fail "migrate-dst exited"; }
-        i=$((i + 1))
-        [ $i -lt 300 ] || { cat /tmp/migrate-dst.log; fail "migrate-dst does not listen"; }
-        sleep 0.1
-    done
-    say "migrate-dst listens on $VM_ADDR:$port"
+    dst_start "$port"
     peer_msg 7200 ready
     before=$(TIMEOUT=600 peer_recv 7201) || { cat /tmp/migrate-dst.log; fail "no word from A"; }
     say "A says: $before"
