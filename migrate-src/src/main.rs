@@ -56,7 +56,10 @@ struct MigrateArgs {
     /// Where checkpoint images are written; should be tmpfs.
     #[arg(long, default_value = "/dev/shm/migrate")]
     work_dir: PathBuf,
-    /// How memory moves. auto: pre-copy where this host tracks dirty memory,
+    /// How memory moves (auto: pre-copy where this host can, else
+    /// stop-and-copy; never post-copy).
+    ///
+    /// auto: pre-copy where this host tracks dirty memory,
     /// else stop-and-copy (never post-copy). pre-copy: pre-dump rounds while
     /// the container runs, then a short frozen dump. post-copy: frozen only
     /// for the dump of everything but memory; the container runs on the
