@@ -1,15 +1,27 @@
-//! The post-dump gate: how the source keeps a checkpointed container frozen,
-//! not killed, until the destination has restored it.
+//! Gates on CRIU's action script: how a container is held, frozen, while
+//! the migration's outcome is not known yet, on either side.
 //!
-//! CRIU runs an action script at each step of a dump ([`crate::criu`] names
-//! ours in the per-checkpoint config). The script execs `migrate
-//! criu-action-hook SOCKET`, which reports the action over a unix socket to
-//! the source agent. For `post-dump` (images complete, processes still
-//! frozen) it then blocks until the agent answers: `finish` exits 0 and CRIU
-//! goes on to kill the frozen processes; anything else (`resume`, a closed
-//! socket because the agent died, a refused connection) exits non-zero, and
-//! CRIU resumes the processes as if nothing happened. So the container can
-//! only disappear from the source after the agent said so.
+//! CRIU runs an action script at each step of a dump or restore (the
+//! per-migration CRIU config names ours). The script execs the agent's
+//! binary as `criu-action-hook SOCKET`, which reports the action over a unix
+//! socket to the agent and, for the one action it is held at, blocks until
+//! the agent answers:
+//!
+//! - **source, `post-dump`** (images complete, processes frozen): `proceed`
+//!   exits 0 and CRIU ends the frozen processes; `undo` exits non-zero and
+//!   CRIU resumes them as if nothing happened.
+//! - **destination, `post-restore`** (processes restored, not yet resumed):
+//!   `proceed` exits 0 and CRIU lets them run; `undo` exits non-zero and CRIU
+//!   kills them. A non-zero exit there fails closed; CRIU 4.2 ignores the
+//!   exit status of `pre-resume`, which is why the hold is at `post-restore`.
+//!
+//! When the agent is gone (it crashed, or was killed) the hook does not
+//! guess: on the source it reads the migration's durable record
+//! ([`crate::record`]) and ends the source copy only if the record says the
+//! decision was taken; on the destination it waits for a restarted agent,
+//! which finds the held container from its own record and answers in its
+//! place. So a container disappears from the source only after the source
+//! decided, and runs on the destination only after it said so.
 //!
 //! CRIU may run the script more than once per action; every answer for an
 //! action is the same, so repeats are harmless.
@@ -17,14 +29,21 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::record::{self, SourcePhase, SourceRecord};
+
 pub const ACTION_ENV: &str = "CRTOOLS_SCRIPT_ACTION";
-const POST_DUMP: &str = "post-dump";
+/// The source's hold: images complete, processes frozen.
+pub const POST_DUMP: &str = "post-dump";
+/// The destination's hold: processes restored, not yet resumed.
+pub const POST_RESTORE: &str = "post-restore";
+/// How often a destination hook whose agent is gone tries again.
+const AGENT_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -42,13 +61,22 @@ pub enum HookError {
     },
 }
 
-/// What CRIU should do with the frozen container once post-dump is reached.
+/// What CRIU should do with the container held at the gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The destination runs the container: let CRIU kill the source copy.
-    Finish,
-    /// Anything went wrong: CRIU resumes the processes on the source.
-    Resume,
+    /// Go on: the source ends its copy; the destination lets its copy run.
+    Proceed,
+    /// Go back: the source resumes its copy; the destination kills its copy.
+    Undo,
+}
+
+impl Verdict {
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Proceed => "proceed",
+            Verdict::Undo => "undo",
+        }
+    }
 }
 
 /// One action CRIU reported, and when.
@@ -58,23 +86,24 @@ pub struct ActionEvent {
     pub at: Instant,
 }
 
-/// The source agent's end of the gate.
+/// The agent's end of a gate.
 #[derive(Debug)]
-pub struct PostDumpGate {
+pub struct Gate {
     events: mpsc::UnboundedReceiver<ActionEvent>,
     verdict: watch::Sender<Option<Verdict>>,
 }
 
-impl PostDumpGate {
-    /// Listens on `socket` (which must not exist yet).
-    pub fn bind(socket: &Path) -> Result<Self, HookError> {
+impl Gate {
+    /// Listens on `socket` (which must not exist yet); `held` is the action
+    /// that waits for [`Gate::decide`].
+    pub fn bind(socket: &Path, held: &'static str) -> Result<Self, HookError> {
         let listener = UnixListener::bind(socket).map_err(|source| HookError::Bind {
             path: socket.to_owned(),
             source,
         })?;
         let (event_tx, events) = mpsc::unbounded_channel();
         let (verdict, verdict_rx) = watch::channel(None);
-        tokio::spawn(serve(listener, event_tx, verdict_rx));
+        tokio::spawn(serve(listener, held, event_tx, verdict_rx));
         Ok(Self { events, verdict })
     }
 
@@ -83,7 +112,8 @@ impl PostDumpGate {
         self.events.recv().await
     }
 
-    /// Answers every pending and future post-dump query with `verdict`.
+    /// Answers every pending and future query of the held action with
+    /// `verdict`.
     pub fn decide(&self, verdict: Verdict) {
         self.verdict.send_replace(Some(verdict));
     }
@@ -91,6 +121,7 @@ impl PostDumpGate {
 
 async fn serve(
     listener: UnixListener,
+    held: &'static str,
     events: mpsc::UnboundedSender<ActionEvent>,
     verdict: watch::Receiver<Option<Verdict>>,
 ) {
@@ -118,61 +149,101 @@ async fn serve(
                 action: action.clone(),
                 at: Instant::now(),
             });
-            let answer = if action == POST_DUMP {
-                // A dropped gate (agent failing) also ends the wait, as Resume.
+            let answer = if action == held {
+                // A dropped gate (agent ending) closes the connection
+                // unanswered: the hook then does what its side does
+                // without an agent.
                 match verdict.wait_for(Option::is_some).await {
-                    Ok(v) if *v == Some(Verdict::Finish) => "finish\n",
-                    _ => "resume\n",
+                    Ok(v) => v.map(Verdict::word).unwrap_or_default(),
+                    Err(_) => return,
                 }
             } else {
-                "ok\n"
+                "ok"
             };
-            let _ = write.write_all(answer.as_bytes()).await;
+            let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
         });
     }
 }
 
-/// The hook's side, run by `migrate criu-action-hook SOCKET` inside CRIU's
-/// action script. Returns the exit code for CRIU.
-pub fn run_action_hook(socket: &Path, action: &str) -> i32 {
-    let is_post_dump = action == POST_DUMP;
-    let answer = StdUnixStream::connect(socket).and_then(|mut stream| {
-        stream.write_all(format!("{action}\n").as_bytes())?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        Ok(line)
-    });
-    match answer {
-        Ok(line) if line.trim() == "finish" || (!is_post_dump && line.trim() == "ok") => 0,
-        // Reporting other actions is best effort; never fail a dump for it.
-        _ if !is_post_dump => 0,
+/// What a hook does about the held action when the agent is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentGone {
+    /// Source: decide from the migration's durable record.
+    ConsultRecord(PathBuf),
+    /// Destination: wait for a restarted agent to answer.
+    WaitForAgent,
+}
+
+/// The hook's side, run by `criu-action-hook SOCKET` inside CRIU's action
+/// script. `held` is the action it holds at. Returns the exit code for CRIU.
+pub fn run_action_hook(socket: &Path, action: &str, held: &str, gone: &AgentGone) -> i32 {
+    if action != held {
+        // Reporting other actions is best effort; never fail CRIU for it.
+        let _ = ask(socket, action);
+        return 0;
+    }
+    loop {
+        match ask(socket, action) {
+            Some(answer) if answer == Verdict::Proceed.word() => return 0,
+            Some(answer) if answer == Verdict::Undo.word() => return 1,
+            _ => {}
+        }
+        match gone {
+            AgentGone::ConsultRecord(path) => return decide_from_record(path),
+            AgentGone::WaitForAgent => std::thread::sleep(AGENT_RETRY),
+        }
+    }
+}
+
+/// The answer to `action`, or `None` when no agent answered.
+fn ask(socket: &Path, action: &str) -> Option<String> {
+    let mut stream = StdUnixStream::connect(socket).ok()?;
+    stream.write_all(format!("{action}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    let answer = line.trim();
+    (!answer.is_empty()).then(|| answer.to_owned())
+}
+
+/// Without an agent, the source copy ends only if the record says the
+/// destination's copy was chosen; anything else (no record, an unreadable
+/// one, no decision) resumes it.
+fn decide_from_record(path: &Path) -> i32 {
+    match record::load::<SourceRecord>(path) {
+        Ok(Some(rec)) if matches!(rec.phase, SourcePhase::Decided | SourcePhase::Done) => 0,
         _ => 1,
     }
 }
 
 /// The shell script CRIU runs (its config's `action-script` takes a path,
-/// not a command line).
-/// Only the actions the agent waits for or times are reported: CRIU runs
+/// not a command line). Only `reported` actions reach the agent: CRIU runs
 /// the script for every action, some while the container is frozen, and
-/// each report is a process start.
-pub fn action_script(migrate_exe: &Path, socket: &Path) -> String {
+/// each report is a process start. `extra` are more arguments for the hook.
+pub fn action_script(exe: &Path, socket: &Path, reported: &str, extra: &[&Path]) -> String {
+    let mut args = vec![
+        shell_quote(&exe.to_string_lossy()),
+        "criu-action-hook".to_owned(),
+        shell_quote(&socket.to_string_lossy()),
+    ];
+    for path in extra {
+        args.push("--record".to_owned());
+        args.push(shell_quote(&path.to_string_lossy()));
+    }
     format!(
-        "#!/bin/sh\n# Written by migrate for one checkpoint: see migrate-common's hook module.\n\
-         case \"${ACTION_ENV}\" in\n  {REPORTED_ACTIONS}) ;;\n  *) exit 0 ;;\nesac\n\
-         exec {} criu-action-hook {}\n",
-        shell_quote(&migrate_exe.to_string_lossy()),
-        shell_quote(&socket.to_string_lossy())
+        "#!/bin/sh\n# Written by migrate for one migration: see migrate-common's hook module.\n\
+         case \"${ACTION_ENV}\" in\n  {reported}) ;;\n  *) exit 0 ;;\nesac\n\
+         exec {}\n",
+        args.join(" ")
     )
 }
 
-/// The actions [`action_script`] reports, in `case` pattern syntax.
-const REPORTED_ACTIONS: &str = "pre-dump|post-dump|status-ready";
+/// The actions the source's dumps report, in `case` pattern syntax.
+pub const SOURCE_ACTIONS: &str = "pre-dump|post-dump|status-ready";
+/// The actions the destination's restores report.
+pub const DESTINATION_ACTIONS: &str = "post-restore";
 
-pub fn write_action_script(
-    path: &Path,
-    migrate_exe: &Path,
-    socket: &Path,
-) -> Result<(), HookError> {
+/// Writes `script` (mode 0700, must not exist yet).
+pub fn write_action_script(path: &Path, script: &str) -> Result<(), HookError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| HookError::Script {
         path: path.to_owned(),
@@ -184,8 +255,7 @@ pub fn write_action_script(
         .mode(0o700)
         .open(path)
         .map_err(err)?;
-    file.write_all(action_script(migrate_exe, socket).as_bytes())
-        .map_err(err)
+    file.write_all(script.as_bytes()).map_err(err)
 }
 
 fn shell_quote(s: &str) -> String {
@@ -194,76 +264,4 @@ fn shell_quote(s: &str) -> String {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn script_quotes_paths() {
-        let s = action_script(Path::new("/opt/it's/migrate"), Path::new("/run/m/h.sock"));
-        assert!(s.starts_with("#!/bin/sh\n"));
-        assert!(
-            s.contains("case \"$CRTOOLS_SCRIPT_ACTION\" in\n  pre-dump|post-dump|status-ready) ;;"),
-            "{s}"
-        );
-        assert!(
-            s.ends_with("exec '/opt/it'\\''s/migrate' criu-action-hook '/run/m/h.sock'\n"),
-            "{s}"
-        );
-    }
-
-    async fn hook(socket: PathBuf, action: &'static str) -> i32 {
-        tokio::task::spawn_blocking(move || run_action_hook(&socket, action))
-            .await
-            .unwrap()
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn post_dump_blocks_until_finish() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("hook.sock");
-        let mut gate = PostDumpGate::bind(&socket).unwrap();
-        assert_eq!(hook(socket.clone(), "pre-dump").await, 0);
-        assert_eq!(gate.next_event().await.unwrap().action, "pre-dump");
-
-        let pending = tokio::spawn(hook(socket.clone(), "post-dump"));
-        assert_eq!(gate.next_event().await.unwrap().action, "post-dump");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            !pending.is_finished(),
-            "post-dump must wait for the verdict"
-        );
-        gate.decide(Verdict::Finish);
-        assert_eq!(pending.await.unwrap(), 0);
-        // A repeated post-dump gets the same answer at once.
-        assert_eq!(hook(socket, "post-dump").await, 0);
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn resume_verdict_fails_post_dump() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("hook.sock");
-        let gate = PostDumpGate::bind(&socket).unwrap();
-        gate.decide(Verdict::Resume);
-        assert_eq!(hook(socket, "post-dump").await, 1);
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn dropped_gate_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("hook.sock");
-        let mut gate = PostDumpGate::bind(&socket).unwrap();
-        let pending = tokio::spawn(hook(socket.clone(), "post-dump"));
-        gate.next_event().await.unwrap();
-        drop(gate);
-        assert_eq!(pending.await.unwrap(), 1);
-    }
-
-    #[test]
-    fn unreachable_agent_resumes_post_dump_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("nobody.sock");
-        assert_eq!(run_action_hook(&socket, "post-dump"), 1);
-        assert_eq!(run_action_hook(&socket, "network-lock"), 0);
-    }
-}
+mod tests;

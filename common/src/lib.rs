@@ -14,6 +14,7 @@ pub mod mount;
 pub mod netns;
 pub mod process;
 pub mod protocol;
+pub mod record;
 pub mod rootfs;
 pub mod runc;
 pub mod transfer;

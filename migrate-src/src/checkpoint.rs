@@ -12,9 +12,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
-use migrate_common::hook::{write_action_script, PostDumpGate, Verdict};
+use migrate_common::hook::{
+    action_script, write_action_script, Gate, Verdict, POST_DUMP, SOURCE_ACTIONS,
+};
 use migrate_common::runc::{CheckpointSpec, CriuOptions, DumpKind, Runc};
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
 
 /// A migration's private working directory on the source.
 #[derive(Debug, Clone)]
@@ -103,6 +106,9 @@ pub struct DumpSetup<'a> {
     pub work: &'a WorkDir,
     /// This program, for CRIU's action script to call back.
     pub migrate_exe: &'a Path,
+    /// The migration's durable record: the hook reads it when the agent is
+    /// gone.
+    pub record: &'a Path,
     pub ghost_limit: u64,
     pub options: CriuOptions,
 }
@@ -115,12 +121,15 @@ impl DumpSetup<'_> {
         &self,
         config_name: &str,
         ps_socket: Option<i32>,
-    ) -> Result<(PostDumpGate, PathBuf)> {
+    ) -> Result<(Gate, PathBuf)> {
         let socket = self.work.root.join("criu-action.sock");
         let script = self.work.root.join("criu-action.sh");
         let config = self.work.root.join(config_name);
-        let gate = PostDumpGate::bind(&socket)?;
-        write_action_script(&script, self.migrate_exe, &socket)?;
+        let gate = Gate::bind(&socket, POST_DUMP)?;
+        write_action_script(
+            &script,
+            &action_script(self.migrate_exe, &socket, SOURCE_ACTIONS, &[self.record]),
+        )?;
         ConfigFile {
             action_script: Some(script),
             ghost_limit: Some(self.ghost_limit),
@@ -132,13 +141,16 @@ impl DumpSetup<'_> {
     }
 }
 
-/// A running `runc checkpoint` that has dumped the container and waits in
-/// post-dump for a verdict.
+/// The final dump of an eager mode: `runc checkpoint`, which dumps the
+/// container and then waits in post-dump, frozen, for a verdict.
 #[derive(Debug)]
 pub struct Checkpoint {
-    child: Option<Child>,
-    gate: PostDumpGate,
+    gate: Gate,
+    end: Option<oneshot::Receiver<Result<Outcome, String>>>,
+    holder_pid: Option<u32>,
     image_dir: PathBuf,
+    id: String,
+    spawned_at: Instant,
     /// When CRIU started freezing the container (its pre-dump action).
     pub frozen_at: Instant,
     /// When the images were complete (its post-dump action).
@@ -146,116 +158,142 @@ pub struct Checkpoint {
 }
 
 /// How the checkpoint ended.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// runc checkpoint exited 0: the source copy is gone.
     Finished,
-    /// CRIU resumed the container on the source.
+    /// CRIU resumed the container on the source (or never froze it).
     Resumed,
 }
 
 impl Checkpoint {
-    /// Starts `runc checkpoint` and returns once CRIU has written every image
-    /// and is blocked in post-dump with the container frozen. If CRIU fails
-    /// before that, the container is still running and the error carries the
-    /// tail of CRIU's dump log.
-    pub async fn start(
-        setup: &DumpSetup<'_>,
-        image_dir: &Path,
-        parent: Option<&Path>,
-    ) -> Result<Self> {
+    /// Starts `runc checkpoint`. The handle exists from the start, so that
+    /// whatever interrupts the migration from here on can decide.
+    pub fn spawn(setup: &DumpSetup<'_>, image_dir: &Path, parent: Option<&Path>) -> Result<Self> {
         let DumpSetup {
             runc, id, options, ..
         } = *setup;
-        let image_dir = image_dir.to_owned();
-        let (mut gate, config) = setup.gate_and_config("criu.conf", None)?;
-
+        let (gate, config) = setup.gate_and_config("criu.conf", None)?;
         let std_cmd = runc.checkpoint_command(&CheckpointSpec {
             id,
             kind: DumpKind::Final,
-            image_dir: &image_dir,
-            work_dir: &image_dir,
+            image_dir,
+            work_dir: image_dir,
             parent,
             criu_config: &config,
             options,
         });
-        let mut child = Command::from(std_cmd)
+        let spawned_at = Instant::now();
+        let child = Command::from(std_cmd)
             .kill_on_drop(false)
             .spawn()
             .with_context(|| format!("starting {}", runc.binary.display()))?;
+        let holder_pid = child.id();
+        let (ended, end) = oneshot::channel();
+        let log = image_dir.join("dump.log");
+        tokio::spawn(async move {
+            let _ = ended.send(wait_for_end(child, &log).await);
+        });
+        Ok(Self {
+            gate,
+            end: Some(end),
+            holder_pid,
+            image_dir: image_dir.to_owned(),
+            id: id.to_owned(),
+            spawned_at,
+            frozen_at: spawned_at,
+            dumped_at: spawned_at,
+        })
+    }
 
+    /// Waits until CRIU has written every image and holds the container,
+    /// frozen, in post-dump. If CRIU fails first, the container is still
+    /// running and the error carries the tail of CRIU's dump log.
+    pub async fn images_ready(&mut self) -> Result<()> {
         let mut frozen_at = None;
         loop {
-            tokio::select! {
-                event = gate.next_event() => {
-                    let Some(event) = event else { bail!("the CRIU action gate closed unexpectedly") };
-                    match event.action.as_str() {
-                        "pre-dump" => frozen_at = Some(event.at),
-                        "post-dump" => {
-                            return Ok(Self {
-                                frozen_at: frozen_at.unwrap_or(event.at),
-                                dumped_at: event.at,
-                                child: Some(child),
-                                gate,
-                                image_dir,
-                            });
-                        }
-                        _ => {}
-                    }
+            let event = tokio::select! {
+                event = self.gate.next_event() => event,
+                end = ended(&mut self.end) => {
+                    let reason = match end {
+                        Ok(_) => "it ended".to_owned(),
+                        Err(e) => format!("{e:#}"),
+                    };
+                    bail!(
+                        "source: `runc checkpoint {}` failed before the images were complete: {reason}; \
+                         the container keeps running on the source\nCRIU {}",
+                        self.id,
+                        log_tail(&self.image_dir.join("dump.log"), LOG_TAIL_LINES)
+                    );
                 }
-                status = child.wait() => {
-                    let status = status.context("waiting for runc checkpoint")?;
-                    let output = read_output(&mut child).await;
-                    return Err(anyhow!(
-                        "source: `runc checkpoint {id}` failed before the images were complete ({status}); \
-                         the container keeps running on the source\nrunc: {}\nCRIU {}",
-                        output.trim(),
-                        log_tail(&image_dir.join("dump.log"), LOG_TAIL_LINES)
-                    ));
+            };
+            let Some(event) = event else {
+                bail!("the CRIU action gate closed unexpectedly")
+            };
+            match event.action.as_str() {
+                "pre-dump" => frozen_at = Some(event.at),
+                "post-dump" => {
+                    self.frozen_at = frozen_at.unwrap_or(self.spawned_at);
+                    self.dumped_at = event.at;
+                    return Ok(());
                 }
+                _ => {}
             }
         }
     }
 
-    pub fn image_dir(&self) -> &Path {
-        &self.image_dir
+    /// Tells CRIU what to do with the frozen container: end it (the
+    /// destination's copy was chosen) or resume it.
+    pub fn decide(&self, verdict: Verdict) {
+        self.gate.decide(verdict);
     }
 
-    /// The destination runs the container: let CRIU kill the frozen source
-    /// copy, and wait for runc to finish.
-    pub async fn finish(mut self) -> Result<Outcome> {
-        self.gate.decide(Verdict::Finish);
-        self.wait("finish").await
+    /// Waits for `runc checkpoint` to end. Cancel-safe; once it has
+    /// answered, later calls wait forever.
+    pub async fn ended(&mut self) -> Result<Outcome> {
+        ended(&mut self.end).await
     }
 
-    /// Something failed: CRIU resumes the container on the source.
-    pub async fn resume(mut self) -> Result<Outcome> {
-        self.gate.decide(Verdict::Resume);
-        self.wait("resume").await
+    /// The `runc checkpoint` process, which holds the frozen container.
+    pub fn holder_pid(&self) -> Option<u32> {
+        self.holder_pid
     }
+}
 
-    async fn wait(&mut self, what: &str) -> Result<Outcome> {
-        let mut child = self
-            .child
-            .take()
-            .ok_or_else(|| anyhow!("checkpoint already waited for"))?;
-        let status = child.wait().await.context("waiting for runc checkpoint")?;
-        if status.success() {
-            return Ok(Outcome::Finished);
-        }
-        let output = read_output(&mut child).await;
-        let log = std::fs::read_to_string(self.image_dir.join("dump.log")).unwrap_or_default();
-        // CRIU logs this when the post-dump script told it to stop; the
-        // processes were unfrozen right after.
-        if log.contains("Post dump script passed with") || log.contains("Unfreezing tasks") {
-            return Ok(Outcome::Resumed);
-        }
-        bail!(
-            "source: `runc checkpoint` ended unexpectedly after the {what} verdict ({status})\nrunc: {}\nCRIU {}",
-            output.trim(),
-            log_tail(&self.image_dir.join("dump.log"), LOG_TAIL_LINES)
-        )
+async fn ended(end: &mut Option<oneshot::Receiver<Result<Outcome, String>>>) -> Result<Outcome> {
+    let Some(receiver) = end.as_mut() else {
+        return std::future::pending().await;
+    };
+    let outcome = receiver.await;
+    *end = None;
+    outcome
+        .map_err(|_| anyhow!("lost track of runc checkpoint"))?
+        .map_err(|e| anyhow!(e))
+}
+
+async fn wait_for_end(mut child: Child, log: &Path) -> Result<Outcome, String> {
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("waiting for runc checkpoint: {e}"))?;
+    if status.success() {
+        return Ok(Outcome::Finished);
     }
+    // CRIU's words when the post-dump script told it to stop or the dump
+    // failed: the processes were let go of, not killed.
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if text.contains("Post dump script passed with")
+        || text.contains("Unfreezing tasks")
+        || text.contains("Dumping FAILED")
+    {
+        return Ok(Outcome::Resumed);
+    }
+    let output = read_output(&mut child).await;
+    Err(format!(
+        "source: `runc checkpoint` ended unexpectedly ({status})\nrunc: {}\nCRIU {}",
+        output.trim(),
+        log_tail(log, LOG_TAIL_LINES)
+    ))
 }
 
 pub(crate) async fn read_output(child: &mut Child) -> String {

@@ -34,7 +34,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::criu::{log_tail, LOG_TAIL_LINES};
-use migrate_common::hook::{PostDumpGate, Verdict};
+use migrate_common::hook::{Gate, Verdict};
 use migrate_common::process::InheritedFds;
 use migrate_common::runc::{CheckpointSpec, DumpKind, Runc};
 use tokio::process::Child;
@@ -54,7 +54,7 @@ pub struct LazyDump {
     /// How `runc checkpoint` ended, once it has.
     end: Option<oneshot::Receiver<Result<LazyEnd, String>>>,
     holder_pid: Option<u32>,
-    gate: PostDumpGate,
+    gate: Gate,
     image_dir: PathBuf,
     runc: Runc,
     id: String,
@@ -91,7 +91,7 @@ impl LazyDump {
         let (gate, config) = setup.gate_and_config("criu-lazy.conf", Some(CRIU_SOCKET_FD))?;
         // The fate of the original is decided by the page transfer, not at
         // post-dump, which CRIU runs before serving the first page.
-        gate.decide(Verdict::Finish);
+        gate.decide(Verdict::Proceed);
         let (criu_end, agent_end) =
             StdUnixStream::pair().context("creating the page-server socket pair")?;
         let mut fds = InheritedFds::default();

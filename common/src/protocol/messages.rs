@@ -4,7 +4,7 @@
 /// The one envelope that travels on the control stream, in both directions.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17")]
     pub body: Option<Body>,
 }
 
@@ -38,6 +38,12 @@ pub enum Body {
     Resume(Resume),
     #[prost(message, tag = "14")]
     Resumed(Resumed),
+    #[prost(message, tag = "15")]
+    Release(Release),
+    #[prost(message, tag = "16")]
+    Released(Released),
+    #[prost(message, tag = "17")]
+    Discarded(Discarded),
 }
 
 impl ControlMessage {
@@ -59,6 +65,9 @@ impl ControlMessage {
             Some(Body::PagesComplete(_)) => "PagesComplete",
             Some(Body::Resume(_)) => "Resume",
             Some(Body::Resumed(_)) => "Resumed",
+            Some(Body::Release(_)) => "Release",
+            Some(Body::Released(_)) => "Released",
+            Some(Body::Discarded(_)) => "Discarded",
         }
     }
 }
@@ -86,7 +95,10 @@ into_control_message!(
     RoundSent,
     PagesComplete,
     Resume,
-    Resumed
+    Resumed,
+    Release,
+    Released,
+    Discarded
 );
 
 /// Source → destination, first message: who we are, what we want to move, and
@@ -238,7 +250,9 @@ pub struct FileDigest {
     pub round: u32,
 }
 
-/// Destination → source: the container runs on the destination.
+/// Destination → source: the container is restored on the destination and
+/// held there, its processes not running, until the source decides
+/// ([`Release`] or [`Abort`]).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Restored {
     #[prost(uint64, tag = "1")]
@@ -247,6 +261,25 @@ pub struct Restored {
     #[prost(uint32, tag = "2")]
     pub pid: u32,
 }
+
+/// Source → destination: the decision: the destination's copy is the
+/// container (the source has recorded that and ended, or is ending, its
+/// own); let it run.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Release {}
+
+/// Destination → source: the released container runs on the destination.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Released {
+    /// Milliseconds from the release to the processes running.
+    #[prost(uint64, tag = "1")]
+    pub release_ms: u64,
+}
+
+/// Destination → source, after an [`Abort`]: everything the migration made
+/// here is gone, a held copy included.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Discarded {}
 
 /// Destination → source: a step failed; the destination has already removed
 /// what it created.
@@ -285,7 +318,8 @@ pub struct PagesComplete {
 }
 
 /// Source → destination, first message of a connection that replaces a
-/// lost one (post-copy): carry on with this migration.
+/// lost one once the destination may hold a restored copy (or of `migrate
+/// resolve`): carry on with this migration.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Resume {
     #[prost(uint32, tag = "1")]
@@ -303,7 +337,8 @@ pub struct Resumed {
     /// Bytes of the source's page-tunnel stream the destination has taken.
     #[prost(uint64, tag = "1")]
     pub tunnel_delivered: u64,
-    /// Set once the container runs on the destination.
+    /// Set once the container is restored on the destination (held until
+    /// released).
     #[prost(message, optional, tag = "2")]
     pub restored: Option<Restored>,
     /// Set once every page has arrived.
@@ -312,6 +347,12 @@ pub struct Resumed {
     /// Set when the destination failed (and says what it did about it).
     #[prost(message, optional, tag = "4")]
     pub failed: Option<Failed>,
+    /// Set once the container was released and runs on the destination.
+    #[prost(message, optional, tag = "5")]
+    pub released: Option<Released>,
+    /// Whether memory follows lazily (post-copy, hybrid).
+    #[prost(bool, tag = "6")]
+    pub lazy: bool,
 }
 
 /// Either direction, any state: stop the migration and undo.

@@ -27,29 +27,43 @@
 //!    data: Image(round n)…,  RoundSent{n, files} ──► images/n/ (parent → ../n-1)
 //!  freeze:
 //!    eager: runc checkpoint [--parent-path ../n], held in CRIU's post-dump
-//!    lazy:  runc pause; runc checkpoint --lazy-pages [--parent-path ../n]
+//!    lazy:  runc checkpoint --lazy-pages [--parent-path ../n]; cgroup frozen again
 //!  data: Image(final)…, UpperDelta ────────────────► images/final/, delta on upper/
 //!  CheckpointSent{files, parent_round, lazy} ──────► verify every checksum, mount,
 //!                                                     bundle; lazy: criu lazy-pages;
-//!                                                     runc restore -d [--lazy-pages]
+//!                                                     runc restore -d [--lazy-pages],
+//!                                                     held at CRIU's post-restore
 //!                       ◄── Restored{restore_ms} | Failed{stage, message, log}
+//!  the decision: record it durably; eager: CRIU ends the source copy
+//!  Release ────────────────────────────────────────► the hook lets the copy run
+//!                       ◄── Released
 //!  lazy only:  page tunnel ◄──── CRIU page requests and pages ────► lazy-pages daemon
 //!                       ◄── PagesComplete (daemon has every page and ended)
-//!  CRIU ends the source copy; runc delete, clean up
+//!  runc delete, clean up
 //!  Commit ─────────────────────────────────────────► forget the rollback state
 //!                       ◄── Committed
 //!
-//!  a lost connection, lazy restore under way (new connection):
+//!  before the decision, any failure (Ctrl-C, timeout, lost link, Failed):
+//!  Abort ──────────────────────────────────────────► the hook kills the held copy;
+//!                       ◄── Discarded                 everything it made is removed
+//!  CRIU resumes the frozen container on the source
+//!
+//!  a lost connection once the destination may hold a copy (new connection,
+//!  from migrate or from `migrate resolve`):
 //!  Resume{migration id, tunnel bytes taken} ───────► the held session
-//!                       ◄── Resumed{tunnel bytes taken, restored?, pages complete?}
-//!  page tunnel again, from where each side stopped
+//!                       ◄── Resumed{restored?, released?, pages complete?, tunnel bytes}
+//!  after the decision: Release again if not released; page tunnel again,
+//!  from where each side stopped
 //! ```
 //!
-//! Either side may send [`messages::Abort`] in any state; the destination
-//! then removes everything it created for the migration, and the source
-//! resumes the container. The destination's side of the exchange is the
-//! explicit state machine in [`state`], the source's is [`source`], which
-//! also says what a failure in each phase requires.
+//! Either side may send [`messages::Abort`] before the decision; the
+//! destination then removes everything it created for the migration (a held
+//! copy is killed, never run) and the source resumes the container. The
+//! destination's side of the exchange is the explicit state machine in
+//! [`state`], the source's is [`source`], which also says what a failure in
+//! each phase requires; the gates that hold a container on either side are
+//! [`crate::hook`], and the durable records the decision lives in
+//! [`crate::record`].
 //!
 //! Versioning: [`PROTOCOL_VERSION`] is compared in `Hello` and `Resume`; a
 //! mismatch is a refusal, never a guess. Enumerations reserve 0 for
@@ -70,4 +84,4 @@ pub use state::{DestinationState, Direction, ProtocolError};
 
 /// Bumped on any incompatible change to messages or to the order of the
 /// exchange.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

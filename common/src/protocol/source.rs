@@ -6,14 +6,18 @@
 //! Inspecting → Connecting → Preflight → SendingLayers → PreSending
 //! PreSending → PreCopyRound(1) → … → PreCopyRound(n)       (pre-copy, hybrid)
 //! PreSending | PreCopyRound(n) → Freezing → SendingCheckpoint → AwaitingRestore
-//! AwaitingRestore → Finishing                               (eager restore)
-//! AwaitingRestore → ReceivingPages → Finishing              (lazy restore)
+//! AwaitingRestore → Releasing              (the destination holds its copy: the decision)
+//! Releasing → Finishing                    (eager restore)
+//! Releasing → ReceivingPages → Finishing   (lazy restore)
 //! Finishing → Committing → Done
 //! ```
 //!
-//! The decision point is entering `AwaitingRestore`: from then on the
-//! destination may run the container. The source enters it before it sends
-//! `CheckpointSent`, so a failure while sending counts as after.
+//! The one decision point is entering `Releasing`: the destination holds a
+//! restored copy that does not run, and the source records, durably, that
+//! this copy is the container before it tells the destination to release
+//! it. Before that, every failure resumes the source copy and discards the
+//! destination's; after it, the source copy never runs again and the
+//! destination's is the container.
 
 use super::messages::MemoryMode;
 use super::state::{Direction, ProtocolError};
@@ -31,7 +35,10 @@ pub enum SourcePhase {
     /// The final (or lazy) dump: the container is frozen from here on.
     Freezing,
     SendingCheckpoint,
+    /// The destination restores the container and holds it, not running.
     AwaitingRestore,
+    /// The decision is taken: the destination's copy is released.
+    Releasing,
     /// Post-copy: the copy runs on the destination; memory follows from here.
     ReceivingPages,
     /// CRIU ends the source copy; runc's record and the work dir go.
@@ -49,9 +56,10 @@ pub enum Recovery {
     /// The container is frozen here and the destination cannot run it: tell
     /// the destination to discard its copy, then resume the container here.
     ResumeSource,
-    /// The destination may run the container and needs its memory from here:
-    /// hold both, and reconnect to go on; if the link does not come back, the
-    /// case is in doubt and waits for an operator.
+    /// The decision is taken and the destination still needs something from
+    /// the source (the release, or memory): hold both, and reconnect to go
+    /// on; if the link does not come back, the case is in doubt and waits for
+    /// an operator (`migrate resolve`).
     Reconnect,
     /// The source copy is gone: the destination's is the container.
     KeepDestination,
@@ -87,13 +95,14 @@ impl SourceState {
             | (P::PreCopyRound(_), P::Freezing)
             | (P::Freezing, P::SendingCheckpoint)
             | (P::SendingCheckpoint, P::AwaitingRestore)
+            | (P::AwaitingRestore, P::Releasing)
             | (P::ReceivingPages, P::Finishing)
             | (P::Finishing, P::Committing)
             | (P::Committing, P::Done) => true,
             (P::PreSending, P::PreCopyRound(1)) => rounds,
             (P::PreCopyRound(n), P::PreCopyRound(m)) => rounds && m == n + 1,
-            (P::AwaitingRestore, P::ReceivingPages) => lazy,
-            (P::AwaitingRestore, P::Finishing) => !lazy,
+            (P::Releasing, P::ReceivingPages) => lazy,
+            (P::Releasing, P::Finishing) => !lazy,
             _ => false,
         };
         if !allowed {
@@ -117,13 +126,9 @@ impl SourceState {
             | P::SendingLayers
             | P::PreSending
             | P::PreCopyRound(_) => Recovery::Untouched,
-            P::Freezing | P::SendingCheckpoint => Recovery::ResumeSource,
-            // An eager restore is held by the source's post-dump gate until
-            // the source finishes: going back is still possible (the commit
-            // protocol that rules out the window where both could run is the
-            // safety issue's).
-            P::AwaitingRestore if !self.mode.is_lazy() => Recovery::ResumeSource,
-            P::AwaitingRestore | P::ReceivingPages => Recovery::Reconnect,
+            // The destination's copy, if any, is held and does not run.
+            P::Freezing | P::SendingCheckpoint | P::AwaitingRestore => Recovery::ResumeSource,
+            P::Releasing | P::ReceivingPages => Recovery::Reconnect,
             P::Finishing | P::Committing | P::Done => Recovery::KeepDestination,
         }
     }
@@ -133,7 +138,20 @@ impl SourceState {
         use SourcePhase as P;
         matches!(
             self.phase,
-            P::Freezing | P::SendingCheckpoint | P::AwaitingRestore | P::ReceivingPages
+            P::Freezing
+                | P::SendingCheckpoint
+                | P::AwaitingRestore
+                | P::Releasing
+                | P::ReceivingPages
+        )
+    }
+
+    /// Whether the decision was taken: the source copy must never run again.
+    pub fn decided(&self) -> bool {
+        use SourcePhase as P;
+        matches!(
+            self.phase,
+            P::Releasing | P::ReceivingPages | P::Finishing | P::Committing | P::Done
         )
     }
 }
@@ -150,6 +168,7 @@ fn phase_name(phase: SourcePhase) -> &'static str {
         P::Freezing => "Freezing",
         P::SendingCheckpoint => "SendingCheckpoint",
         P::AwaitingRestore => "AwaitingRestore",
+        P::Releasing => "Releasing",
         P::ReceivingPages => "ReceivingPages",
         P::Finishing => "Finishing",
         P::Committing => "Committing",
@@ -167,7 +186,12 @@ mod tests {
         let mut state = SourceState::new(mode);
         let mut path = vec![P::Connecting, P::Preflight, P::SendingLayers, P::PreSending];
         path.extend((1..=rounds).map(P::PreCopyRound));
-        path.extend([P::Freezing, P::SendingCheckpoint, P::AwaitingRestore]);
+        path.extend([
+            P::Freezing,
+            P::SendingCheckpoint,
+            P::AwaitingRestore,
+            P::Releasing,
+        ]);
         if mode.is_lazy() {
             path.push(P::ReceivingPages);
         }
@@ -190,10 +214,10 @@ mod tests {
         ] {
             for (phase, recovery) in walk(mode, rounds) {
                 let expected = match phase {
-                    P::Freezing | P::SendingCheckpoint => Recovery::ResumeSource,
-                    P::AwaitingRestore if mode.is_lazy() => Recovery::Reconnect,
-                    P::AwaitingRestore => Recovery::ResumeSource,
-                    P::ReceivingPages => Recovery::Reconnect,
+                    P::Freezing | P::SendingCheckpoint | P::AwaitingRestore => {
+                        Recovery::ResumeSource
+                    }
+                    P::Releasing | P::ReceivingPages => Recovery::Reconnect,
                     P::Finishing | P::Committing | P::Done => Recovery::KeepDestination,
                     _ => Recovery::Untouched,
                 };
@@ -217,18 +241,25 @@ mod tests {
         };
         assert!(pre.advance(P::PreCopyRound(4)).is_err());
         pre.advance(P::PreCopyRound(3)).unwrap();
+        // Nothing is released before the restore, nor finished before the
+        // release.
+        let mut waiting = SourceState {
+            phase: P::AwaitingRestore,
+            mode: MemoryMode::PreCopy,
+        };
+        assert!(waiting.advance(P::Finishing).is_err());
         // Pages only follow a lazy restore.
         let mut eager = SourceState {
-            phase: P::AwaitingRestore,
+            phase: P::Releasing,
             mode: MemoryMode::PreCopy,
         };
         assert!(eager.advance(P::ReceivingPages).is_err());
         let mut lazy = SourceState {
-            phase: P::AwaitingRestore,
+            phase: P::Releasing,
             mode: MemoryMode::PostCopy,
         };
         let err = lazy.advance(P::Finishing).unwrap_err();
-        assert!(err.to_string().contains("AwaitingRestore"), "{err}");
+        assert!(err.to_string().contains("Releasing"), "{err}");
     }
 
     #[test]
@@ -250,8 +281,25 @@ mod tests {
                 P::Freezing,
                 P::SendingCheckpoint,
                 P::AwaitingRestore,
+                P::Releasing,
                 P::ReceivingPages
             ]
         );
+    }
+
+    #[test]
+    fn the_decision_is_entering_releasing() {
+        for (phase, recovery) in walk(MemoryMode::StopAndCopy, 0) {
+            let state = SourceState {
+                phase,
+                mode: MemoryMode::StopAndCopy,
+            };
+            // Before the decision the source copy can always come back.
+            assert_eq!(
+                !state.decided(),
+                matches!(recovery, Recovery::Untouched | Recovery::ResumeSource),
+                "{phase:?}"
+            );
+        }
     }
 }

@@ -7,18 +7,21 @@
 //! ReceivingLayers ─LayersSent▸ VerifyingLayers ─LayersReady▸ PreCopying
 //! PreCopying ─RoundSent▸ PreCopying                     (one per pre-dump round)
 //! PreCopying ─CheckpointSent{lazy}▸ Restoring{lazy}
-//! Restoring{eager} ─Restored▸ AwaitingCommit
-//! Restoring{lazy}  ─Restored▸ ReceivingPages ─PagesComplete▸ AwaitingCommit
+//! Restoring{lazy} ─Restored▸ Held{lazy}             (restored, not running)
+//! Held{lazy} ─Release▸ Releasing{lazy}
+//! Releasing{eager} ─Released▸ AwaitingCommit
+//! Releasing{lazy}  ─Released▸ ReceivingPages ─PagesComplete▸ AwaitingCommit
 //! AwaitingCommit ─Commit▸ Committing ─Committed▸ Completed
-//! any non-final state ─Abort (either way)▸ Aborted;  ─Failed (sent)▸ Failed
+//! any non-final state ─Abort (either way)▸ Aborted ─Discarded▸ Aborted
+//! any non-final state ─Failed (sent)▸ Failed
 //! ```
 //!
 //! `▸` after a received message name means the source sent it, after a reply
 //! name that the destination sent it. A message that does not fit the current
 //! state is a [`ProtocolError`] naming both; the daemon then aborts. A lost
-//! connection is not a transition: from `Restoring{lazy}` on, the session
-//! waits for the source to come back with [`super::Resume`] and goes on in the
-//! state it was in.
+//! connection is not a transition: from `Restoring` on, the session holds
+//! what it has and waits for the source (or `migrate resolve`) to come back
+//! with [`super::Resume`], and goes on in the state it was in.
 
 use super::messages::{Body, ControlMessage};
 
@@ -30,6 +33,8 @@ pub enum DestinationState {
     VerifyingLayers,
     PreCopying,
     Restoring { lazy: bool },
+    Held { lazy: bool },
+    Releasing { lazy: bool },
     ReceivingPages,
     AwaitingCommit,
     Committing,
@@ -63,22 +68,31 @@ impl DestinationState {
         )
     }
 
-    /// Whether the destination holds a restored container that the source has
-    /// not yet given up: its copy must be kept if the link is lost, because
-    /// the source may already have let its own copy go.
+    /// Whether the destination holds a restored container, held or
+    /// released: it must not be thrown away without an explicit word from
+    /// the source, because the source may already have ended its copy.
     pub fn holds_restored_container(self) -> bool {
         matches!(
             self,
-            Self::ReceivingPages | Self::AwaitingCommit | Self::Committing | Self::Completed
+            Self::Held { .. }
+                | Self::Releasing { .. }
+                | Self::ReceivingPages
+                | Self::AwaitingCommit
+                | Self::Committing
+                | Self::Completed
         )
     }
 
-    /// Whether a lost connection is waited out rather than given up: in a
-    /// lazy restore the copy may already run while its memory is still on
-    /// the source. (Once every page has arrived the copy needs nothing more
-    /// from the source, and is kept whatever happens to the link.)
+    /// Whether a lost connection is waited out rather than given up: once a
+    /// restore may have begun, its outcome is the source's to hear, and a
+    /// held copy waits for the source's decision; a lazy copy waits for its
+    /// pages. (Once released with every page here, the copy needs nothing
+    /// more from the source and is kept whatever happens to the link.)
     pub fn waits_for_resume(self) -> bool {
-        matches!(self, Self::Restoring { lazy: true } | Self::ReceivingPages)
+        matches!(
+            self,
+            Self::Restoring { .. } | Self::Held { .. } | Self::Releasing { .. } | Self::ReceivingPages
+        )
     }
 
     /// The state after `msg` travelled in `direction`.
@@ -91,6 +105,7 @@ impl DestinationState {
         use Direction::{Received, Sent};
         let next = match (self, direction, &msg.body) {
             (s, _, Some(Body::Abort(_))) if !s.is_final() => Some(S::Aborted),
+            (S::Aborted, Sent, Some(Body::Discarded(_))) => Some(S::Aborted),
             (s, Sent, Some(Body::Failed(_))) if !s.is_final() => Some(S::Failed),
             (S::AwaitingHello, Received, Some(Body::Hello(_))) => Some(S::Preflighting),
             (S::Preflighting, Sent, Some(Body::PreflightReply(reply))) => Some(if reply.accepted {
@@ -104,10 +119,14 @@ impl DestinationState {
             (S::PreCopying, Received, Some(Body::CheckpointSent(sent))) => {
                 Some(S::Restoring { lazy: sent.lazy })
             }
-            (S::Restoring { lazy: false }, Sent, Some(Body::Restored(_))) => {
+            (S::Restoring { lazy }, Sent, Some(Body::Restored(_))) => Some(S::Held { lazy }),
+            (S::Held { lazy }, Received, Some(Body::Release(_))) => Some(S::Releasing { lazy }),
+            (S::Releasing { lazy: false }, Sent, Some(Body::Released(_))) => {
                 Some(S::AwaitingCommit)
             }
-            (S::Restoring { lazy: true }, Sent, Some(Body::Restored(_))) => Some(S::ReceivingPages),
+            (S::Releasing { lazy: true }, Sent, Some(Body::Released(_))) => {
+                Some(S::ReceivingPages)
+            }
             (S::ReceivingPages, Sent, Some(Body::PagesComplete(_))) => Some(S::AwaitingCommit),
             (S::AwaitingCommit, Received, Some(Body::Commit(_))) => Some(S::Committing),
             (S::Committing, Sent, Some(Body::Committed(_))) => Some(S::Completed),
@@ -161,6 +180,8 @@ mod tests {
             .into(),
         ));
         steps.push((Sent, Restored::default().into()));
+        steps.push((Received, Release {}.into()));
+        steps.push((Sent, Released::default().into()));
         if lazy {
             steps.push((Sent, PagesComplete::default().into()));
         }
@@ -264,10 +285,7 @@ mod tests {
                 .iter()
                 .position(|s| s.holds_restored_container())
                 .unwrap();
-            assert!(matches!(
-                states[first_holding - 1],
-                DestinationState::Restoring { .. }
-            ));
+            assert_eq!(states[first_holding], DestinationState::Held { lazy });
             assert!(states[first_holding..]
                 .iter()
                 .all(|s| s.holds_restored_container()));
@@ -275,19 +293,49 @@ mod tests {
     }
 
     #[test]
-    fn lost_links_are_waited_out_once_a_lazy_restore_began() {
-        let waits: Vec<_> = walk(&path(true, 0))
-            .into_iter()
-            .map(|s| (s, s.waits_for_resume()))
-            .collect();
-        for (state, waits) in waits {
-            let expected = matches!(
-                state,
-                DestinationState::Restoring { lazy: true } | DestinationState::ReceivingPages
-            );
-            assert_eq!(waits, expected, "{state:?}");
+    fn nothing_runs_before_the_source_releases_it() {
+        // Released only after Release, only from a held copy.
+        assert!(DestinationState::Restoring { lazy: false }
+            .next(Sent, &Released::default().into())
+            .is_err());
+        assert!(DestinationState::Held { lazy: false }
+            .next(Sent, &Released::default().into())
+            .is_err());
+        assert!(DestinationState::Restoring { lazy: true }
+            .next(Received, &Release {}.into())
+            .is_err());
+        // A held copy can still be given up by the source.
+        assert_eq!(
+            DestinationState::Held { lazy: true }
+                .next(Received, &Abort::default().into())
+                .unwrap(),
+            DestinationState::Aborted
+        );
+        assert_eq!(
+            DestinationState::Aborted
+                .next(Sent, &Discarded {}.into())
+                .unwrap(),
+            DestinationState::Aborted
+        );
+    }
+
+    #[test]
+    fn lost_links_are_waited_out_once_a_restore_began() {
+        for lazy in [false, true] {
+            for (state, waits) in walk(&path(lazy, 0))
+                .into_iter()
+                .map(|s| (s, s.waits_for_resume()))
+            {
+                let expected = matches!(
+                    state,
+                    DestinationState::Restoring { .. }
+                        | DestinationState::Held { .. }
+                        | DestinationState::Releasing { .. }
+                        | DestinationState::ReceivingPages
+                );
+                assert_eq!(waits, expected, "{state:?}");
+            }
         }
-        assert!(!DestinationState::Restoring { lazy: false }.waits_for_resume());
     }
 
     #[test]
