@@ -102,6 +102,36 @@ impl InheritedFds {
     }
 }
 
+/// Waits up to `bound` for process `pid` to end (exited, zombie or
+/// reaped); `false` if it still runs then. Through a pidfd, which becomes
+/// readable when the process ends: no polling, no confusion with a later
+/// process of the same pid once it is open.
+pub async fn wait_for_exit(pid: i32, bound: std::time::Duration) -> std::io::Result<bool> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ESRCH) => Ok(true),
+            _ => Err(err),
+        };
+    }
+    let fd = RawFd::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the same
+    // descriptor, until the AsyncFd drops it.
+    let pidfd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    }?;
+    match tokio::time::timeout(bound, pidfd.readable()).await {
+        Ok(ready) => ready.map(|_| true),
+        Err(_) => Ok(false),
+    }
+}
+
 /// The command line, for messages.
 pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
@@ -162,6 +192,21 @@ mod tests {
         use std::io::Read;
         ours.read_to_string(&mut got).unwrap();
         assert_eq!(got, "hello\n");
+    }
+
+    #[tokio::test]
+    async fn exit_is_seen_through_the_pidfd_and_a_live_process_times_out() {
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = i32::try_from(sleeper.id()).unwrap();
+        let short = std::time::Duration::from_millis(100);
+        assert!(!wait_for_exit(pid, short).await.unwrap());
+        sleeper.kill().unwrap();
+        // Not reaped yet: a zombie has ended too.
+        assert!(wait_for_exit(pid, std::time::Duration::from_secs(5))
+            .await
+            .unwrap());
+        sleeper.wait().unwrap();
+        assert!(wait_for_exit(pid, short).await.unwrap());
     }
 
     #[test]

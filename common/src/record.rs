@@ -90,6 +90,8 @@ pub struct DestinationRecord {
     pub source: Option<String>,
     pub phase: DestinationPhase,
     pub lazy: bool,
+    /// The `runc restore` holding the restored copy, while one does.
+    pub holder_pid: Option<u32>,
 }
 
 /// Replaces the record at `path` with `value`, durably.

@@ -234,15 +234,14 @@ impl Runc {
         Ok(())
     }
 
-    /// `runc restore -d` as `spec` says. The restored processes' stdout and
-    /// stderr become `stdout` and `stderr` where they were pipes at
-    /// checkpoint time (runc maps them through CRIU's inherit-fd).
-    pub fn restore(
-        &self,
-        spec: &RestoreSpec<'_>,
-        stdout: Stdio,
-        stderr: Stdio,
-    ) -> Result<(), RuncError> {
+    /// A `runc restore -d` command as `spec` says, for the caller to spawn:
+    /// with a hold at CRIU's post-restore action it returns only once the
+    /// hold is lifted. The restored processes' stdout and stderr become
+    /// `stdout` and `stderr` where they were pipes at checkpoint time (runc
+    /// maps them through CRIU's inherit-fd). It runs in its own process
+    /// group, so that a signal meant for the agent does not end a restore
+    /// that must outlive it.
+    pub fn restore_command(&self, spec: &RestoreSpec<'_>, stdout: Stdio, stderr: Stdio) -> Command {
         let mut cmd = self.command_logging_to(Some(spec.runc_log));
         cmd.arg("restore")
             .arg("--detach")
@@ -263,19 +262,14 @@ impl Runc {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        let status = cmd.status().map_err(|source| RuncError::Spawn {
-            program: self.binary.display().to_string(),
-            source,
-        })?;
-        if status.success() {
-            return Ok(());
-        }
-        Err(RuncError::Restore {
-            id: spec.id.to_owned(),
-            status,
-            runc_log: runc_errors(spec.runc_log),
-            criu_log: log_tail(&spec.work_dir.join("restore.log"), LOG_TAIL_LINES),
-        })
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd
+    }
+
+    /// runc's error lines and CRIU's log tail for a failed restore, from
+    /// runc's log and CRIU's restore log.
+    pub fn restore_failure_logs(runc_log: &Path, criu_log: &Path) -> (String, String) {
+        (runc_errors(runc_log), log_tail(criu_log, LOG_TAIL_LINES))
     }
 
     /// `runc delete --force`. Callers must unmount leftovers under

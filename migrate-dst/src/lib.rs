@@ -2,13 +2,16 @@
 //! restores the containers they carry. [`serve`] is the accept loop; a
 //! connection opening with `Hello` is a new migration, driven by [`session`]
 //! through the phases: [`preflight`], receiving layers and images
-//! ([`receive`], [`store`]), and [`restore`] (lazily, in [`postcopy`]); one
-//! opening with `Resume` replaces the lost connection of a post-copy
-//! migration under way, which the daemon holds in its table.
+//! ([`receive`], [`store`]), [`restore`], and the hold until the source
+//! decides ([`hold`]); one opening with `Resume` replaces the lost
+//! connection of a migration whose copy is held (or, released in post-copy,
+//! still receiving its pages), which the daemon keeps in its table. At
+//! start-up [`restart`] adopts the copies an earlier run left held.
 
-pub mod postcopy;
+pub mod hold;
 pub mod preflight;
 pub mod receive;
+pub mod restart;
 pub mod restore;
 pub mod session;
 pub mod store;
@@ -49,9 +52,18 @@ pub struct Daemon {
     /// This program: runc calls it back as the network hook, and it runs
     /// each container's log shim.
     pub exe: PathBuf,
-    /// Post-copy migrations under way, by migration id: where a connection
-    /// that resumes one is handed.
-    held: Mutex<HashMap<String, mpsc::Sender<ResumeRequest>>>,
+    /// After this long without its source, a held copy is reported in
+    /// doubt (a report only: nothing acts on it).
+    pub in_doubt_after: std::time::Duration,
+    /// Migrations whose copy is held or still needs its source, by
+    /// migration id: where a connection that resumes one is handed.
+    held: Mutex<HashMap<String, HeldEntry>>,
+}
+
+#[derive(Debug)]
+struct HeldEntry {
+    container_id: String,
+    resumes: mpsc::Sender<ResumeRequest>,
 }
 
 /// A connection that says it carries on a held migration.
@@ -88,15 +100,22 @@ impl Daemon {
             cgroup_parent,
             store,
             exe: std::env::current_exe().context("locating the migrate-dst executable")?,
+            in_doubt_after: std::time::Duration::from_secs(60),
             held: Mutex::new(HashMap::new()),
         })
     }
 
     /// Enters migration `id` in the table of held ones; connections that
     /// resume it arrive on the returned channel.
-    pub fn hold(&self, id: &str) -> mpsc::Receiver<ResumeRequest> {
-        let (tx, rx) = mpsc::channel(2);
-        self.held_table().insert(id.to_owned(), tx);
+    pub fn hold(&self, id: &str, container_id: &str) -> mpsc::Receiver<ResumeRequest> {
+        let (resumes, rx) = mpsc::channel(2);
+        self.held_table().insert(
+            id.to_owned(),
+            HeldEntry {
+                container_id: container_id.to_owned(),
+                resumes,
+            },
+        );
         rx
     }
 
@@ -104,9 +123,7 @@ impl Daemon {
         self.held_table().remove(id);
     }
 
-    fn held_table(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<ResumeRequest>>> {
+    fn held_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldEntry>> {
         // Every update is a single insert or remove.
         self.held
             .lock()
@@ -115,7 +132,22 @@ impl Daemon {
 
     /// Hands a resuming connection to its migration, or says why not.
     async fn route(&self, mut request: ResumeRequest) {
-        let sender = self.held_table().get(&request.resume.migration_id).cloned();
+        // Without a migration id (`migrate resolve` without a record), the
+        // container's id names it.
+        let sender = {
+            let table = self.held_table();
+            let resume = &request.resume;
+            if resume.migration_id.is_empty() {
+                table
+                    .values()
+                    .find(|e| {
+                        !resume.container_id.is_empty() && e.container_id == resume.container_id
+                    })
+                    .map(|e| e.resumes.clone())
+            } else {
+                table.get(&resume.migration_id).map(|e| e.resumes.clone())
+            }
+        };
         let refused = match sender {
             Some(sender) => match sender.send(request).await {
                 Ok(()) => return,
@@ -152,15 +184,24 @@ pub async fn serve(listen: SocketAddr, tls: &TlsDir, daemon: Daemon) -> Result<(
 pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
     info!(addr = %endpoint.local_addr()?, "listening");
     daemon.store.remove_incomplete()?;
+    let daemon = Arc::new(daemon);
+    let adopted = restart::adopt(&daemon).await?;
     for id in restore::remove_stale(&daemon)? {
         info!(
             container = id,
             "removed state left by an interrupted migration"
         );
     }
-    let daemon = Arc::new(daemon);
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS));
     let mut sessions = tokio::task::JoinSet::new();
+    for held in adopted {
+        let daemon = daemon.clone();
+        let container = held.record().container_id.clone();
+        sessions.spawn(
+            async move { restart::keep_holding(daemon, held).await }
+                .instrument(tracing::info_span!("held", %container)),
+        );
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let incoming = tokio::select! {
@@ -225,14 +266,14 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
         while sessions.try_join_next().is_some() {}
     }
     info!("shutting down; waiting for migrations under way");
-    // A post-copy migration waiting for a lost source may never end: its
-    // restored container and lazy-pages daemon live on without us.
+    // A copy held for a lost source may wait forever: its hook waits for
+    // the next run of this daemon, which adopts it.
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while sessions.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        warn!("leaving held post-copy migrations to their processes");
+        warn!("leaving held copies to the next run of migrate-dst");
         sessions.abort_all();
     }
     endpoint.close(0u32.into(), b"shutdown");

@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -49,6 +50,11 @@ struct DaemonArgs {
     /// by default they keep the source's cgroupsPath.
     #[arg(long)]
     cgroup_parent: Option<String>,
+    /// Seconds without its source after which a held copy is reported in
+    /// doubt (in the log and in `status`). Only a report: a held copy is
+    /// released or discarded only when its source says so.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    in_doubt_after: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +65,20 @@ enum Command {
     /// Appends stdin to FILE until EOF: a restored container's stdio sink.
     #[command(hide = true)]
     LogShim { file: PathBuf },
+    /// Called by CRIU's action script during a restore; not for users.
+    #[command(hide = true)]
+    CriuActionHook { socket: PathBuf },
+    /// The containers this host received and still holds, or runs without
+    /// its source's final word, with their phase.
+    Status {
+        #[arg(long, default_value = "/var/lib/migrate-dst")]
+        state_dir: PathBuf,
+        /// Held longer than this (seconds) is reported in doubt.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        in_doubt_after: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +86,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::NetworkHook) => network_hook(),
         Some(Command::LogShim { file }) => log_shim(&file),
+        Some(Command::CriuActionHook { socket }) => {
+            use migrate_common::hook::{run_action_hook, AgentGone, ACTION_ENV, POST_RESTORE};
+            let action = std::env::var(ACTION_ENV).unwrap_or_default();
+            let code = run_action_hook(&socket, &action, POST_RESTORE, &AgentGone::WaitForAgent);
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
+        Some(Command::Status {
+            state_dir,
+            in_doubt_after,
+            json,
+        }) => status(&state_dir, Duration::from_secs(in_doubt_after), json),
         None => run_daemon(cli.daemon),
     };
     match result {
@@ -95,6 +126,21 @@ fn log_shim(file: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn status(state_dir: &std::path::Path, in_doubt_after: Duration, json: bool) -> anyhow::Result<()> {
+    let entries = migrate_dst::restart::status(state_dir, in_doubt_after)?;
+    if json {
+        println!("{}", serde_json::to_string(&entries)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no container is held or awaiting its source here");
+    }
+    for entry in entries {
+        println!("{}", entry.line());
+    }
+    Ok(())
+}
+
 fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -107,12 +153,13 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .init();
     let listen = args.listen.context("--listen is required")?;
     let tls = TlsDir::load(&args.tls_dir).context("loading TLS material")?;
-    let daemon = Daemon::new(
+    let mut daemon = Daemon::new(
         args.state_dir,
         Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
         Criu::new(args.criu),
         args.cgroup_parent,
     )?;
+    daemon.in_doubt_after = Duration::from_secs(args.in_doubt_after);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(migrate_dst::serve(listen, &tls, daemon))
 }

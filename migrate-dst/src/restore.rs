@@ -1,17 +1,22 @@
 //! Phase 7 on the destination: rebuild the rootfs, write the bundle, and
-//! `runc restore` the container; or, on failure, remove every trace of it.
+//! `runc restore` the container, held until the source decides; or, on
+//! failure, remove every trace of it.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use migrate_common::bundle::{BundleConfig, DestinationRewrite, Hook};
-use migrate_common::criu::ConfigFile;
+use migrate_common::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
+use migrate_common::hook::{
+    action_script, write_action_script, Gate, Verdict, DESTINATION_ACTIONS, POST_RESTORE,
+};
 use migrate_common::mount::{mount_overlay, unmount_all_under};
 use migrate_common::protocol::{Failed, Hello, Restored};
 use migrate_common::rootfs::digest::LayerDigest;
-use migrate_common::runc::{CriuOptions, RestoreSpec, RuncError};
+use migrate_common::runc::{CriuOptions, RestoreSpec, Runc};
+use tokio::sync::oneshot;
 
 use crate::receive::{dump_dir, link_parent};
 use crate::Daemon;
@@ -88,46 +93,300 @@ impl ContainerDir {
     pub fn runc_log(&self) -> PathBuf {
         self.root.join("runc.log")
     }
+    /// Where CRIU's post-restore hook asks whether the held container may run.
+    pub fn hold_socket(&self) -> PathBuf {
+        self.root.join("hold.sock")
+    }
+    /// This container's durable record.
+    pub fn record(&self) -> PathBuf {
+        self.root.join("migration.json")
+    }
 }
 
-/// Restores the container; on failure returns the message for the source,
-/// after moving CRIU's and runc's logs out of the container dir (which the
-/// rollback removes) to `<state>/failed/<id>-<time>/`, where the message
-/// points.
-pub fn restore(
-    daemon: &Daemon,
-    hello: &Hello,
-    dir: &ContainerDir,
-    plan: RestorePlan,
-) -> Result<Restored, Failed> {
-    restore_in(daemon, hello, dir, plan).map_err(|mut failed| {
-        match keep_logs(daemon, &hello.container_id, dir) {
-            Ok(kept) => {
-                let old = dir.root.to_string_lossy().into_owned();
-                let new = kept.to_string_lossy().into_owned();
-                failed.message = failed.message.replace(&old, &new);
-                failed.criu_log_tail = failed.criu_log_tail.replace(&old, &new);
-            }
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "keeping the logs of a failed restore")
+/// A `runc restore` under way. CRIU's post-restore action holds the
+/// restored processes, not running, until [`Restoring::decide`]: `Proceed`
+/// lets them run, `Undo` makes CRIU kill them. The hook outlives this
+/// daemon: a restarted one finds the container from its record and answers
+/// in its place ([`Restoring::adopt`]).
+#[derive(Debug)]
+pub struct Restoring {
+    gate: Gate,
+    end: End,
+    holder_pid: Option<u32>,
+    started: Instant,
+    decided_at: Option<Instant>,
+    id: String,
+    dir: ContainerDir,
+    state_dir: PathBuf,
+    runc: Runc,
+    runc_log: PathBuf,
+    criu_work: PathBuf,
+}
+
+impl Restoring {
+    /// Prepares the bundle and starts `runc restore`.
+    pub fn start(
+        daemon: &Daemon,
+        hello: &Hello,
+        dir: &ContainerDir,
+        plan: RestorePlan,
+    ) -> Result<Self, Failed> {
+        let started = Instant::now();
+        let id = &hello.container_id;
+        let keep = |failed| keep_logs_of(daemon, id, dir, failed);
+        let images = final_images(dir, plan.parent_round)
+            .map_err(|e| keep(failed("preparing the images", &e, String::new())))?;
+        let cgroups_path = prepare(daemon, hello, dir)
+            .map_err(|e| keep(failed("preparing the bundle", &e, String::new())))?;
+        let gate = Gate::bind(&dir.hold_socket(), POST_RESTORE)
+            .map_err(|e| keep(failed("holding the restore", &e.into(), String::new())))?;
+        let criu_config = restore_config(daemon, dir, cgroups_path.as_deref())
+            .map_err(|e| keep(failed("preparing CRIU's configuration", &e, String::new())))?;
+        let (stdout, stderr) = spawn_log_shim(daemon, dir)
+            .map_err(|e| keep(failed("starting the log shim", &e, String::new())))?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis(),
+            "bundle ready; runc restore"
+        );
+        let (bundle, criu_work, runc_log) = (dir.bundle(), dir.criu_work(), dir.runc_log());
+        let spec = RestoreSpec {
+            id,
+            bundle: &bundle,
+            image_dir: &images,
+            work_dir: &criu_work,
+            runc_log: &runc_log,
+            lazy: plan.lazy,
+            criu_config: Some(&criu_config),
+            options: CriuOptions {
+                tcp_established: hello.tcp_established,
+            },
+        };
+        let mut child =
+            tokio::process::Command::from(daemon.runc.restore_command(&spec, stdout, stderr))
+                .kill_on_drop(false)
+                .spawn()
+                .map_err(|e| {
+                    keep(failed(
+                        "restore",
+                        &anyhow::Error::from(e).context("starting runc restore"),
+                        String::new(),
+                    ))
+                })?;
+        let holder_pid = child.id();
+        let (ended, end) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = ended.send(child.wait().await);
+        });
+        Ok(Self {
+            gate,
+            end: End::Child(Some(end)),
+            holder_pid,
+            started,
+            decided_at: None,
+            id: id.clone(),
+            dir: dir.clone(),
+            state_dir: daemon.state_dir.clone(),
+            runc: daemon.runc.clone(),
+            runc_log,
+            criu_work,
+        })
+    }
+
+    /// Takes over the hold of a copy restored by a daemon that is gone: its
+    /// hook keeps asking at the hold socket, and `holder_pid` (its `runc
+    /// restore`) ends once the hook has its answer.
+    pub fn adopt(
+        daemon: &Daemon,
+        id: &str,
+        dir: &ContainerDir,
+        holder_pid: Option<u32>,
+    ) -> Result<Self> {
+        let socket = dir.hold_socket();
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", socket.display())),
+        }
+        let gate = Gate::bind(&socket, POST_RESTORE)?;
+        let pid = holder_pid
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| anyhow::anyhow!("the record of {id} names no runc restore"))?;
+        Ok(Self {
+            gate,
+            end: End::Adopted(pid),
+            holder_pid,
+            started: Instant::now(),
+            decided_at: None,
+            id: id.to_owned(),
+            dir: dir.clone(),
+            state_dir: daemon.state_dir.clone(),
+            runc: daemon.runc.clone(),
+            runc_log: dir.runc_log(),
+            criu_work: dir.criu_work(),
+        })
+    }
+
+    /// The `runc restore` process holding the copy.
+    pub fn holder_pid(&self) -> Option<u32> {
+        self.holder_pid
+    }
+
+    /// Waits until CRIU holds the restored processes at post-restore. A
+    /// restore that fails first comes back as the message for the source,
+    /// its logs kept under `<state>/failed/`.
+    pub async fn held(&mut self) -> Result<Restored, Failed> {
+        loop {
+            tokio::select! {
+                event = self.gate.next_event() => match event {
+                    Some(event) if event.action == POST_RESTORE => break,
+                    Some(_) => {}
+                    None => return Err(self.failure("the CRIU action gate closed".into())),
+                },
+                status = self.end.wait() => {
+                    let status = status.map_err(|e| self.failure(format!("waiting for runc restore: {e}")))?;
+                    return Err(self.restore_failed(status));
+                }
             }
         }
-        failed
-    })
+        // runc may record the container only once CRIU tells it of the
+        // restore, which it may do after running this hook: the pid is
+        // for the log, not a condition.
+        let pid = self.runc.state(&self.id).map(|s| s.pid).unwrap_or_default();
+        Ok(Restored {
+            restore_ms: millis(self.started.elapsed()),
+            pid,
+        })
+    }
+
+    /// Lets the held processes run, or makes CRIU kill them.
+    pub fn decide(&mut self, verdict: Verdict) {
+        self.decided_at.get_or_insert_with(Instant::now);
+        self.gate.decide(verdict);
+    }
+
+    /// Waits for `runc restore` to end after the verdict: success means the
+    /// processes run. Cancel-safe; once it has answered, later calls wait
+    /// forever.
+    pub async fn ended(&mut self) -> Result<u64, Failed> {
+        let status = self
+            .end
+            .wait()
+            .await
+            .map_err(|e| self.failure(format!("waiting for runc restore: {e}")))?;
+        if let Some(status) = status.filter(|s| !s.success()) {
+            return Err(self.restore_failed(Some(status)));
+        }
+        let state = self
+            .runc
+            .state(&self.id)
+            .map_err(|e| self.failure(format!("checking the released container: {e}")))?;
+        if !state.is_running() {
+            return Err(self.failure(format!(
+                "runc reports the released container {}, not running",
+                state.status
+            )));
+        }
+        Ok(self
+            .decided_at
+            .map(|at| millis(at.elapsed()))
+            .unwrap_or_default())
+    }
+
+    fn restore_failed(&self, status: Option<ExitStatus>) -> Failed {
+        let (runc_log, criu_log) = restore_logs(&self.runc_log, &self.criu_work);
+        let how = status.map_or_else(|| "ended".to_owned(), |s| format!("exited with {s}"));
+        self.keep(Failed {
+            stage: "restore".into(),
+            message: format!("`runc restore` {how}: {runc_log}"),
+            criu_log_tail: criu_log,
+        })
+    }
+
+    fn failure(&self, message: String) -> Failed {
+        self.keep(Failed {
+            stage: "restore".into(),
+            message,
+            criu_log_tail: log_tail(&self.criu_work.join("restore.log"), LOG_TAIL_LINES),
+        })
+    }
+
+    fn keep(&self, failed: Failed) -> Failed {
+        keep_logs_in(&self.state_dir, &self.id, &self.dir, failed)
+    }
+}
+
+/// How the end of `runc restore` is seen: as our child, or, adopted from
+/// a daemon that is gone, through its pid (its status is then unknown).
+#[derive(Debug)]
+enum End {
+    Child(Option<oneshot::Receiver<std::io::Result<ExitStatus>>>),
+    Adopted(i32),
+    Ended(Option<ExitStatus>),
+}
+
+impl End {
+    /// Cancel-safe; once it has ended, answers at once.
+    async fn wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        let status = match self {
+            End::Ended(status) => return Ok(*status),
+            End::Child(None) => return Err(std::io::Error::other("lost track of runc restore")),
+            End::Child(Some(receiver)) => {
+                let status = receiver
+                    .await
+                    .map_err(|_| std::io::Error::other("lost track of runc restore"))??;
+                Some(status)
+            }
+            End::Adopted(pid) => {
+                // No bound: the hook answers when the source decides.
+                migrate_common::process::wait_for_exit(*pid, std::time::Duration::MAX).await?;
+                None
+            }
+        };
+        *self = End::Ended(status);
+        Ok(status)
+    }
+}
+
+/// runc's and CRIU's own words about a failed restore.
+fn restore_logs(runc_log: &Path, criu_work: &Path) -> (String, String) {
+    Runc::restore_failure_logs(runc_log, &criu_work.join("restore.log"))
+}
+
+fn keep_logs_of(daemon: &Daemon, id: &str, dir: &ContainerDir, failed: Failed) -> Failed {
+    keep_logs_in(&daemon.state_dir, id, dir, failed)
+}
+
+/// Moves the failed restore's logs out of the container dir (which the
+/// rollback removes) to `<state>/failed/<id>-<time>/`, and points the
+/// message there.
+fn keep_logs_in(state_dir: &Path, id: &str, dir: &ContainerDir, mut failed: Failed) -> Failed {
+    match keep_logs(state_dir, id, dir) {
+        Ok(kept) => {
+            let old = dir.root.to_string_lossy().into_owned();
+            let new = kept.to_string_lossy().into_owned();
+            failed.message = failed.message.replace(&old, &new);
+            failed.criu_log_tail = failed.criu_log_tail.replace(&old, &new);
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "keeping the logs of a failed restore")
+        }
+    }
+    failed
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Moves the logs of a failed restore where the rollback will not remove
 /// them. The copy mirrors the container dir's layout, so paths in messages
 /// can be rewritten by prefix.
-fn keep_logs(daemon: &Daemon, id: &str, dir: &ContainerDir) -> Result<PathBuf> {
+fn keep_logs(state_dir: &Path, id: &str, dir: &ContainerDir) -> Result<PathBuf> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let kept = daemon
-        .state_dir
-        .join("failed")
-        .join(format!("{id}-{stamp}"));
+    let kept = state_dir.join("failed").join(format!("{id}-{stamp}"));
     std::fs::create_dir_all(&kept).with_context(|| format!("creating {}", kept.display()))?;
     for (from, to) in [
         (dir.criu_work(), kept.join("criu")),
@@ -140,76 +399,6 @@ fn keep_logs(daemon: &Daemon, id: &str, dir: &ContainerDir) -> Result<PathBuf> {
         }
     }
     Ok(kept)
-}
-
-fn restore_in(
-    daemon: &Daemon,
-    hello: &Hello,
-    dir: &ContainerDir,
-    plan: RestorePlan,
-) -> Result<Restored, Failed> {
-    let started = Instant::now();
-    let images = final_images(dir, plan.parent_round)
-        .map_err(|e| failed("preparing the images", &e, String::new()))?;
-    let cgroups_path = prepare(daemon, hello, dir)
-        .map_err(|e| failed("preparing the bundle", &e, String::new()))?;
-    let criu_config = restore_config(daemon, dir, cgroups_path.as_deref())
-        .map_err(|e| failed("preparing CRIU's configuration", &e, String::new()))?;
-    let id = &hello.container_id;
-    let (stdout, stderr) = spawn_log_shim(daemon, dir)
-        .map_err(|e| failed("starting the log shim", &e, String::new()))?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis(),
-        "bundle ready; runc restore"
-    );
-    let (bundle, criu_work, runc_log) = (dir.bundle(), dir.criu_work(), dir.runc_log());
-    let spec = RestoreSpec {
-        id,
-        bundle: &bundle,
-        image_dir: &images,
-        work_dir: &criu_work,
-        runc_log: &runc_log,
-        lazy: plan.lazy,
-        criu_config: criu_config.as_deref(),
-        options: CriuOptions {
-            tcp_established: hello.tcp_established,
-        },
-    };
-    daemon
-        .runc
-        .restore(&spec, stdout, stderr)
-        .map_err(|e| match e {
-            RuncError::Restore {
-                status,
-                runc_log,
-                criu_log,
-                ..
-            } => Failed {
-                stage: "restore".into(),
-                message: format!("`runc restore` exited with {status}: {runc_log}"),
-                criu_log_tail: criu_log,
-            },
-            other => failed("restore", &other.into(), String::new()),
-        })?;
-    tracing::debug!(ms = started.elapsed().as_millis(), "runc restore done");
-    let state = daemon
-        .runc
-        .state(id)
-        .map_err(|e| failed("checking the restored container", &e.into(), String::new()))?;
-    if !state.is_running() {
-        return Err(Failed {
-            stage: "restore".into(),
-            message: format!(
-                "runc reports the restored container {}, not running",
-                state.status
-            ),
-            criu_log_tail: migrate_common::criu::log_tail(&dir.criu_work().join("restore.log"), 15),
-        });
-    }
-    Ok(Restored {
-        restore_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        pid: state.pid,
-    })
 }
 
 fn failed(stage: &str, error: &anyhow::Error, criu_log_tail: String) -> Failed {
@@ -229,29 +418,34 @@ pub fn final_images(dir: &ContainerDir, parent_round: u32) -> Result<PathBuf> {
     Ok(images)
 }
 
-/// On cgroup v2 hosts, tells CRIU where the restored processes' cgroups go:
-/// runc does so itself on cgroup v1 only (its `CgRoot` list), and on v2 CRIU
-/// would put them back under the cgroup path they were dumped from, ignoring
-/// `--cgroup-parent`. The root is the container's cgroup, as runc's v1 list
-/// makes it.
+/// The restore's CRIU configuration: the action script that holds the
+/// restored processes at post-restore, and on cgroup v2 hosts where their
+/// cgroups go: runc does that itself on cgroup v1 only (its `CgRoot` list),
+/// and on v2 CRIU would put them back under the cgroup path they were dumped
+/// from, ignoring `--cgroup-parent`. The root is the container's cgroup, as
+/// runc's v1 list makes it.
 fn restore_config(
     daemon: &Daemon,
     dir: &ContainerDir,
     cgroups_path: Option<&str>,
-) -> Result<Option<PathBuf>> {
-    let (Some(path), true) = (cgroups_path, daemon.cgroup_parent.is_some()) else {
-        return Ok(None);
-    };
-    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        return Ok(None);
-    }
+) -> Result<PathBuf> {
+    let script = dir.root.join("criu-action.sh");
+    write_action_script(
+        &script,
+        &action_script(&daemon.exe, &dir.hold_socket(), DESTINATION_ACTIONS, &[]),
+    )?;
+    let cgroup_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let cgroup_root = cgroups_path
+        .filter(|_| daemon.cgroup_parent.is_some() && cgroup_v2)
+        .map(str::to_owned);
     let config = dir.root.join("criu-restore.conf");
     ConfigFile {
-        cgroup_root: Some(path.to_owned()),
+        action_script: Some(script),
+        cgroup_root,
         ..ConfigFile::default()
     }
     .write(&config)?;
-    Ok(Some(config))
+    Ok(config)
 }
 
 /// Mounts the overlay from the layer store and the received upper dir, and
@@ -356,10 +550,18 @@ pub fn remove_stale(daemon: &Daemon) -> Result<Vec<String>> {
     for entry in entries {
         let entry = entry?;
         let id = entry.file_name().to_string_lossy().into_owned();
-        if !migrate_common::valid_container_id(&id) || daemon.runc.exists(&id) {
+        let dir = ContainerDir { root: entry.path() };
+        // A record says a copy is held or runs here: adopted, not stale.
+        let recorded = migrate_common::record::load::<migrate_common::record::DestinationRecord>(
+            &dir.record(),
+        );
+        if !migrate_common::valid_container_id(&id)
+            || daemon.runc.exists(&id)
+            || !matches!(recorded, Ok(None))
+        {
             continue;
         }
-        discard(daemon, &id, &ContainerDir { root: entry.path() });
+        discard(daemon, &id, &dir);
         removed.push(id);
     }
     Ok(removed)

@@ -1,21 +1,20 @@
 //! One migration on the destination: drives [`DestinationState`] over the
-//! control stream, from `Hello` to `Committed` or to a full rollback; a lazy
-//! restore continues in [`crate::postcopy`].
+//! control stream, from `Hello` to `Committed` or to a full rollback; from
+//! the checkpoint on, [`crate::hold`] restores, holds and releases.
 
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{
-    Abort, Body, ControlChannel, ControlMessage, DestinationState, Direction, Failed, Hello,
-    LayersReady,
+    Abort, Body, ControlChannel, ControlMessage, DestinationState, Direction, Discarded, Failed,
+    Hello, LayersReady,
 };
 use migrate_common::transfer::{ByteBudget, TransferStats};
 use tracing::{info, warn};
 
-use crate::postcopy::{self, LazyEnd};
 use crate::receive::{self, Inbox, MAX_ROUNDS};
 use crate::restore::{self, ContainerDir, RestorePlan};
-use crate::{preflight, Daemon};
+use crate::{hold, preflight, Daemon};
 
 pub type Control = ControlChannel<quinn::SendStream>;
 
@@ -24,7 +23,8 @@ pub type Control = ControlChannel<quinn::SendStream>;
 pub struct Session {
     /// `None` while the link is lost.
     pub control: Option<Control>,
-    pub conn: quinn::Connection,
+    /// `None` for a held copy adopted at start-up, until its source is back.
+    pub conn: Option<quinn::Connection>,
     pub state: DestinationState,
 }
 
@@ -71,7 +71,7 @@ pub async fn serve(
 ) -> Result<()> {
     let mut session = Session {
         control: Some(control),
-        conn: conn.clone(),
+        conn: Some(conn.clone()),
         state: DestinationState::AwaitingHello,
     };
     session.state = session
@@ -120,6 +120,14 @@ pub async fn serve(
 
     let result = exchange(&mut session, &daemon, &hello, &dir, &inbox, peer).await;
     match result {
+        Ok(()) if session.state == DestinationState::Aborted => {
+            acceptor.abort();
+            info!(
+                container = hello.container_id,
+                "migration aborted by the source; discarded"
+            );
+            Ok(())
+        }
         Ok(()) => {
             acceptor.abort();
             info!(
@@ -160,11 +168,14 @@ pub async fn serve(
                 .await
                 .is_err()
             {
-                session.conn.close(1u32.into(), b"aborted");
+                conn.close(1u32.into(), b"aborted");
                 let _ = (&mut acceptor).await;
             }
             let (daemon, id, dir) = (daemon.clone(), hello.container_id.clone(), dir.clone());
             tokio::task::spawn_blocking(move || restore::discard(&daemon, &id, &dir)).await?;
+            if session.state == DestinationState::Aborted {
+                let _ = session.send(Discarded {}).await;
+            }
             Err(e)
         }
     }
@@ -275,44 +286,7 @@ async fn exchange(
         parent_round: sent.parent_round,
         lazy: sent.lazy,
     };
-    if sent.lazy {
-        return match postcopy::restore_lazily(session, daemon, hello, dir, plan, peer).await {
-            Ok(()) => Ok(()),
-            Err(LazyEnd::Discard(e)) => Err(Ending::Discard(e)),
-            Err(LazyEnd::Keep(e)) => Err(Ending::Keep(e)),
-        };
-    }
-
-    let outcome = {
-        let (daemon, hello, dir) = (daemon.clone(), hello.clone(), dir.clone());
-        tokio::task::spawn_blocking(move || restore::restore(&daemon, &hello, &dir, plan)).await
-    }
-    .map_err(|e| anyhow!("the restore task failed: {e}"))?;
-    match outcome {
-        Ok(restored) => {
-            info!(
-                container = hello.container_id,
-                pid = restored.pid,
-                ms = restored.restore_ms,
-                "restored"
-            );
-            session.send(restored).await?;
-        }
-        Err(failed) => {
-            let message = format!("{}: {}", failed.stage, failed.message);
-            session.send(failed).await?;
-            return Err(anyhow!("restore failed: {message}").into());
-        }
-    }
-
-    match session.recv().await?.body {
-        Some(Body::Commit(_)) => session.send(migrate_common::protocol::Committed {}).await?,
-        // An abort here means the source kept its copy after all: the
-        // caller removes ours, since the state no longer holds it.
-        other => return Err(unexpected(other).into()),
-    }
-    session.finish();
-    Ok(())
+    hold::conclude(session, daemon, hello, dir, plan, peer).await
 }
 
 /// The error for a message the state machine admitted but that ends the

@@ -3,9 +3,10 @@
 //! answered; and the migration's working dir.
 //!
 //! The images go to a working dir on tmpfs. The container's fate is held by
-//! the post-dump gate ([`migrate_common::hook`]): [`Checkpoint::finish`] lets
-//! CRIU kill the frozen processes; [`Checkpoint::resume`] (or this process
-//! dying) makes CRIU resume them.
+//! the post-dump gate ([`migrate_common::hook`]): [`Checkpoint::decide`]
+//! with `Proceed` lets CRIU kill the frozen processes, with `Undo` makes it
+//! resume them; if this process dies first, the hook decides from the
+//! migration's record.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -147,6 +148,7 @@ impl DumpSetup<'_> {
 pub struct Checkpoint {
     gate: Gate,
     end: Option<oneshot::Receiver<Result<Outcome, String>>>,
+    outcome: Option<Result<Outcome, String>>,
     holder_pid: Option<u32>,
     image_dir: PathBuf,
     id: String,
@@ -197,6 +199,7 @@ impl Checkpoint {
         Ok(Self {
             gate,
             end: Some(end),
+            outcome: None,
             holder_pid,
             image_dir: image_dir.to_owned(),
             id: id.to_owned(),
@@ -214,7 +217,7 @@ impl Checkpoint {
         loop {
             let event = tokio::select! {
                 event = self.gate.next_event() => event,
-                end = ended(&mut self.end) => {
+                end = settle(&mut self.end, &mut self.outcome) => {
                     let reason = match end {
                         Ok(_) => "it ended".to_owned(),
                         Err(e) => format!("{e:#}"),
@@ -248,10 +251,10 @@ impl Checkpoint {
         self.gate.decide(verdict);
     }
 
-    /// Waits for `runc checkpoint` to end. Cancel-safe; once it has
-    /// answered, later calls wait forever.
+    /// Waits for `runc checkpoint` to end; once it has, returns how at
+    /// once. Cancel-safe.
     pub async fn ended(&mut self) -> Result<Outcome> {
-        ended(&mut self.end).await
+        settle(&mut self.end, &mut self.outcome).await
     }
 
     /// The `runc checkpoint` process, which holds the frozen container.
@@ -260,15 +263,27 @@ impl Checkpoint {
     }
 }
 
-async fn ended(end: &mut Option<oneshot::Receiver<Result<Outcome, String>>>) -> Result<Outcome> {
-    let Some(receiver) = end.as_mut() else {
-        return std::future::pending().await;
-    };
-    let outcome = receiver.await;
-    *end = None;
-    outcome
-        .map_err(|_| anyhow!("lost track of runc checkpoint"))?
-        .map_err(|e| anyhow!(e))
+/// How a child's end was, waiting for it the first time: the answer
+/// behind both dumps' `ended`.
+pub(crate) async fn settle<T: Copy>(
+    end: &mut Option<oneshot::Receiver<Result<T, String>>>,
+    outcome: &mut Option<Result<T, String>>,
+) -> Result<T> {
+    if outcome.is_none() {
+        let got = match end.as_mut() {
+            Some(receiver) => receiver
+                .await
+                .unwrap_or_else(|_| Err("lost track of runc checkpoint".to_owned())),
+            None => Err("lost track of runc checkpoint".to_owned()),
+        };
+        *end = None;
+        *outcome = Some(got);
+    }
+    match outcome {
+        Some(Ok(value)) => Ok(*value),
+        Some(Err(e)) => Err(anyhow!("{e}")),
+        None => Err(anyhow!("lost track of runc checkpoint")),
+    }
 }
 
 async fn wait_for_end(mut child: Child, log: &Path) -> Result<Outcome, String> {

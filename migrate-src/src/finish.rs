@@ -1,29 +1,41 @@
 //! The end of a migration on the source, every way it can end.
 //!
 //! Success: the destination runs the container and the source copy is gone
-//! (CRIU ended it); runc's record and our working dir go, and the
-//! destination is told to commit. Failure before the decision point: the
-//! destination is told to abort, the container is resumed here, and the
-//! error says which side failed and confirms (from runc) that the container
-//! runs on the source again. Failure after it in post-copy: nothing is
-//! resumed or killed; the error says the case is in doubt and what each side
-//! holds.
+//! (CRIU ended it); runc's record, the work dir and the migration's record
+//! go, and the destination is told to commit. Failure before the decision
+//! ([`recover`]): the container is resumed here first, then the destination
+//! is told to discard its copy (over a new connection if the link was lost)
+//! and the error says which side failed and confirms, from runc, that the
+//! container runs on the source again. Failure after it ([`in_doubt`]):
+//! nothing is resumed or killed; the record keeps the decision and the
+//! error says what each side holds and that `migrate resolve` settles it.
+//! [`lost`] is for the case the protocol exists to prevent: the destination
+//! failed its copy after the source's was ended.
 
 use std::time::Duration;
 
+use migrate_common::hook::Verdict;
 use migrate_common::mount::unmount_all_under;
-use migrate_common::protocol::{Abort, Body, Commit, ControlError, Failed, Recovery};
+use migrate_common::protocol::{Abort, Body, Commit, ControlError, Failed, Recovery, SourcePhase};
+use migrate_common::record::SourcePhase as Recorded;
 use migrate_common::runc::Runc;
 
 use crate::checkpoint::Outcome;
 use crate::lazy::LazyEnd;
+use crate::link::{self, Dial, Link};
 use crate::{MigrateOptions, Session};
 
 /// How long the source waits for the destination's last word.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Exit code of a migration in doubt: both copies held, an operator decides.
+/// How long a rollback tries to reach a lost destination to discard the
+/// copy it may hold.
+const ABORT_RECONNECT: Duration = Duration::from_secs(15);
+
+/// Exit code of a migration in doubt: a copy is held, an operator decides.
 pub const EXIT_IN_DOUBT: u8 = 3;
+/// Exit code of a container lost: no copy runs, which must never happen.
+pub const EXIT_LOST: u8 = 4;
 
 /// Why a migration stopped, before recovery.
 #[derive(Debug)]
@@ -32,9 +44,13 @@ pub enum Failure {
     Destination(Failed),
     Source(anyhow::Error),
     Link(ControlError),
-    Unexpected { expected: &'static str, got: String },
+    Unexpected {
+        expected: &'static str,
+        got: String,
+    },
     Timeout(Duration),
-    Interrupted,
+    /// The signal's name.
+    Interrupted(&'static str),
 }
 
 impl Failure {
@@ -102,8 +118,13 @@ pub enum MigrationError {
     },
     #[error("no answer from the destination within the freeze timeout ({timeout:?})")]
     Timeout { timeout: Duration, outcome: String },
-    #[error("interrupted")]
-    Interrupted { outcome: String },
+    #[error("interrupted by {signal}")]
+    Interrupted {
+        signal: &'static str,
+        outcome: String,
+    },
+    #[error("LOST: {reason}")]
+    Lost { reason: String, outcome: String },
     #[error("in doubt: {reason}")]
     InDoubt {
         reason: String,
@@ -123,15 +144,18 @@ impl MigrationError {
             | Self::Protocol { outcome, .. }
             | Self::Source { outcome, .. }
             | Self::Timeout { outcome, .. }
-            | Self::Interrupted { outcome }
+            | Self::Interrupted { outcome, .. }
+            | Self::Lost { outcome, .. }
             | Self::InDoubt { outcome, .. } => outcome,
         }
     }
 
-    /// 1: failed, the container runs on the source as before; 3: in doubt.
+    /// 1: failed, the container runs on the source as before; 3: in
+    /// doubt; 4: lost.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::InDoubt { .. } => EXIT_IN_DOUBT,
+            Self::Lost { .. } => EXIT_LOST,
             _ => 1,
         }
     }
@@ -147,7 +171,8 @@ impl MigrationError {
     /// Where the container runs now, in a word, for `--json`.
     pub fn runs_on(&self) -> &'static str {
         match self {
-            Self::InDoubt { .. } => "held on both hosts, in doubt",
+            Self::InDoubt { .. } => "held, in doubt: see migrate resolve",
+            Self::Lost { .. } => "nowhere",
             _ => "source",
         }
     }
@@ -159,24 +184,6 @@ fn log_section(tail: &str) -> String {
     } else {
         format!("\ndestination CRIU log: {tail}")
     }
-}
-
-/// The eager modes' success: CRIU may kill the frozen source copy. Returns
-/// warnings (the migration itself succeeded: the container runs on the
-/// destination).
-pub(crate) async fn end_source_copy(session: &mut Session) -> Vec<String> {
-    let mut warnings = Vec::new();
-    if let Some(checkpoint) = session.eager.take() {
-        match checkpoint.finish().await {
-            Ok(Outcome::Finished) => {}
-            Ok(Outcome::Resumed) => warnings.push(
-                "CRIU resumed the source copy after the destination restored it: stop one of them"
-                    .to_owned(),
-            ),
-            Err(e) => warnings.push(format!("{e:#}")),
-        }
-    }
-    warnings
 }
 
 /// After the source copy is gone (every mode): runc's record and the work
@@ -214,7 +221,7 @@ pub(crate) async fn clean_up(session: &mut Session, opts: &MigrateOptions) -> Ve
 
 /// runc checkpoint normally removes the container's record itself; this
 /// covers the case where it did not.
-fn remove_runc_record(runc: &Runc, id: &str) -> anyhow::Result<()> {
+pub(crate) fn remove_runc_record(runc: &Runc, id: &str) -> anyhow::Result<()> {
     if runc.exists(id) {
         unmount_all_under(&runc.state_dir(id))?;
         runc.delete_force(id)?;
@@ -222,32 +229,31 @@ fn remove_runc_record(runc: &Runc, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Undoes what the failure requires and says where the container is now.
+/// Undoes what the failure requires and says where the container is now:
+/// the source copy is resumed first (a held destination copy does not run
+/// meanwhile), then the destination told to discard its copy.
 pub(crate) async fn recover(
     mut session: Session,
     failure: Failure,
     opts: &MigrateOptions,
+    dial: &Dial<'_>,
 ) -> MigrationError {
     let recovery = failure.recovery(session.state.recovery());
     let told_destination = matches!(failure, Failure::Refused(_) | Failure::Destination(_));
-    if !told_destination && recovery != Recovery::KeepDestination {
-        if let Some(link) = session.link.as_mut() {
-            let reason = match &failure {
-                Failure::Interrupted => "interrupted on the source".to_owned(),
-                Failure::Timeout(t) => format!("source freeze timeout ({t:?}) expired"),
-                _ => "the source is rolling back".to_owned(),
-            };
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), link.control.send(Abort { reason }))
-                    .await;
-        }
-    }
+    // Only once `CheckpointSent` went out can the destination hold a
+    // restored copy; before, it discards what it has when told or when the
+    // link ends.
+    let may_hold = !told_destination && session.state.phase == SourcePhase::AwaitingRestore;
 
     let mut outcome = Vec::new();
     let froze = session.eager.is_some() || session.lazy.is_some();
-    if let Some(checkpoint) = session.eager.take() {
-        if let Err(e) = checkpoint.resume().await {
-            outcome.push(format!("resuming the container failed: {e:#}"));
+    if let Some(mut checkpoint) = session.eager.take() {
+        checkpoint.decide(Verdict::Undo);
+        match checkpoint.ended().await {
+            Ok(Outcome::Resumed) => {}
+            Ok(Outcome::Finished) => outcome
+                .push("WARNING: CRIU ended the source copy although told to resume it".to_owned()),
+            Err(e) => outcome.push(format!("resuming the container failed: {e:#}")),
         }
     }
     if let Some(lazy) = session.lazy.as_mut() {
@@ -261,24 +267,79 @@ pub(crate) async fn recover(
         }
     }
     let id = &opts.container_id;
-    outcome.push(match opts.runc.state(id) {
-        Ok(state) if state.is_running() && froze => {
-            format!(
-                "container {id} was resumed and is running on the source (pid {})",
-                state.pid
-            )
-        }
+    let runs_here = match opts.runc.state(id) {
         Ok(state) if state.is_running() => {
-            format!("container {id} was not touched and is running on the source")
+            outcome.push(if froze {
+                format!(
+                    "container {id} was resumed and is running on the source (pid {})",
+                    state.pid
+                )
+            } else {
+                format!("container {id} was not touched and is running on the source")
+            });
+            true
         }
-        Ok(state) => format!("WARNING: container {id} is {} on the source", state.status),
-        Err(e) => format!("WARNING: cannot confirm the state of {id} on the source: {e}"),
-    });
+        Ok(state) => {
+            outcome.push(format!(
+                "WARNING: container {id} is {} on the source",
+                state.status
+            ));
+            false
+        }
+        Err(e) => {
+            outcome.push(format!(
+                "WARNING: cannot confirm the state of {id} on the source: {e}"
+            ));
+            false
+        }
+    };
+
+    let mut discarded = !may_hold;
+    if !told_destination && recovery != Recovery::KeepDestination && (runs_here || !may_hold) {
+        let reason = match &failure {
+            Failure::Interrupted(signal) => format!("{signal} on the source"),
+            Failure::Timeout(t) => format!("source freeze timeout ({t:?}) expired"),
+            _ => "the source is rolling back".to_owned(),
+        };
+        discarded |= tell_abort(&mut session, dial, &reason, may_hold).await;
+    }
+    if let Some(mut journal) = session.journal.take() {
+        let settled = if discarded {
+            journal.remove().map_err(|e| format!("{e}"))
+        } else {
+            journal
+                .set_phase(Recorded::Aborted)
+                .map_err(|e| format!("{e}"))
+        };
+        if let Err(e) = settled {
+            outcome.push(format!("warning: updating the migration's record: {e}"));
+        }
+    }
+    if !discarded {
+        outcome.push(format!(
+            "the destination {} may still hold a copy of {id}, restored but not running: \
+             `migrate resolve {id}` discards it (it never runs without this host's word)",
+            opts.destination
+        ));
+    }
     if let Some(link) = session.link.take() {
         link.close().await;
     }
     let outcome = outcome.join("\n");
 
+    into_error(failure, outcome)
+}
+
+/// A failure before anything was touched.
+pub(crate) fn untouched(failure: Failure, opts: &MigrateOptions) -> MigrationError {
+    let outcome = format!(
+        "container {} was not touched and runs on the source",
+        opts.container_id
+    );
+    into_error(failure, outcome)
+}
+
+fn into_error(failure: Failure, outcome: String) -> MigrationError {
     match failure {
         Failure::Refused(reasons) => MigrationError::Refused { reasons, outcome },
         Failure::Destination(f) => MigrationError::Destination {
@@ -295,7 +356,63 @@ pub(crate) async fn recover(
             outcome,
         },
         Failure::Timeout(timeout) => MigrationError::Timeout { timeout, outcome },
-        Failure::Interrupted => MigrationError::Interrupted { outcome },
+        Failure::Interrupted(signal) => MigrationError::Interrupted { signal, outcome },
+    }
+}
+
+/// Tells the destination to discard its copy; when it may hold a restored
+/// one, waits for it to confirm, reconnecting if the link is gone. Returns
+/// whether it confirmed.
+async fn tell_abort(session: &mut Session, dial: &Dial<'_>, reason: &str, confirm: bool) -> bool {
+    if let Some(link) = session.link.as_mut() {
+        if abort_on(link, reason, confirm).await {
+            return true;
+        }
+    }
+    if !confirm {
+        return false;
+    }
+    if let Some(old) = session.link.take() {
+        old.abandon();
+    }
+    let deadline = std::time::Instant::now() + ABORT_RECONNECT;
+    match link::resume(dial, &session.migration_id, 0, deadline).await {
+        Ok((mut link, status)) => {
+            let confirmed = status.restored.is_none() && status.released.is_none()
+                || abort_on(&mut link, reason, true).await;
+            session.link = Some(link);
+            confirmed
+        }
+        // It answered and holds nothing of this migration.
+        Err(e) if e.downcast_ref::<link::Refused>().is_some() => true,
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "reaching the destination to discard its copy");
+            false
+        }
+    }
+}
+
+async fn abort_on(link: &mut Link, reason: &str, confirm: bool) -> bool {
+    let sent = tokio::time::timeout(
+        Duration::from_secs(2),
+        link.control.send(Abort {
+            reason: reason.to_owned(),
+        }),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) || !confirm {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(FAREWELL_TIMEOUT, link.control.recv()).await {
+            Ok(Ok(msg)) => match msg.body {
+                Some(Body::Discarded(_)) => return true,
+                // Messages the destination sent before it read the abort.
+                Some(Body::Restored(_) | Body::PagesComplete(_)) => continue,
+                _ => return false,
+            },
+            _ => return false,
+        }
     }
 }
 
@@ -325,39 +442,87 @@ async fn go_back_from_lazy(
     }
 }
 
-/// A post-copy migration that can neither go on nor go back on its own.
+/// A migration after its decision that can neither finish nor go back on
+/// its own. The record keeps the decision for `migrate resolve`.
 pub(crate) async fn in_doubt(
     mut session: Session,
     reason: String,
-    restored: bool,
+    released: bool,
     opts: &MigrateOptions,
 ) -> MigrationError {
     let id = &opts.container_id;
-    let held_by = session.lazy.as_ref().and_then(|l| l.holder_pid());
-    let holder = held_by
-        .map(|pid| format!(" (held by `runc checkpoint`, pid {pid})"))
+    let held_by = session
+        .lazy
+        .as_ref()
+        .and_then(|l| l.holder_pid())
+        .or_else(|| session.eager.as_ref().and_then(|c| c.holder_pid()));
+    let record = session
+        .journal
+        .as_ref()
+        .map(|j| j.path().display().to_string())
         .unwrap_or_default();
-    let destination = if restored {
-        "the destination runs its copy, which waits on the pages it does not have yet"
+    let outcome = if session.state.mode.is_lazy() {
+        let holder = held_by
+            .map(|pid| format!(" (held by `runc checkpoint`, pid {pid})"))
+            .unwrap_or_default();
+        let destination = if released {
+            "the destination runs its copy, which waits on the pages it does not have yet"
+        } else {
+            "the destination holds its copy, restored but not running"
+        };
+        format!(
+            "nothing was resumed or killed: container {id} is frozen on the source with all of its memory{holder}; \
+             {destination}. Nothing runs twice; neither side gives its copy up on its own.\n\
+             `migrate resolve {id}` goes on (the page transfer resumes over a new connection to {}). Going \
+             back to the original instead loses what the destination's copy did since the freeze: \
+             `migrate resolve {id} --go-back` discards the destination's copy, then resumes the original.",
+            opts.destination
+        )
     } else {
-        "the destination may have restored its copy, which would wait on its pages"
+        format!(
+            "the decision was taken (recorded in {record}): the source copy of {id} is gone and the \
+             destination {} holds its copy, restored but not running, until told. Nothing runs twice.\n\
+             `migrate resolve {id}` releases it once the destination can be reached.",
+            opts.destination
+        )
     };
-    let outcome = format!(
-        "nothing was resumed or killed: container {id} is frozen on the source with all of its memory{holder}; \
-         {destination}. Nothing runs twice. The destination keeps its copy held until told.\n\
-         To go on, the page transfer must resume over a new connection to {}; to go back, the destination's \
-         copy must be removed (losing what it did since the freeze) before the original is resumed. \
-         Decide which; do not resume the original while the destination's copy exists.",
-        opts.destination
-    );
     if let Some(link) = session.link.take() {
         link.abandon();
     }
-    // The work dir holds the images CRIU still uses; it stays.
+    // The work dir holds the images CRIU still uses; it stays, as does the
+    // record with the decision.
     session.work = None;
+    session.journal = None;
     MigrationError::InDoubt {
         reason,
         outcome,
         held_by,
+    }
+}
+
+/// The destination failed its copy after the source's was ended: no copy
+/// runs. Said as it is; the images stay for a manual restore.
+pub(crate) async fn lost(
+    mut session: Session,
+    reason: String,
+    opts: &MigrateOptions,
+) -> MigrationError {
+    let id = &opts.container_id;
+    let images = session
+        .work
+        .take()
+        .map(|w| format!("; its final images are kept in {}", w.final_dir().display()))
+        .unwrap_or_default();
+    if let Some(link) = session.link.take() {
+        link.close().await;
+    }
+    // The record keeps the decision: `migrate resolve` reports the case again.
+    session.journal = None;
+    MigrationError::Lost {
+        reason,
+        outcome: format!(
+            "container {id} runs nowhere: the source copy was ended after the decision and the \
+             destination lost its copy{images}"
+        ),
     }
 }

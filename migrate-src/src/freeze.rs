@@ -98,6 +98,17 @@ pub(crate) async fn freeze_and_send(
         choice.reason
     ));
     let lazy = choice.mode.is_lazy();
+    session.source_pid = i32::try_from(container.state.pid).ok();
+    session
+        .journal
+        .as_mut()
+        .ok_or_else(|| Failure::Source(anyhow!("no record of this migration")))?
+        .start(
+            &session.migration_id,
+            &opts.destination,
+            mode::name(choice.mode),
+        )
+        .map_err(|e| Failure::Source(anyhow!(e).context("recording the migration")))?;
 
     advance(session, SourcePhase::Connecting)?;
     reporter.phase(format!("connecting to {}", opts.destination));
@@ -162,11 +173,17 @@ pub(crate) async fn freeze_and_send(
     std::fs::create_dir_all(work.final_dir())
         .with_context(|| format!("creating {}", work.final_dir().display()))
         .map_err(Failure::Source)?;
+    let record = session
+        .journal
+        .as_ref()
+        .map(|j| j.path().to_owned())
+        .ok_or_else(|| Failure::Source(anyhow!("no record of this migration")))?;
     let setup = DumpSetup {
         runc: &opts.runc,
         id,
         work: &work,
         migrate_exe: &opts.migrate_exe,
+        record: &record,
         ghost_limit: opts.ghost_limit,
         options: opts.criu_options,
     };
@@ -213,15 +230,16 @@ pub(crate) async fn freeze_and_send(
         let dump = session.lazy.insert(
             LazyDump::spawn(&setup, &final_dir, parent.as_deref()).map_err(Failure::Source)?,
         );
+        record_holder(&mut session.journal, dump.holder_pid())?;
         dump.images_ready().await.map_err(Failure::Source)?;
         (dump.frozen_at, dump.dumped_at)
     } else {
-        let dump = Checkpoint::start(&setup, &final_dir, parent.as_deref())
-            .await
-            .map_err(Failure::Source)?;
-        let times = (dump.frozen_at, dump.dumped_at);
-        session.eager = Some(dump);
-        times
+        let dump = session.eager.insert(
+            Checkpoint::spawn(&setup, &final_dir, parent.as_deref()).map_err(Failure::Source)?,
+        );
+        record_holder(&mut session.journal, dump.holder_pid())?;
+        dump.images_ready().await.map_err(Failure::Source)?;
+        (dump.frozen_at, dump.dumped_at)
     };
 
     advance(session, SourcePhase::SendingCheckpoint)?;
@@ -288,6 +306,20 @@ pub(crate) async fn freeze_and_send(
         layers_sent,
         layers_reused,
     })
+}
+
+/// Notes in the record which process holds the source copy, for `migrate
+/// resolve` to wait on.
+fn record_holder(
+    journal: &mut Option<crate::journal::Journal>,
+    pid: Option<u32>,
+) -> Result<(), Failure> {
+    if let Some(journal) = journal.as_mut() {
+        journal
+            .set_holder(pid)
+            .map_err(|e| Failure::Source(anyhow!(e).context("recording the dump's holder")))?;
+    }
+    Ok(())
 }
 
 /// What this host offers the modes that were asked for; and a note when

@@ -32,7 +32,7 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use migrate_common::criu::{log_tail, LOG_TAIL_LINES};
 use migrate_common::hook::{Gate, Verdict};
 use migrate_common::process::InheritedFds;
@@ -40,7 +40,7 @@ use migrate_common::runc::{CheckpointSpec, DumpKind, Runc};
 use tokio::process::Child;
 use tokio::sync::oneshot;
 
-use crate::checkpoint::{read_output, DumpSetup};
+use crate::checkpoint::{read_output, settle, DumpSetup};
 
 /// Where CRIU finds its page-server socket.
 const CRIU_SOCKET_FD: i32 = 100;
@@ -51,8 +51,9 @@ const AGENT_END_FD: i32 = 101;
 /// A lazy dump under way: writing its images, then serving pages.
 #[derive(Debug)]
 pub struct LazyDump {
-    /// How `runc checkpoint` ended, once it has.
+    /// How `runc checkpoint` will end, and how it did.
     end: Option<oneshot::Receiver<Result<LazyEnd, String>>>,
+    outcome: Option<Result<LazyEnd, String>>,
     holder_pid: Option<u32>,
     gate: Gate,
     image_dir: PathBuf,
@@ -133,6 +134,7 @@ impl LazyDump {
         });
         Ok(Self {
             end: Some(end),
+            outcome: None,
             holder_pid,
             gate,
             image_dir: image_dir.to_owned(),
@@ -154,7 +156,7 @@ impl LazyDump {
         loop {
             let event = tokio::select! {
                 event = self.gate.next_event() => event,
-                end = ended(&mut self.end) => {
+                end = settle(&mut self.end, &mut self.outcome) => {
                     let reason = match end {
                         Ok(_) => "it ended".to_owned(),
                         Err(e) => format!("{e:#}"),
@@ -221,10 +223,10 @@ impl LazyDump {
             .with_context(|| format!("thawing {} for CRIU to end it", self.id))
     }
 
-    /// Waits for `runc checkpoint` to end. Cancel-safe; once it has
-    /// answered, later calls wait forever.
+    /// Waits for `runc checkpoint` to end; once it has, returns how at
+    /// once. Cancel-safe.
     pub async fn ended(&mut self) -> Result<LazyEnd> {
-        ended(&mut self.end).await
+        settle(&mut self.end, &mut self.outcome).await
     }
 
     /// After CRIU ended a failed dump or transfer: removes the network lock
@@ -245,17 +247,6 @@ impl LazyDump {
     pub fn holder_pid(&self) -> Option<u32> {
         self.holder_pid
     }
-}
-
-async fn ended(end: &mut Option<oneshot::Receiver<Result<LazyEnd, String>>>) -> Result<LazyEnd> {
-    let Some(receiver) = end.as_mut() else {
-        return std::future::pending().await;
-    };
-    let outcome = receiver.await;
-    *end = None;
-    outcome
-        .map_err(|_| anyhow!("lost track of runc checkpoint"))?
-        .map_err(|e| anyhow!(e))
 }
 
 async fn wait_for_end(mut child: Child, log: &Path) -> Result<LazyEnd, String> {

@@ -12,23 +12,30 @@
 //! 5. the freeze: [`checkpoint`] (held frozen in CRIU's post-dump) or
 //!    [`lazy`] (memory served on demand); the final images and the upper
 //!    dir's changes since step 3, then the manifest.
-//! 6. the destination restores; in post-copy [`postcopy`] relays the pages.
+//! 6. the destination restores and holds its copy; the decision, recorded
+//!    in [`journal`] before it is acted on, and the release: [`conclude`]
+//!    (eager modes), or [`postcopy`], which also relays the pages.
 //! 7. [`finish`]: the source copy ends and everything is cleaned up, or the
-//!    container is resumed here, or the case is in doubt.
+//!    container is resumed here, or the case is in doubt ([`resolve`]
+//!    settles it later).
 
 pub mod checkpoint;
+pub mod conclude;
 pub mod convergence;
 pub mod finish;
 pub mod freeze;
 pub mod inspect;
+pub mod journal;
 pub mod lazy;
 pub mod link;
 pub mod mode;
 pub mod postcopy;
 pub mod progress;
 pub mod report;
+pub mod resolve;
 pub mod rounds;
 pub mod send;
+pub mod signals;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,19 +43,21 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
-use migrate_common::protocol::{Body, MemoryMode, SourcePhase, SourceState};
+use migrate_common::protocol::{MemoryMode, SourcePhase, SourceState};
 use migrate_common::runc::{CriuOptions, Runc};
 use migrate_common::tunnel::Tunnel;
 
 use checkpoint::{Checkpoint, WorkDir};
 use finish::Failure;
-pub use finish::{MigrationError, EXIT_IN_DOUBT};
+pub use finish::{MigrationError, EXIT_IN_DOUBT, EXIT_LOST};
 use freeze::Frozen;
+use journal::{Earlier, Journal};
 use lazy::LazyDump;
 use link::{Dial, Link};
 use mode::RequestedMode;
 use progress::Reporter;
 use report::{ModeReport, Summary};
+use signals::Signals;
 
 /// Everything the `migrate` command was asked to do.
 #[derive(Debug, Clone)]
@@ -63,6 +72,9 @@ pub struct MigrateOptions {
     /// Base of the per-migration working dirs (on tmpfs: images are written
     /// there while the container is frozen).
     pub work_base: PathBuf,
+    /// Where the migrations' durable records live (on disk: they must
+    /// survive a reboot).
+    pub state_dir: PathBuf,
     /// Longest the container may stay frozen before the destination has
     /// everything it needs to restore it.
     pub freeze_timeout: Duration,
@@ -88,7 +100,10 @@ pub struct Session {
     state: SourceState,
     migration_id: String,
     link: Option<Link>,
+    journal: Option<Journal>,
     work: Option<WorkDir>,
+    /// The container's init on the source, as inspected.
+    source_pid: Option<i32>,
     eager: Option<Checkpoint>,
     lazy: Option<LazyDump>,
     tunnel: Option<Tunnel>,
@@ -97,8 +112,7 @@ pub struct Session {
 }
 
 /// Moves the container; on failure the container runs on the source as
-/// before, or, in post-copy, is held on both sides in doubt; the error says
-/// which.
+/// before, or is held in doubt (the error says which and what to do).
 pub async fn migrate(
     opts: &MigrateOptions,
     reporter: &Reporter,
@@ -107,7 +121,9 @@ pub async fn migrate(
         state: SourceState::new(MemoryMode::StopAndCopy),
         migration_id: new_migration_id(),
         link: None,
+        journal: None,
         work: None,
+        source_pid: None,
         eager: None,
         lazy: None,
         tunnel: None,
@@ -115,86 +131,64 @@ pub async fn migrate(
     };
     let tls = match TlsDir::load(&opts.tls_dir).context("loading TLS material") {
         Ok(tls) => tls,
-        Err(e) => return Err(finish::recover(session, Failure::Source(e), opts).await),
+        Err(e) => return Err(finish::untouched(Failure::Source(e), opts)),
     };
     let dial = Dial {
         destination: &opts.destination,
         tls: &tls,
         idle_timeout: opts.link_timeout,
     };
+    let mut signals = match Signals::install().context("taking over SIGINT and SIGTERM") {
+        Ok(signals) => signals,
+        Err(e) => return Err(finish::untouched(Failure::Source(e), opts)),
+    };
+    match open_journal(opts, &tls, reporter).await {
+        Ok(journal) => session.journal = Some(journal),
+        Err(e) => return Err(finish::untouched(Failure::Source(e), opts)),
+    }
     let frozen = tokio::select! {
         frozen = freeze::freeze_and_send(opts, &dial, reporter, &mut session) => frozen,
-        _ = tokio::signal::ctrl_c() => Err(Failure::Interrupted),
+        signal = signals.next() => Err(Failure::Interrupted(signal)),
     };
     let frozen = match frozen {
         Ok(frozen) => frozen,
         Err(failure) => {
             reporter.phase("rolling back");
-            return Err(finish::recover(session, failure, opts).await);
+            return Err(finish::recover(session, failure, opts, &dial).await);
         }
     };
     if session.state.mode.is_lazy() {
-        after_lazy_restore(session, frozen, opts, &dial, reporter).await
+        after_lazy_restore(session, frozen, opts, &dial, &mut signals, reporter).await
     } else {
-        after_eager_restore(session, frozen, opts, reporter).await
+        conclude::eager(session, frozen, opts, &dial, &mut signals, reporter).await
     }
 }
 
-/// Stop-and-copy and pre-copy: the destination restores from complete
-/// images while the source copy waits, frozen, in CRIU's post-dump.
-async fn after_eager_restore(
-    mut session: Session,
-    frozen: Frozen,
+/// Locks the container's record; an earlier migration interrupted before
+/// its decision is settled first (its destination discards the copy it may
+/// hold), one interrupted after it must be settled by `migrate resolve`.
+async fn open_journal(
     opts: &MigrateOptions,
+    tls: &TlsDir,
     reporter: &Reporter,
-) -> Result<Summary, MigrationError> {
-    reporter.phase("restoring on the destination (container frozen)");
-    let deadline = tokio::time::Instant::from_std(frozen.frozen_at + opts.freeze_timeout);
-    let restored = async {
-        let link = session.link.as_mut().ok_or_else(no_link)?;
-        let answer = tokio::select! {
-            answer = tokio::time::timeout_at(deadline, link.control.recv()) => answer,
-            _ = tokio::signal::ctrl_c() => return Err(Failure::Interrupted),
-        };
-        match answer
-            .map_err(|_| Failure::Timeout(opts.freeze_timeout))?
-            .map_err(Failure::Link)?
-            .body
-        {
-            Some(Body::Restored(restored)) => Ok(restored),
-            Some(Body::Failed(failed)) => Err(Failure::Destination(failed)),
-            other => Err(Failure::unexpected("Restored", other)),
-        }
+) -> anyhow::Result<Journal> {
+    let (journal, earlier) = Journal::lock(&opts.state_dir, &opts.container_id)?;
+    if let Earlier::Undecided(record) = earlier {
+        reporter.note(format!(
+            "an earlier migration of {} to {} was interrupted before its decision: settling it first",
+            record.container_id, record.destination
+        ));
+        resolve::discard_undecided(&record, tls, opts, reporter)
+            .await
+            .context("settling the earlier migration (see `migrate resolve`)")?;
     }
-    .await;
-    let restored = match restored {
-        Ok(restored) => restored,
-        Err(failure) => {
-            reporter.phase("rolling back");
-            return Err(finish::recover(session, failure, opts).await);
-        }
-    };
-    let restored_at = Instant::now();
-    step(&mut session, SourcePhase::Finishing);
-    reporter.phase("finishing on the source");
-    let warnings = finish::end_source_copy(&mut session).await;
-    let mut frozen = frozen;
-    let (warnings, wire) = wind_up(&mut session, &mut frozen, opts, warnings).await;
-    Ok(summary(
-        opts,
-        &frozen,
-        restored_at,
-        restored.restore_ms,
-        None,
-        wire,
-        warnings,
-    ))
+    Ok(journal)
 }
 
 /// What every mode does once the source copy is gone: the final round's
 /// figures, the cleanup and the commit; returns the warnings and the wire
 /// bytes of every connection the migration used.
-async fn wind_up(
+pub(crate) async fn wind_up(
     session: &mut Session,
     frozen: &mut Frozen,
     opts: &MigrateOptions,
@@ -212,35 +206,46 @@ async fn wind_up(
     if let Some(link) = session.link.take() {
         link.close().await;
     }
+    if let Some(journal) = session.journal.take() {
+        if let Err(e) = journal.remove() {
+            warnings.push(format!("removing the migration's record: {e}"));
+        }
+    }
     step(session, SourcePhase::Done);
     (warnings, wire)
 }
 
 /// A step the order of the code guarantees; a refusal is a bug, logged.
-fn step(session: &mut Session, phase: SourcePhase) {
+pub(crate) fn step(session: &mut Session, phase: SourcePhase) {
     if let Err(e) = session.state.advance(phase) {
         tracing::warn!(error = %e, "source state");
     }
 }
 
-/// Post-copy and hybrid: the destination runs the container at once, and
-/// its memory follows through the page tunnel.
+/// Post-copy and hybrid: the destination runs the container as soon as it
+/// is released, and its memory follows through the page tunnel.
 async fn after_lazy_restore(
     mut session: Session,
     frozen: Frozen,
     opts: &MigrateOptions,
     dial: &Dial<'_>,
+    signals: &mut Signals,
     reporter: &Reporter,
 ) -> Result<Summary, MigrationError> {
     reporter.phase("restoring on the destination (container frozen)");
-    let moved = match postcopy::follow(&mut session, dial, opts.resume_timeout, reporter).await {
+    let bounds = postcopy::Bounds {
+        freeze_deadline: tokio::time::Instant::from_std(frozen.frozen_at + opts.freeze_timeout),
+        freeze_timeout: opts.freeze_timeout,
+        resume_timeout: opts.resume_timeout,
+    };
+    let moved = match postcopy::follow(&mut session, dial, bounds, signals, reporter).await {
         Ok(moved) => moved,
         Err(postcopy::PostCopyError::GoBack(failure)) => {
             reporter.phase("rolling back");
-            return Err(finish::recover(session, failure, opts).await);
+            return Err(finish::recover(session, failure, opts, dial).await);
         }
-        Err(postcopy::PostCopyError::InDoubt { reason, restored }) => {
-            return Err(finish::in_doubt(session, reason, restored, opts).await);
+        Err(postcopy::PostCopyError::InDoubt { reason, released }) => {
+            return Err(finish::in_doubt(session, reason, released, opts).await);
         }
     };
     step(&mut session, SourcePhase::Finishing);
@@ -250,8 +255,9 @@ async fn after_lazy_restore(
     let mut summary = summary(
         opts,
         &frozen,
-        moved.restored_at,
+        moved.released_at,
         moved.restored.restore_ms,
+        moved.released.release_ms,
         Some(&moved),
         wire,
         warnings,
@@ -260,11 +266,13 @@ async fn after_lazy_restore(
     Ok(summary)
 }
 
-fn summary(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn summary(
     opts: &MigrateOptions,
     frozen: &Frozen,
-    restored_at: Instant,
+    released_at: Instant,
     restore_ms: u64,
+    release_ms: u64,
     moved: Option<&postcopy::PagesMoved>,
     bytes_wire: u64,
     warnings: Vec<String>,
@@ -277,12 +285,13 @@ fn summary(
             used: mode::name(frozen.choice.mode),
             reason: frozen.choice.reason.clone(),
         },
-        downtime_ms: millis(restored_at - frozen.frozen_at),
+        downtime_ms: millis(released_at - frozen.frozen_at),
         predicted_downtime_ms: frozen.predicted_downtime_ms,
         total_ms: millis(frozen.started.elapsed()),
         dump_ms: millis(frozen.dumped_at - frozen.frozen_at),
-        transfer_and_restore_ms: millis(restored_at - frozen.dumped_at),
+        transfer_and_restore_ms: millis(released_at - frozen.dumped_at),
         restore_ms,
+        release_ms,
         pages_after_restore_ms: None,
         source_free_ms: moved.map(|m| millis(m.source_free_at - frozen.frozen_at)),
         rounds: frozen.rounds.clone(),

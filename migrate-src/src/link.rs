@@ -115,14 +115,23 @@ async fn try_resume(
     migration_id: &str,
     tunnel_delivered: u64,
 ) -> Result<(Link, Resumed)> {
-    let mut link = Link::connect(dial).await?;
-    link.control
-        .send(Resume {
+    ask(
+        dial,
+        Resume {
             protocol_version: PROTOCOL_VERSION,
             migration_id: migration_id.to_owned(),
             tunnel_delivered,
-        })
-        .await?;
+            container_id: String::new(),
+        },
+    )
+    .await
+}
+
+/// One attempt: dials and sends `resume`; the destination answers what it
+/// holds of the migration, or [`Refused`] if nothing.
+pub async fn ask(dial: &Dial<'_>, resume: Resume) -> Result<(Link, Resumed)> {
+    let mut link = Link::connect(dial).await?;
+    link.control.send(resume).await?;
     match link.control.recv().await?.body {
         Some(Body::Resumed(resumed)) => Ok((link, resumed)),
         Some(Body::Failed(failed)) => Err(Refused(failed.message).into()),

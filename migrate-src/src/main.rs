@@ -21,8 +21,9 @@ use migrate_src::{MigrateOptions, MigrationError};
     version,
     about = "Live-migrate a running runc container to another host",
     after_help = "Exit status: 0 the container runs on the destination only; 1 the migration failed and \
-                  the container runs on the source as before; 2 usage error; 3 in doubt (post-copy lost \
-                  the destination mid-transfer: both copies are held, nothing runs twice, an operator decides).",
+                  the container runs on the source as before; 2 usage error; 3 in doubt: the source decided \
+                  but could not finish (a copy is held, nothing runs twice), see `migrate resolve`; 4 lost: \
+                  no copy runs (must never happen; said if it does).",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -56,6 +57,10 @@ struct MigrateArgs {
     /// Where checkpoint images are written; should be tmpfs.
     #[arg(long, default_value = "/dev/shm/migrate")]
     work_dir: PathBuf,
+    /// Where each migration's record (its decision) is kept; must be on a
+    /// disk that survives a reboot, not tmpfs.
+    #[arg(long, default_value = "/var/lib/migrate")]
+    state_dir: PathBuf,
     /// How memory moves (auto: pre-copy where this host can, else
     /// stop-and-copy; never post-copy).
     ///
@@ -103,9 +108,46 @@ enum Command {
     /// Create and issue TLS certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Settle a migration that stopped before both hosts settled (in doubt,
+    /// interrupted, or its `migrate` killed), from this host's record.
+    ///
+    /// No decision recorded: the destination discards its copy and the
+    /// container runs here. Decision recorded: the destination's copy is
+    /// released (post-copy: only --go-back is possible). No record: says what
+    /// each host holds. Exit status as for a migration.
+    Resolve(ResolveArgs),
     /// Called by CRIU's action script during a checkpoint; not for users.
     #[command(hide = true)]
-    CriuActionHook { socket: PathBuf },
+    CriuActionHook {
+        socket: PathBuf,
+        /// The migration's record, read when the agent is gone.
+        #[arg(long)]
+        record: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ResolveArgs {
+    container_id: String,
+    /// The destination, if not the one in the record.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: Option<String>,
+    /// Post-copy after the decision: discard the destination's copy and
+    /// resume the original here, losing what the copy did since the freeze.
+    #[arg(long)]
+    go_back: bool,
+    #[arg(long, default_value = "/etc/migrate/tls")]
+    tls_dir: PathBuf,
+    #[arg(long, default_value = "/run/runc")]
+    runc_root: PathBuf,
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    #[arg(long, default_value = "criu")]
+    criu: PathBuf,
+    #[arg(long, default_value = "/var/lib/migrate")]
+    state_dir: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,21 +175,70 @@ enum CertsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CriuActionHook { socket }) => {
-            let action = std::env::var(migrate_common::hook::ACTION_ENV).unwrap_or_default();
-            let code = migrate_common::hook::run_action_hook(&socket, &action);
+        Some(Command::CriuActionHook { socket, record }) => {
+            use migrate_common::hook::{run_action_hook, AgentGone, ACTION_ENV, POST_DUMP};
+            let action = std::env::var(ACTION_ENV).unwrap_or_default();
+            // Without a record to read, a hook whose agent is gone resumes.
+            let gone = AgentGone::ConsultRecord(record.unwrap_or_default());
+            let code = run_action_hook(&socket, &action, POST_DUMP, &gone);
             return ExitCode::from(u8::try_from(code).unwrap_or(1));
         }
         Some(Command::Certs(cmd)) => return report(certs(cmd)),
+        Some(Command::Resolve(args)) => {
+            init_logging();
+            return resolve(args);
+        }
         None => {}
     }
+    init_logging();
+    report(run_migration(cli.migrate))
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("MIGRATE_LOG"))
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal: logs go to files and journals.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    report(run_migration(cli.migrate))
+}
+
+fn resolve(args: ResolveArgs) -> ExitCode {
+    let opts = migrate_src::resolve::ResolveOptions {
+        container_id: args.container_id,
+        destination: args.to,
+        go_back: args.go_back,
+        tls_dir: args.tls_dir,
+        state_dir: args.state_dir,
+        runc: Runc::new(args.runc, args.runc_root, Some(args.criu)),
+        link_timeout: Duration::from_secs(15),
+    };
+    let reporter = Reporter::new(std::io::stderr().is_terminal() && !args.json, args.json);
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(migrate_src::resolve::resolve(&opts, &reporter)));
+    reporter.finish();
+    match result {
+        Ok(resolution) => {
+            if args.json {
+                match serde_json::to_string(&resolution) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => eprintln!("migrate: error: {e}"),
+                }
+            } else {
+                for action in &resolution.actions {
+                    println!("{action}");
+                }
+                println!("{} runs on: {}", resolution.container, resolution.runs_on);
+            }
+            ExitCode::from(resolution.exit_code)
+        }
+        Err(e) => {
+            eprintln!("migrate: error: {e:#}");
+            eprintln!("migrate: nothing was settled; the case stays as it was");
+            ExitCode::from(migrate_src::EXIT_IN_DOUBT)
+        }
+    }
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -194,6 +285,7 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
         runc: Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
         criu: Criu::new(args.criu),
         work_base: args.work_dir,
+        state_dir: args.state_dir,
         freeze_timeout: Duration::from_secs(args.freeze_timeout),
         mode: args.mode,
         max_downtime: Duration::from_millis(args.max_downtime),

@@ -2,36 +2,44 @@
 //! to the destination's lazy-pages daemon until it has every page, replacing
 //! a lost connection if the link breaks, and end the original only then.
 //!
-//! From here on the destination may run the container, so no failure makes
-//! the source resume the original by itself: an explicit `Failed` from the
-//! destination before it restored is the one way back. Otherwise a lost link
-//! is reconnected for up to `--resume-timeout`; after that the case is in
-//! doubt and both copies stay held (the original frozen under CRIU with every
-//! page, the destination copy waiting on the pages it lacks), because either
-//! choice loses something and is the operator's.
+//! The decision point is the same as in the eager modes
+//! ([`crate::conclude`]): the destination restores the container lazily and
+//! holds it, not running, and says `Restored`; the source records its
+//! decision and sends `Release`, and from then on the destination's copy
+//! runs while its memory follows. Before the decision every failure goes
+//! back (the original resumes, the held copy is discarded). After it no
+//! failure resumes the original by itself: a lost link is reconnected for up
+//! to `--resume-timeout`; after that the case is in doubt and both copies
+//! stay held (the original frozen under CRIU with every page, the
+//! destination copy waiting on the pages it lacks), because either choice
+//! loses something and is the operator's (`migrate resolve`).
 
 use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use migrate_common::protocol::{
-    write_frame, Body, ControlMessage, Failed, PagesComplete, Restored, SourcePhase, StreamHeader,
-    StreamKind,
+    write_frame, Body, Failed, PagesComplete, Release, Released, Restored, SourcePhase,
+    StreamHeader, StreamKind,
 };
 use migrate_common::tunnel::{Inbound, Tunnel, TunnelError};
 use tokio::sync::mpsc;
 
+use crate::conclude::{decide, tail_section};
 use crate::finish::Failure;
 use crate::lazy::LazyEnd;
 use crate::link::{self, Dial};
 use crate::progress::Reporter;
+use crate::signals::Signals;
 use crate::Session;
 
 /// What post-copy achieved.
 #[derive(Debug)]
 pub struct PagesMoved {
     pub restored: Restored,
-    pub restored_at: Instant,
+    pub released: Released,
+    /// When the destination said its copy runs: the end of the downtime.
+    pub released_at: Instant,
     pub pages: PagesComplete,
     /// When CRIU ended the original.
     pub source_free_at: Instant,
@@ -42,38 +50,53 @@ pub struct PagesMoved {
 /// Why post-copy did not complete.
 #[derive(Debug)]
 pub enum PostCopyError {
-    /// The destination did not run the container: going back is safe.
+    /// Before the decision: going back is safe.
     GoBack(Failure),
-    /// Going on and going back both need an operator's decision.
-    InDoubt { reason: String, restored: bool },
+    /// After it: going on and going back both need an operator's decision.
+    InDoubt { reason: String, released: bool },
 }
 
 #[derive(Debug, Default)]
 struct Progress {
-    restored: Option<(Restored, Instant)>,
+    /// The destination holds its copy, and the source decided for it.
+    held: Option<Restored>,
+    released: Option<(Released, Instant)>,
     pages: Option<PagesComplete>,
     source_free_at: Option<Instant>,
+}
+
+impl Progress {
+    fn decided(&self) -> bool {
+        self.held.is_some()
+    }
+}
+
+/// Timing the loop needs from the options and the freeze.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Before the decision: when the freeze timeout ends.
+    pub freeze_deadline: tokio::time::Instant,
+    pub freeze_timeout: Duration,
+    pub resume_timeout: Duration,
 }
 
 pub async fn follow(
     session: &mut Session,
     dial: &Dial<'_>,
-    resume_timeout: Duration,
+    bounds: Bounds,
+    signals: &mut Signals,
     reporter: &Reporter,
 ) -> Result<PagesMoved, PostCopyError> {
     let Session {
         link,
         lazy,
         state,
+        journal,
         migration_id,
         retired_wire_bytes,
         tunnel: kept_tunnel,
         ..
     } = session;
-    let in_doubt = |reason: String, progress: &Progress| PostCopyError::InDoubt {
-        reason,
-        restored: progress.restored.is_some(),
-    };
     let lazy = lazy
         .as_mut()
         .ok_or_else(|| PostCopyError::GoBack(Failure::Source(anyhow!("no lazy dump under way"))))?;
@@ -85,9 +108,24 @@ pub async fn follow(
     // Kept where a rollback finds it: going back means aborting through it.
     *kept_tunnel = Some(tunnel.clone());
     let mut progress = Progress::default();
+    // Before the decision a failure goes back; after it, it is in doubt.
+    let fail = |progress: &Progress, failure: Failure| {
+        if progress.decided() {
+            PostCopyError::InDoubt {
+                reason: failure_text(&failure),
+                released: progress.released.is_some(),
+            }
+        } else {
+            PostCopyError::GoBack(failure)
+        }
+    };
+    let in_doubt = |reason: String, progress: &Progress| PostCopyError::InDoubt {
+        reason,
+        released: progress.released.is_some(),
+    };
     let mut peer_delivered = 0;
     let mut reconnects = 0;
-    let mut interrupted = false;
+    let mut noted_signal = false;
 
     loop {
         let Some(current) = link.as_mut() else {
@@ -113,30 +151,40 @@ pub async fn follow(
                             Err(TunnelError::Link(_) | TunnelError::PeerClosed) | Ok(()) => {
                                 relay_done = true;
                             }
-                            Err(e) => return Err(in_doubt(format!("{e:#}"), &progress)),
+                            Err(e) => return Err(fail(&progress, Failure::Source(e.into()))),
                         },
                         msg = current.control.recv() => {
                             let msg = match msg {
                                 Ok(msg) => msg,
-                                Err(e) => break format!("{e:#}"),
+                                Err(e) if progress.decided() => break format!("{e:#}"),
+                                Err(e) => return Err(PostCopyError::GoBack(Failure::Link(e))),
                             };
                             match msg.body {
-                                Some(Body::Restored(restored)) if progress.restored.is_none() => {
+                                Some(Body::Restored(restored)) if !progress.decided() => {
+                                    decide(journal, state).map_err(PostCopyError::GoBack)?;
+                                    progress.held = Some(restored);
+                                    reporter.phase("releasing the destination's copy");
+                                    if let Err(e) = current.control.send(Release {}).await {
+                                        break format!("{e:#}");
+                                    }
+                                }
+                                Some(Body::Released(released)) if progress.decided() && progress.released.is_none() => {
                                     state
                                         .advance(SourcePhase::ReceivingPages)
                                         .map_err(|e| in_doubt(e.to_string(), &progress))?;
                                     reporter.phase("running on the destination; memory follows");
-                                    progress.restored = Some((restored, Instant::now()));
+                                    progress.released = Some((released, Instant::now()));
                                 }
-                                Some(Body::PagesComplete(pages)) => progress.pages = Some(pages),
+                                Some(Body::PagesComplete(pages)) if progress.released.is_some() => {
+                                    progress.pages = Some(pages);
+                                }
                                 Some(Body::Failed(failed)) => {
                                     return Err(destination_failed(failed, &progress));
                                 }
                                 other => {
-                                    let got = ControlMessage { body: other }.kind();
-                                    return Err(in_doubt(
-                                        format!("the destination sent {got} during the page transfer"),
+                                    return Err(fail(
                                         &progress,
+                                        Failure::unexpected("Restored, Released or PagesComplete", other),
                                     ));
                                 }
                             }
@@ -152,24 +200,27 @@ pub async fn follow(
                         end = lazy.ended() => match end {
                             Ok(LazyEnd::OriginalGone) => progress.source_free_at = Some(Instant::now()),
                             Ok(LazyEnd::OriginalKept) => {
-                                return Err(in_doubt(
+                                return Err(fail(&progress, Failure::Source(anyhow!(
                                     "CRIU's page transfer failed on the source; the original is frozen there"
-                                        .into(),
-                                    &progress,
+                                ))));
+                            }
+                            Err(e) => return Err(fail(&progress, Failure::Source(e))),
+                        },
+                        () = tokio::time::sleep_until(bounds.freeze_deadline), if !progress.decided() => {
+                            return Err(PostCopyError::GoBack(Failure::Timeout(bounds.freeze_timeout)));
+                        }
+                        signal = signals.next() => {
+                            if !progress.decided() {
+                                return Err(PostCopyError::GoBack(Failure::Interrupted(signal)));
+                            }
+                            if !noted_signal {
+                                noted_signal = true;
+                                reporter.note(format!(
+                                    "{signal}: the container runs on the destination while its memory is still \
+                                     moving; the migration goes on until every page is there (it cannot go back \
+                                     by itself any more)"
                                 ));
                             }
-                            Err(e) => return Err(in_doubt(format!("{e:#}"), &progress)),
-                        },
-                        _ = tokio::signal::ctrl_c() => {
-                            if interrupted {
-                                return Err(in_doubt("interrupted twice during the page transfer".into(), &progress));
-                            }
-                            interrupted = true;
-                            reporter.note(
-                                "the container may already run on the destination while its memory is still \
-                                 moving: waiting for the transfer to end. Ctrl-C again stops now and leaves both \
-                                 copies held, in doubt",
-                            );
                         }
                     }
                     if let Some(done) = finished(&progress, reconnects, &tunnel) {
@@ -178,6 +229,11 @@ pub async fn follow(
                 }
             }
         };
+        if !progress.decided() {
+            return Err(PostCopyError::GoBack(Failure::Source(anyhow!(
+                "lost the destination before the decision: {lost}"
+            ))));
+        }
 
         // The link is gone. If the destination already has every page, only
         // CRIU's end of the original is left to wait for.
@@ -185,31 +241,46 @@ pub async fn follow(
             return wait_for_source(lazy, progress, reconnects, &tunnel).await;
         }
         reporter.note(format!(
-            "lost the destination during the page transfer ({lost}); reconnecting for up to {}s, both copies held",
-            resume_timeout.as_secs()
+            "lost the destination after the decision ({lost}); reconnecting for up to {}s, both copies held",
+            bounds.resume_timeout.as_secs()
         ));
         if let Some(old) = link.take() {
             *retired_wire_bytes += wire_bytes(&old.conn);
             old.abandon();
         }
-        let deadline = Instant::now() + resume_timeout;
-        let resumed = tokio::select! {
-            r = link::resume(dial, migration_id, tunnel.delivered(), deadline) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted while reconnecting")),
-        };
-        let (new_link, status) = resumed.map_err(|e| in_doubt(format!("{e:#}"), &progress))?;
+        let deadline = Instant::now() + bounds.resume_timeout;
+        let (new_link, status) = link::resume(dial, migration_id, tunnel.delivered(), deadline)
+            .await
+            .map_err(|e| in_doubt(format!("{e:#}"), &progress))?;
         reconnects += 1;
-        reporter.note("the destination is back; the page transfer goes on where it stopped");
+        reporter.note("the destination is back; the migration goes on where it stopped");
         peer_delivered = status.tunnel_delivered;
         if let Some(failed) = status.failed {
             return Err(destination_failed(failed, &progress));
         }
-        if let Some(restored) = status.restored {
-            if progress.restored.is_none() {
-                state
-                    .advance(SourcePhase::ReceivingPages)
-                    .map_err(|e| in_doubt(e.to_string(), &progress))?;
-                progress.restored = Some((restored, Instant::now()));
+        let mut new_link = new_link;
+        match (status.released, status.restored) {
+            (Some(released), _) => {
+                if progress.released.is_none() {
+                    state
+                        .advance(SourcePhase::ReceivingPages)
+                        .map_err(|e| in_doubt(e.to_string(), &progress))?;
+                    progress.released = Some((released, Instant::now()));
+                }
+            }
+            (None, Some(_)) => {
+                // Held still: the release did not arrive.
+                new_link
+                    .control
+                    .send(Release {})
+                    .await
+                    .map_err(|e| in_doubt(format!("{e:#}"), &progress))?;
+            }
+            (None, None) => {
+                return Err(in_doubt(
+                    "the destination no longer holds its copy".into(),
+                    &progress,
+                ))
             }
         }
         if let Some(pages) = status.pages_complete {
@@ -219,11 +290,20 @@ pub async fn follow(
     }
 }
 
+fn failure_text(failure: &Failure) -> String {
+    match failure {
+        Failure::Source(e) => format!("{e:#}"),
+        Failure::Link(e) => format!("{e:#}"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn finished(progress: &Progress, reconnects: u32, tunnel: &Tunnel) -> Option<PagesMoved> {
-    let (restored, restored_at) = progress.restored.clone()?;
+    let (released, released_at) = progress.released.clone()?;
     Some(PagesMoved {
-        restored,
-        restored_at,
+        restored: progress.held.clone()?,
+        released,
+        released_at,
         pages: progress.pages.clone()?,
         source_free_at: progress.source_free_at?,
         reconnects,
@@ -244,34 +324,30 @@ async fn wait_for_source(
                 return Err(PostCopyError::InDoubt {
                     reason: "the destination had every page, but CRIU did not end the original"
                         .into(),
-                    restored: true,
+                    released: true,
                 })
             }
         }
     }
     finished(&progress, reconnects, tunnel).ok_or(PostCopyError::InDoubt {
-        reason: "the link was lost before the destination reported the restore".into(),
-        restored: false,
+        reason: "the link was lost before the destination confirmed the release".into(),
+        released: false,
     })
 }
 
 fn destination_failed(failed: Failed, progress: &Progress) -> PostCopyError {
-    if progress.restored.is_none() {
+    if !progress.decided() {
         // It says it did not run the container and removed what it made.
         return PostCopyError::GoBack(Failure::Destination(failed));
     }
     PostCopyError::InDoubt {
         reason: format!(
-            "the destination failed at {} after the container started there: {}{}",
+            "the destination failed at {} after the decision: {}{}",
             failed.stage,
             failed.message,
-            if failed.criu_log_tail.is_empty() {
-                String::new()
-            } else {
-                format!("\ndestination CRIU log: {}", failed.criu_log_tail)
-            }
+            tail_section(&failed.criu_log_tail)
         ),
-        restored: true,
+        released: progress.released.is_some(),
     }
 }
 

@@ -108,8 +108,8 @@ pub struct Summary {
     pub container: String,
     pub destination: String,
     pub mode: ModeReport,
-    /// From the freeze to the destination reporting the container running,
-    /// in every mode.
+    /// From the freeze to the destination reporting its copy released and
+    /// running, in every mode.
     pub downtime_ms: u64,
     /// What the convergence rule predicted for it (pre-copy, hybrid).
     pub predicted_downtime_ms: Option<f64>,
@@ -117,10 +117,12 @@ pub struct Summary {
     /// Freeze to the final images complete.
     pub dump_ms: u64,
     /// Images complete to the destination running the container (transfer,
-    /// verification and restore).
+    /// verification, restore, the decision and the release).
     pub transfer_and_restore_ms: u64,
-    /// The destination's `runc restore` alone.
+    /// The destination's `runc restore` up to the hold.
     pub restore_ms: u64,
+    /// From the destination's release of its held copy to its running.
+    pub release_ms: u64,
     /// Post-copy: from the restore to the last page on the destination.
     pub pages_after_restore_ms: Option<u64>,
     /// Post-copy: from the freeze to the original's removal from the source,
@@ -171,10 +173,11 @@ impl Summary {
         );
         let _ = writeln!(
             out,
-            "            dump {}, transfer+restore {} (restore {})",
+            "            dump {}, transfer+restore {} (restore {}, release {})",
             ms(self.dump_ms),
             ms(self.transfer_and_restore_ms),
-            ms(self.restore_ms)
+            ms(self.restore_ms),
+            ms(self.release_ms)
         );
         if let (Some(pages), Some(free)) = (self.pages_after_restore_ms, self.source_free_ms) {
             let _ = writeln!(
@@ -241,6 +244,7 @@ mod tests {
             dump_ms: 3,
             transfer_and_restore_ms: 4,
             restore_ms: 5,
+            release_ms: 1,
             pages_after_restore_ms: None,
             source_free_ms: None,
             rounds: vec![RoundReport {

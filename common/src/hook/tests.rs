@@ -79,7 +79,10 @@ async fn held_action_blocks_until_the_verdict() {
     ));
     assert_eq!(gate.next_event().await.unwrap().action, "post-dump");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!pending.is_finished(), "post-dump must wait for the verdict");
+    assert!(
+        !pending.is_finished(),
+        "post-dump must wait for the verdict"
+    );
     gate.decide(Verdict::Proceed);
     assert_eq!(pending.await.unwrap(), 0);
     // A repeated post-dump gets the same answer at once.
@@ -96,7 +99,13 @@ async fn undo_fails_the_held_action() {
     let gate = Gate::bind(&socket, POST_RESTORE).unwrap();
     gate.decide(Verdict::Undo);
     assert_eq!(
-        hook(socket, "post-restore", POST_RESTORE, AgentGone::WaitForAgent).await,
+        hook(
+            socket,
+            "post-restore",
+            POST_RESTORE,
+            AgentGone::WaitForAgent
+        )
+        .await,
         1
     );
 }
@@ -118,12 +127,29 @@ async fn a_source_hook_without_its_agent_follows_the_record() {
     let socket = dir.path().join("nobody.sock");
     let gone = record_at(dir.path());
     // No record, then no decision: the source copy resumes.
-    assert_eq!(hook(socket.clone(), "post-dump", POST_DUMP, gone.clone()).await, 1);
-    store(&dir.path().join("record.json"), &source_record(SourcePhase::Started)).unwrap();
-    assert_eq!(hook(socket.clone(), "post-dump", POST_DUMP, gone.clone()).await, 1);
+    assert_eq!(
+        hook(socket.clone(), "post-dump", POST_DUMP, gone.clone()).await,
+        1
+    );
+    store(
+        &dir.path().join("record.json"),
+        &source_record(SourcePhase::Started),
+    )
+    .unwrap();
+    assert_eq!(
+        hook(socket.clone(), "post-dump", POST_DUMP, gone.clone()).await,
+        1
+    );
     // Decided: the source copy ends, agent or no agent.
-    store(&dir.path().join("record.json"), &source_record(SourcePhase::Decided)).unwrap();
-    assert_eq!(hook(socket.clone(), "post-dump", POST_DUMP, gone.clone()).await, 0);
+    store(
+        &dir.path().join("record.json"),
+        &source_record(SourcePhase::Decided),
+    )
+    .unwrap();
+    assert_eq!(
+        hook(socket.clone(), "post-dump", POST_DUMP, gone.clone()).await,
+        0
+    );
     // Other actions never fail a dump.
     assert_eq!(hook(socket, "network-lock", POST_DUMP, gone).await, 0);
 }
@@ -132,7 +158,11 @@ async fn a_source_hook_without_its_agent_follows_the_record() {
 async fn an_agent_that_dies_while_the_hook_waits_hands_over_to_the_record() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("hook.sock");
-    store(&dir.path().join("record.json"), &source_record(SourcePhase::Decided)).unwrap();
+    store(
+        &dir.path().join("record.json"),
+        &source_record(SourcePhase::Decided),
+    )
+    .unwrap();
     let mut gate = Gate::bind(&socket, POST_DUMP).unwrap();
     let pending = tokio::spawn(hook(socket, "post-dump", POST_DUMP, record_at(dir.path())));
     gate.next_event().await.unwrap();

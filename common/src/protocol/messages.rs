@@ -4,7 +4,10 @@
 /// The one envelope that travels on the control stream, in both directions.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17")]
+    #[prost(
+        oneof = "Body",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+    )]
     pub body: Option<Body>,
 }
 
@@ -329,6 +332,10 @@ pub struct Resume {
     /// Bytes of the destination's page-tunnel stream the source has taken.
     #[prost(uint64, tag = "3")]
     pub tunnel_delivered: u64,
+    /// With an empty `migration_id`: asks what the destination holds of
+    /// this container (`migrate resolve` without a record).
+    #[prost(string, tag = "4")]
+    pub container_id: String,
 }
 
 /// Destination → source: the migration goes on; where it stands.

@@ -91,7 +91,10 @@ impl DestinationState {
     pub fn waits_for_resume(self) -> bool {
         matches!(
             self,
-            Self::Restoring { .. } | Self::Held { .. } | Self::Releasing { .. } | Self::ReceivingPages
+            Self::Restoring { .. }
+                | Self::Held { .. }
+                | Self::Releasing { .. }
+                | Self::ReceivingPages
         )
     }
 
@@ -124,9 +127,7 @@ impl DestinationState {
             (S::Releasing { lazy: false }, Sent, Some(Body::Released(_))) => {
                 Some(S::AwaitingCommit)
             }
-            (S::Releasing { lazy: true }, Sent, Some(Body::Released(_))) => {
-                Some(S::ReceivingPages)
-            }
+            (S::Releasing { lazy: true }, Sent, Some(Body::Released(_))) => Some(S::ReceivingPages),
             (S::ReceivingPages, Sent, Some(Body::PagesComplete(_))) => Some(S::AwaitingCommit),
             (S::AwaitingCommit, Received, Some(Body::Commit(_))) => Some(S::Committing),
             (S::Committing, Sent, Some(Body::Committed(_))) => Some(S::Completed),
