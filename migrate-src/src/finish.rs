@@ -473,9 +473,9 @@ pub(crate) async fn in_doubt(
         format!(
             "nothing was resumed or killed: container {id} is frozen on the source with all of its memory{holder}; \
              {destination}. Nothing runs twice; neither side gives its copy up on its own.\n\
-             `migrate resolve {id}` goes on (the page transfer resumes over a new connection to {}). Going \
-             back to the original instead loses what the destination's copy did since the freeze: \
-             `migrate resolve {id} --go-back` discards the destination's copy, then resumes the original.",
+             The page transfer cannot go on without this `migrate`, which relayed it. The original still \
+             has every page: `migrate resolve {id} --go-back` discards the copy on {} (losing what it did \
+             since the freeze), then resumes the original.",
             opts.destination
         )
     } else {

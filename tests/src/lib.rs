@@ -399,10 +399,45 @@ impl Lab {
             .arg(&container.runc_root)
             .arg("--work-dir")
             .arg(self.work_dir())
+            .arg("--state-dir")
+            .arg(self.source_state_dir())
             .arg("--json")
             .args(extra)
             .stdin(Stdio::null());
         cmd
+    }
+
+    /// `migrate resolve` for `container` on the source host.
+    pub fn resolve_command(&self, container: &SourceContainer, extra: &[&str]) -> Command {
+        let mut cmd = self.hosts.on(&self.hosts.src, &bin("migrate"));
+        cmd.arg("resolve")
+            .arg(&container.id)
+            .arg("--tls-dir")
+            .arg(&self.tls_src)
+            .arg("--runc-root")
+            .arg(&container.runc_root)
+            .arg("--state-dir")
+            .arg(self.source_state_dir())
+            .arg("--json")
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Where the source keeps the migrations' records.
+    pub fn source_state_dir(&self) -> PathBuf {
+        self.path("src-state")
+    }
+
+    /// The phase in the source's record of a migration of `container_id`
+    /// ("started", "decided", ...), if there is one.
+    pub fn source_phase(&self, container_id: &str) -> Option<String> {
+        let path = self
+            .source_state_dir()
+            .join("migrations")
+            .join(format!("{container_id}.json"));
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        record["phase"].as_str().map(str::to_owned)
     }
 
     /// Puts a copy of the layer that lacks `missing` into the destination's

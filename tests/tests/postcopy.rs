@@ -67,9 +67,9 @@ fn post_copy_keeps_hundreds_of_mib_of_memory_intact() {
 }
 
 /// Starts a post-copy migration of a container holding `heap` and returns
-/// once the container runs on the destination, while its memory still
-/// crosses.
-fn migrate_until_restored(
+/// once the container is restored on the destination and the source has
+/// recorded its decision, while the memory still crosses.
+fn migrate_until_decided(
     lab: &Lab,
     dst: &Destination,
     container: &SourceContainer,
@@ -97,6 +97,11 @@ fn migrate_until_restored(
                     .is_ok_and(|s| s["status"] == "running")
         },
     );
+    // Before the decision, a cut link or an interrupt sends the container
+    // back to the source: these tests are about what comes after.
+    wait_until("the source to decide", Duration::from_secs(20), || {
+        lab.source_phase(&container.id).as_deref() == Some("decided")
+    });
     child
 }
 
@@ -108,7 +113,7 @@ fn post_copy_resumes_the_page_transfer_after_the_link_comes_back() {
     wait_for_heap(&container.rootfs);
     let before = wait_for_ticks(&container, 3);
 
-    let child = migrate_until_restored(
+    let child = migrate_until_decided(
         &lab,
         &dst,
         &container,
@@ -150,7 +155,7 @@ fn post_copy_holds_both_copies_when_the_link_stays_down() {
     wait_for_ticks(&container, 3);
     let source_pid = container.state().unwrap()["pid"].as_u64().unwrap();
 
-    let child = migrate_until_restored(
+    let child = migrate_until_decided(
         &lab,
         &dst,
         &container,
@@ -170,9 +175,10 @@ fn post_copy_holds_both_copies_when_the_link_stays_down() {
     assert!(err.contains("in doubt"), "{err}");
     assert!(err.contains("Nothing runs twice"), "{err}");
     assert_eq!(
-        report["runs_on"], "held on both hosts, in doubt",
+        report["runs_on"], "held, in doubt: see migrate resolve",
         "{report}"
     );
+    assert!(err.contains("--go-back"), "{err}");
 
     // The original is held frozen on the source, with its process and
     // memory; the copy exists on the destination; only one can run.
@@ -193,7 +199,34 @@ fn post_copy_holds_both_copies_when_the_link_stays_down() {
         "the destination gave up its copy"
     );
     assert!(dst.container_dir("pc4").exists());
+
+    // The operator goes back once the link is up: the destination discards
+    // its copy, the original runs on with its own process and memory.
     drop(cut);
+    let out = lab
+        .resolve_command(&container, &["--go-back"])
+        .output()
+        .unwrap();
+    let said = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "runs on the source:\n{said}");
+    let resolution: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(resolution["runs_on"], "source", "{resolution}");
+    let state = container.state().expect("the original is gone");
+    assert_eq!(state["status"], "running", "{state}");
+    assert_eq!(state["pid"].as_u64(), Some(source_pid));
+    let frozen_count: u64 = frozen_at.trim().split_once(' ').unwrap().1.parse().unwrap();
+    wait_for_ticks(&container, frozen_count + 2);
+    assert_heap_intact(&container.runc_root, "pc4", &container.rootfs);
+    assert_destination_discarded(&dst, "pc4");
+    let records = lab.source_state_dir().join("migrations");
+    let left: Vec<_> = std::fs::read_dir(&records)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter()
+            .all(|name| !name.to_string_lossy().ends_with(".json")),
+        "records outlive the resolution: {left:?}"
+    );
 }
 
 /// The processes a migration left holding a container in doubt: the
@@ -269,7 +302,7 @@ fn ctrl_c_once_the_container_runs_on_the_destination_does_not_go_back() {
     wait_for_heap(&container.rootfs);
     let before = wait_for_ticks(&container, 3);
 
-    let child = migrate_until_restored(&lab, &dst, &container, &[]);
+    let child = migrate_until_decided(&lab, &dst, &container, &[]);
     // nsenter execs migrate: this is migrate's own pid.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -282,7 +315,7 @@ fn ctrl_c_once_the_container_runs_on_the_destination_does_not_go_back() {
         out.status.success(),
         "an interrupt after the decision point must not undo the migration:\n{err}"
     );
-    assert!(err.contains("waiting for the transfer to end"), "{err}");
+    assert!(err.contains("goes on until every page is there"), "{err}");
     assert!(
         container.state().is_none(),
         "still registered on the source"

@@ -92,10 +92,34 @@ struct Inner {
 
 #[derive(Debug)]
 struct Writer {
-    half: OwnedWriteHalf,
+    half: NoShutdown,
     inbound: Inbound,
     cutter: RequestCutter,
     aborted: bool,
+}
+
+/// The local socket's write half, which is never shut down: tokio's
+/// would be when dropped, and CRIU's page server takes the end of its
+/// socket for a transfer that ended well (and kills the original). The
+/// socket closes only with its last descriptor, and runc and CRIU hold
+/// one, so an agent that dies or gives up leaves CRIU waiting.
+#[derive(Debug)]
+struct NoShutdown(Option<OwnedWriteHalf>);
+
+impl NoShutdown {
+    fn get(&mut self) -> &mut OwnedWriteHalf {
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only when dropped"))
+    }
+}
+
+impl Drop for NoShutdown {
+    fn drop(&mut self) {
+        if let Some(half) = self.0.take() {
+            half.forget();
+        }
+    }
 }
 
 impl Tunnel {
@@ -105,7 +129,7 @@ impl Tunnel {
             inner: Arc::new(Inner {
                 reader: tokio::sync::Mutex::new(Some(read)),
                 writer: tokio::sync::Mutex::new(Writer {
-                    half: write,
+                    half: NoShutdown(Some(write)),
                     inbound,
                     cutter: RequestCutter::default(),
                     aborted: false,
@@ -168,6 +192,7 @@ impl Tunnel {
         writer.aborted = true;
         writer
             .half
+            .get()
             .write_all(&abort_request())
             .await
             .map_err(TunnelError::Local)
@@ -245,6 +270,7 @@ impl Tunnel {
             cutter,
             aborted,
         } = &mut *writer;
+        let half = half.get();
         match inbound {
             Inbound::Raw => half.write_all(data).await.map_err(TunnelError::Local),
             Inbound::CriuRequests { close_gate } => {

@@ -234,3 +234,25 @@ async fn hostile_frames_are_refused() {
         TunnelError::Protocol(FrameError::AckBeyondSent { acked: 5, sent: 0 })
     ));
 }
+
+#[tokio::test]
+async fn a_dropped_tunnel_does_not_end_the_socket_while_another_holds_it() {
+    let (ours, mut criu) = UnixStream::pair().unwrap();
+    // What runc and CRIU inherit: another descriptor of the agent's end.
+    let inherited = std::os::fd::OwnedFd::from(ours.into_std().unwrap());
+    let kept = inherited.try_clone().unwrap();
+    let tunnel = Tunnel::new(
+        UnixStream::from_std(std::os::unix::net::UnixStream::from(inherited)).unwrap(),
+        Inbound::Raw,
+    );
+    drop(tunnel);
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_millis(300), criu.read(&mut byte)).await;
+    assert!(read.is_err(), "CRIU saw the end of its socket: {read:?}");
+    // The last descriptor closing is the end.
+    drop(kept);
+    let read = tokio::time::timeout(Duration::from_secs(5), criu.read(&mut byte))
+        .await
+        .expect("the socket outlived its last descriptor");
+    assert_eq!(read.unwrap(), 0);
+}
