@@ -206,7 +206,7 @@ pub fn joins(ns: &LinuxNamespace) -> Option<&Path> {
 
 /// Whether `mount` takes a host path as its source, as runc decides it: a
 /// `bind` type or a `bind`/`rbind` option.
-fn is_bind(mount: &Mount) -> bool {
+pub fn is_bind(mount: &Mount) -> bool {
     mount.typ().as_deref() == Some("bind")
         || mount
             .options()

@@ -1,0 +1,327 @@
+//! What a destination lets in: which sources may push containers to it
+//! (`migrate-dst --allow`), and what a container it receives may do on it
+//! (`--allow-bind`, `--allow-privileged`, and [`config`] for the baseline).
+//! Pure decisions over names, paths and a [`BundleConfig`]; the daemon
+//! wires them into its preflight.
+//!
+//! A certificate from the CA proves who a peer is, not that it may run
+//! containers here: the destination restores what it receives as root, so
+//! without this policy every holder of a certificate would be root on every
+//! destination.
+
+pub mod config;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Component, Path, PathBuf};
+
+use rustls_pki_types::ServerName;
+
+use crate::bundle::BundleConfig;
+pub use config::Violation;
+
+/// Why a policy cannot be built from the daemon's flags.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("--allow {name:?} is neither a DNS name nor an IP address (write the name the source's certificate carries)")]
+    BadName { name: String },
+    #[error("--allow-bind {path}: only absolute paths without .. can be allowed")]
+    BadBindRoot { path: PathBuf },
+}
+
+/// The destination's policy, fixed at its start.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Certificate names of the sources allowed to push containers.
+    sources: Vec<SourceName>,
+    /// Host directories whose contents containers may bind-mount.
+    bind_roots: Vec<PathBuf>,
+    /// Whether containers may have more than `runc spec` gives them.
+    privileged: bool,
+}
+
+impl Policy {
+    /// `sources` are certificate names (DNS names or IP addresses, IPv6 in
+    /// brackets or not); `bind_roots` absolute, normalised directories
+    /// (the daemon passes each one as given and as it resolves, so that a
+    /// source reaching it through either form is recognised).
+    pub fn new(
+        sources: &[String],
+        bind_roots: Vec<PathBuf>,
+        privileged: bool,
+    ) -> Result<Self, PolicyError> {
+        let sources = sources
+            .iter()
+            .map(|name| SourceName::parse(name))
+            .collect::<Result<_, _>>()?;
+        if let Some(path) = bind_roots.iter().find(|p| !is_normal_absolute(p)) {
+            return Err(PolicyError::BadBindRoot { path: path.clone() });
+        }
+        Ok(Self {
+            sources,
+            bind_roots,
+            privileged,
+        })
+    }
+
+    /// Whether no source at all may push containers here.
+    pub fn allows_no_source(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    pub fn privileged(&self) -> bool {
+        self.privileged
+    }
+
+    /// Whether a source whose certificate carries `names` (its CN and
+    /// subjectAltNames, all vouched for by the CA) may push containers.
+    pub fn admits(&self, names: &[String]) -> bool {
+        names
+            .iter()
+            .filter_map(|n| SourceName::parse(n).ok())
+            .any(|n| self.sources.contains(&n))
+    }
+
+    /// What a source that [`Self::admits`] refuses is told: who it is to
+    /// this destination, and how the destination's operator lets it in.
+    pub fn refusal(&self, peer: Option<&str>) -> String {
+        let Some(peer) = peer else {
+            return "the source's certificate carries no name (no CN or subjectAltName), so this \
+                    destination cannot tell who it is: issue it with `migrate certs issue --name`"
+                .into();
+        };
+        let allowed = if self.sources.is_empty() {
+            "it allows no source yet".to_owned()
+        } else {
+            format!("it allows {}", join(&self.sources))
+        };
+        format!(
+            "this destination does not allow source {peer} (the name in its certificate) to \
+             migrate containers to it; {allowed}. To allow it, add `--allow {peer}` to \
+             migrate-dst's command line on the destination"
+        )
+    }
+
+    /// Every way `config` exceeds what this destination allows; empty when
+    /// the container may come in. Bind sources inside the allowance still
+    /// have to be resolved on the host (see [`Self::bind_allowed`]).
+    pub fn check(&self, config: &BundleConfig) -> Vec<Violation> {
+        if self.privileged {
+            return Vec::new();
+        }
+        let mut found = config::beyond_baseline(config.spec());
+        for bind in config.bind_mounts() {
+            if bind.source.is_relative() {
+                found.push(Violation::RelativeBind {
+                    source: bind.source,
+                });
+            } else if !self.bind_allowed(&bind.source) {
+                found.push(Violation::BindOutside {
+                    source: bind.source,
+                    allowed: self.bind_roots_text(),
+                });
+            }
+        }
+        found
+    }
+
+    /// Whether host path `source` lies under an allowed bind root, decided
+    /// on the path's text alone (so nothing about paths outside the
+    /// allowance is looked up): `..` is refused rather than resolved,
+    /// because on the host it would resolve through symlinks.
+    pub fn bind_allowed(&self, source: &Path) -> bool {
+        self.privileged
+            || (is_normal_absolute(source) && self.bind_roots.iter().any(|r| source.starts_with(r)))
+    }
+
+    /// The allowed bind roots, for messages.
+    pub fn bind_roots_text(&self) -> String {
+        if self.bind_roots.is_empty() {
+            "this destination allows none".into()
+        } else {
+            let roots: Vec<_> = self.bind_roots.iter().map(|r| r.display()).collect();
+            format!("--allow-bind {}", join(&roots))
+        }
+    }
+}
+
+/// A source's certificate name as `--allow` compares it: IP addresses by
+/// value (`::1` is `0:0::1`), DNS names without case or a final dot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SourceName {
+    Ip(IpAddr),
+    Dns(String),
+}
+
+impl SourceName {
+    fn parse(name: &str) -> Result<Self, PolicyError> {
+        let bare = name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .unwrap_or(name);
+        let bad = || PolicyError::BadName {
+            name: name.to_owned(),
+        };
+        if let Ok(ip) = bare.parse() {
+            return Ok(Self::Ip(ip));
+        }
+        let dns = bare.strip_suffix('.').unwrap_or(bare);
+        // The parser the TLS client uses: what it accepts can be in a
+        // certificate issued by `migrate certs issue`.
+        match ServerName::try_from(dns) {
+            Ok(ServerName::DnsName(_)) => Ok(Self::Dns(dns.to_ascii_lowercase())),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for SourceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(ip) => write!(f, "{ip}"),
+            Self::Dns(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+fn is_normal_absolute(path: &Path) -> bool {
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+fn join(items: &[impl fmt::Display]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    fn policy(sources: &[&str], binds: &[&str]) -> Policy {
+        Policy::new(
+            &names(sources),
+            binds.iter().map(PathBuf::from).collect(),
+            false,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn no_allow_admits_nobody_and_says_how_to() {
+        let p = policy(&[], &[]);
+        assert!(p.allows_no_source());
+        assert!(!p.admits(&names(&["198.18.0.1"])));
+        assert!(!p.admits(&[]));
+        let refusal = p.refusal(Some("198.18.0.1"));
+        assert!(refusal.contains("source 198.18.0.1"), "{refusal}");
+        assert!(refusal.contains("allows no source"), "{refusal}");
+        assert!(refusal.contains("--allow 198.18.0.1"), "{refusal}");
+        assert!(p.refusal(None).contains("carries no name"));
+    }
+
+    #[test]
+    fn names_match_by_value_not_by_spelling() {
+        let p = policy(&["Src.Example.", "[fd00::1]", "198.18.0.1"], &[]);
+        assert!(!p.allows_no_source());
+        for ok in ["src.example", "SRC.EXAMPLE", "fd00:0::1", "198.18.0.1"] {
+            assert!(p.admits(&names(&[ok])), "{ok}");
+        }
+        // Any name the certificate carries counts.
+        assert!(p.admits(&names(&["other.example", "198.18.0.1"])));
+        for refused in [
+            "src.example.net",
+            "198.18.0.10",
+            "fd00::2",
+            "example",
+            "not a name",
+        ] {
+            assert!(!p.admits(&names(&[refused])), "{refused}");
+        }
+        let refusal = p.refusal(Some("other.example"));
+        assert!(
+            refusal.contains("it allows src.example, fd00::1, 198.18.0.1"),
+            "{refusal}"
+        );
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(matches!(
+            Policy::new(&names(&["has space"]), vec![], false),
+            Err(PolicyError::BadName { .. })
+        ));
+        for root in ["relative", "/srv/../etc", "/srv/x/.."] {
+            assert!(matches!(
+                Policy::new(&[], vec![PathBuf::from(root)], false),
+                Err(PolicyError::BadBindRoot { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn bind_sources_are_judged_by_their_text() {
+        let p = policy(&[], &["/srv/data", "/mnt/shared"]);
+        // `.` is no step anywhere, on the host either.
+        for ok in [
+            "/srv/data",
+            "/srv/data/a/b",
+            "/mnt/shared/x",
+            "/srv/./data/x",
+        ] {
+            assert!(p.bind_allowed(Path::new(ok)), "{ok}");
+        }
+        for refused in [
+            "/srv/data2",
+            "/srv",
+            "/etc",
+            "/srv/data/../../etc",
+            "/srv/data/x/..",
+            "srv/data",
+        ] {
+            assert!(!p.bind_allowed(Path::new(refused)), "{refused}");
+        }
+        assert_eq!(p.bind_roots_text(), "--allow-bind /srv/data, /mnt/shared");
+        assert_eq!(
+            policy(&[], &[]).bind_roots_text(),
+            "this destination allows none"
+        );
+    }
+
+    #[test]
+    fn check_lists_binds_outside_and_relative_and_privileged_lifts_all() {
+        let text = include_str!("../testdata/runc-spec.json").replace(
+            r#""mounts": ["#,
+            r#""hooks": {"prestart": [{"path": "/bin/x"}]},
+            "mounts": [
+                {"destination": "/a", "type": "bind", "source": "/srv/data/a"},
+                {"destination": "/b", "type": "bind", "source": "/etc"},
+                {"destination": "/c", "source": "rel", "options": ["rbind"]},"#,
+        );
+        let config = BundleConfig::parse(&text).unwrap();
+        let found: Vec<String> = policy(&[], &["/srv/data"])
+            .check(&config)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(found[0].contains("hooks.prestart"), "{found:#?}");
+        assert!(found[1].contains("/etc"), "{found:#?}");
+        assert!(found[1].contains("--allow-bind /srv/data"), "{found:#?}");
+        assert!(found[2].contains("rel"), "{found:#?}");
+
+        let privileged = Policy::new(&[], vec![], true).unwrap();
+        assert!(privileged.check(&config).is_empty());
+        assert!(privileged.bind_allowed(Path::new("/etc")));
+    }
+}
