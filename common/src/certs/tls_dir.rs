@@ -56,6 +56,11 @@ impl TlsDir {
             key,
         })
     }
+
+    /// The CA certificate file, for messages.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(CA_CERT_FILE)
+    }
 }
 
 /// The subject of `cert` for display: its common name, or else its first DNS or
