@@ -28,7 +28,8 @@ impl TlsDir {
     pub fn load(dir: &Path) -> Result<Self, CertError> {
         let hint = || {
             format!(
-                "run `migrate certs issue --ca CADIR --name <this host's name or IP> --out {}`",
+                "run `migrate certs issue --ca CADIR --name <this host's name or IP> \
+                 --role source|destination|both --out {}`",
                 dir.display()
             )
         };
