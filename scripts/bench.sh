@@ -238,8 +238,8 @@ hosts_made=1
 hosts_up "$tag"
 
 "$bin/migrate" certs ca --out "$dir/ca" >/dev/null
-"$bin/migrate" certs issue --ca "$dir/ca" --name "$DST_ADDR" --out "$dir/tls-dst" >/dev/null
-"$bin/migrate" certs issue --ca "$dir/ca" --name "$SRC_ADDR" --out "$dir/tls-src" >/dev/null
+"$bin/migrate" certs issue --ca "$dir/ca" --name "$DST_ADDR" --role destination --out "$dir/tls-dst" >/dev/null
+"$bin/migrate" certs issue --ca "$dir/ca" --name "$SRC_ADDR" --role source --out "$dir/tls-src" >/dev/null
 
 make_busybox_rootfs "$dir/layer"
 rootfs_install_binary "$dir/layer" "$bin/migrate-heap"
@@ -266,7 +266,7 @@ start_migrate_dst() {
     # the background would be a subshell whose pid is not the daemon's.
     nsenter --net="/run/netns/$tag-dst" "$bin/migrate-dst" --listen "$DST_ADDR:$migrate_port" \
         --tls-dir "$dir/tls-dst" --state-dir "$dir/mdst-state" --runc-root "$dir/runc-mdst" \
-        --cgroup-parent "/$cg_dst" </dev/null >/dev/null 2>"$dir/migrate-dst.log" &
+        --allow "$SRC_ADDR" --cgroup-parent "/$cg_dst" </dev/null >/dev/null 2>"$dir/migrate-dst.log" &
     local pid=$!
     children+=("$pid")
     local i

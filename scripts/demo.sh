@@ -70,12 +70,12 @@ hosts_up "$prefix"
 
 say "certificates: one CA, one certificate per host"
 "$bin/migrate" certs ca --out "$demo/ca"
-"$bin/migrate" certs issue --ca "$demo/ca" --name "$DST_ADDR" --out "$demo/tls-dst"
-"$bin/migrate" certs issue --ca "$demo/ca" --name "$SRC_ADDR" --out "$demo/tls-src"
+"$bin/migrate" certs issue --ca "$demo/ca" --name "$DST_ADDR" --role destination --out "$demo/tls-dst"
+"$bin/migrate" certs issue --ca "$demo/ca" --name "$SRC_ADDR" --role source --out "$demo/tls-src"
 
 say "destination daemon on $DST_ADDR:7070"
 nsenter --net="/run/netns/$prefix-dst" "$bin/migrate-dst" --listen "$DST_ADDR:7070" --tls-dir "$demo/tls-dst" \
-    --state-dir "$demo/dst-state" --runc-root "$demo/runc-dst" \
+    --state-dir "$demo/dst-state" --runc-root "$demo/runc-dst" --allow "$SRC_ADDR" \
     --cgroup-parent "/migrate-demo-dst-$$" 2>"$demo/migrate-dst.log" &
 dst_pid=$!
 

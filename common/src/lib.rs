@@ -12,6 +12,7 @@ pub mod criu;
 pub mod hook;
 pub mod mount;
 pub mod netns;
+pub mod policy;
 pub mod process;
 pub mod protocol;
 pub mod record;

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
+use migrate_common::policy::Policy;
 use migrate_common::protocol::{Body, ControlChannel, ControlMessage, Failed, Resume, Resumed};
 use migrate_common::runc::Runc;
 use migrate_common::transport;
@@ -48,6 +49,8 @@ pub struct Daemon {
     pub criu: Criu,
     /// Cgroup parent for restored containers; `None` keeps the source's.
     pub cgroup_parent: Option<String>,
+    /// Which sources may push containers here, and what those may do.
+    pub policy: Policy,
     pub store: Arc<LayerStore>,
     /// This program: runc calls it back as the network hook, and it runs
     /// each container's log shim.
@@ -89,6 +92,7 @@ impl Daemon {
         runc: Runc,
         criu: Criu,
         cgroup_parent: Option<String>,
+        policy: Policy,
     ) -> Result<Self> {
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -98,6 +102,7 @@ impl Daemon {
             runc,
             criu,
             cgroup_parent,
+            policy,
             store,
             exe: std::env::current_exe().context("locating the migrate-dst executable")?,
             in_doubt_after: std::time::Duration::from_secs(60),
@@ -228,7 +233,7 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                 };
                 let peer = transport::peer_name(&conn);
                 info!(name = peer.clone().unwrap_or_default(), "connected");
-                match first_message(&conn).await {
+                match preflight::admit(&daemon, &conn, first_message(&conn).await).await {
                     Ok((control, Some(Body::Hello(hello)))) => {
                         if let Err(e) =
                             session::serve(conn.clone(), control, hello, peer, daemon).await

@@ -10,8 +10,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
+use migrate_common::policy::Policy;
 use migrate_common::runc::Runc;
 use migrate_dst::Daemon;
+use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +57,21 @@ struct DaemonArgs {
     /// released or discarded only when its source says so.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     in_doubt_after: u64,
+    /// A source that may push containers here: a name its certificate
+    /// carries (its `migrate certs issue --name`). Repeatable; without any,
+    /// every migration is refused.
+    #[arg(long = "allow", value_name = "NAME")]
+    allow: Vec<String>,
+    /// A host directory containers may bind-mount from (it and everything
+    /// below it). Repeatable; by default containers may bind-mount nothing.
+    #[arg(long = "allow-bind", value_name = "DIR")]
+    allow_bind: Vec<PathBuf>,
+    /// Accept containers that ask for more than `runc spec` gives
+    /// (capabilities, host namespaces, devices, sysctls, writable /proc and
+    /// /sys paths, hooks...) and bind mounts from anywhere. Hooks from the
+    /// source are dropped all the same.
+    #[arg(long)]
+    allow_privileged: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,13 +170,51 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .init();
     let listen = args.listen.context("--listen is required")?;
     let tls = TlsDir::load(&args.tls_dir).context("loading TLS material")?;
+    let policy = policy(&args)?;
     let mut daemon = Daemon::new(
         args.state_dir,
         Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
         Criu::new(args.criu),
         args.cgroup_parent,
+        policy,
     )?;
     daemon.in_doubt_after = Duration::from_secs(args.in_doubt_after);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(migrate_dst::serve(listen, &tls, daemon))
+}
+
+/// The policy the flags ask for, said in the log at start.
+fn policy(args: &DaemonArgs) -> anyhow::Result<Policy> {
+    let mut bind_roots = Vec::new();
+    for dir in &args.allow_bind {
+        // Sources are matched as written and as they resolve, so both
+        // forms of a directory reached through a symlink count.
+        let real = std::fs::canonicalize(dir)
+            .with_context(|| format!("--allow-bind {}", dir.display()))?;
+        bind_roots.push(dir.clone());
+        if real != *dir {
+            bind_roots.push(real);
+        }
+    }
+    let policy = Policy::new(&args.allow, bind_roots, args.allow_privileged)?;
+    if policy.allows_no_source() {
+        warn!(
+            "no source may migrate containers here: every migration will be refused; \
+             allow sources with --allow <name in the source's certificate>"
+        );
+    } else {
+        info!(
+            sources = args.allow.join(", "),
+            "sources allowed to migrate containers here"
+        );
+    }
+    info!(
+        bind = policy.bind_roots_text(),
+        privileged = args.allow_privileged,
+        "what received containers may use"
+    );
+    if args.allow_privileged {
+        warn!("--allow-privileged: received containers may have every privilege their config asks for");
+    }
+    Ok(policy)
 }

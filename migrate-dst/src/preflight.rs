@@ -1,14 +1,31 @@
-//! Phase 3 on the destination: can this host take the container? Every
-//! check runs, so the source hears all the reasons at once, and none of them
-//! changes anything but the claim on the container's id.
+//! Phases 2 and 3 on the destination. [`admit`]: may this source push
+//! containers here at all (`--allow`)? Checked on a connection's first
+//! message, before anything else; a refused source hears why and nothing
+//! about this host. [`run`]: can this host take the container, and does the
+//! destination's policy let it do what its config asks (`--allow-bind`,
+//! `--allow-privileged`)? Every check runs, so the source hears all the
+//! reasons at once, and none of them changes anything but the claim on the
+//! container's id.
 
+use std::path::Path;
+
+use anyhow::Result;
 use migrate_common::bundle::BundleConfig;
 use migrate_common::criu::{ensure_pipe_max_size, PipeMaxSize, MIN_VERSION};
-use migrate_common::protocol::{Hello, MemoryMode, PreflightReply, PROTOCOL_VERSION};
+use migrate_common::policy::Policy;
+use migrate_common::protocol::{Body, Failed, Hello, MemoryMode, PreflightReply, PROTOCOL_VERSION};
 use migrate_common::rootfs::digest::LayerDigest;
+use migrate_common::transport;
 
 use crate::restore::ContainerDir;
+use crate::session::Control;
 use crate::Daemon;
+
+/// A source the destination's `--allow` list does not name; the message is
+/// the one the source was sent.
+#[derive(Debug, thiserror::Error)]
+#[error("refused a source: {0}")]
+pub struct SourceRefused(String);
 
 /// Room kept free on the state dir's filesystem beyond the estimate.
 const DISK_RESERVE: u64 = 256 << 20;
@@ -18,6 +35,46 @@ const DISK_RESERVE: u64 = 256 << 20;
 pub struct Preflight {
     pub reply: PreflightReply,
     pub claimed: Option<ContainerDir>,
+}
+
+/// Passes `first`, a connection's first message, on when its source may
+/// push containers here; otherwise answers it with the refusal (as the
+/// refused `PreflightReply` of a `Hello`, or the `Failed` of a `Resume`) and
+/// returns [`SourceRefused`]. A `Resume` is checked too, though the migration
+/// it resumes checks that it comes from the source that started it.
+pub async fn admit(
+    daemon: &Daemon,
+    conn: &quinn::Connection,
+    first: Result<(Control, Option<Body>)>,
+) -> Result<(Control, Option<Body>)> {
+    let (mut control, body) = first?;
+    if daemon.policy.admits(&transport::peer_names(conn)) {
+        return Ok((control, body));
+    }
+    let refusal = daemon.policy.refusal(transport::peer_name(conn).as_deref());
+    match &body {
+        Some(Body::Hello(_)) => {
+            control
+                .send(PreflightReply {
+                    accepted: false,
+                    refusals: vec![refusal.clone()],
+                    ..Default::default()
+                })
+                .await?
+        }
+        Some(Body::Resume(_)) => {
+            control
+                .send(Failed {
+                    stage: "resume".into(),
+                    message: refusal.clone(),
+                    criu_log_tail: String::new(),
+                })
+                .await?
+        }
+        _ => {}
+    }
+    let _ = control.send_half().finish();
+    Err(SourceRefused(refusal).into())
 }
 
 pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
@@ -84,16 +141,13 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
 
     match BundleConfig::parse(&hello.config_json) {
         Ok(config) => {
-            for source in config.bind_mount_sources() {
-                if !source.exists() {
-                    refusals.push(format!(
-                        "bind mount source {} does not exist here",
-                        source.display()
-                    ));
-                }
-            }
+            refusals.extend(daemon.policy.check(&config).iter().map(ToString::to_string));
+            refusals.extend(unusable_bind_sources(&daemon.policy, &config));
         }
-        Err(e) => refusals.push(format!("the container's config.json: {e}")),
+        Err(e) => refusals.push(format!(
+            "the container's config.json: {:#}",
+            anyhow::Error::from(e)
+        )),
     }
 
     let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
@@ -137,6 +191,38 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     reply.accepted = refusals.is_empty();
     reply.refusals = refusals;
     Preflight { reply, claimed }
+}
+
+/// Bind sources the policy allows by their text that this host cannot
+/// give: missing, or resolving through a symlink outside the allowance.
+/// Both get one message, so that no answer tells a source whether a path
+/// outside the allowance exists; paths outside it are never looked up
+/// ([`Policy::check`] refuses them by their text). With
+/// `--allow-privileged` every path is allowed, and only existence counts.
+fn unusable_bind_sources(policy: &Policy, config: &BundleConfig) -> Vec<String> {
+    let mut unusable = Vec::new();
+    for source in config.bind_mount_sources() {
+        let usable = if policy.privileged() {
+            source.exists()
+        } else if policy.bind_allowed(&source) {
+            resolves_inside(policy, &source)
+        } else {
+            continue;
+        };
+        if !usable {
+            unusable.push(format!(
+                "bind mount source {} does not exist on this host or leads outside the host \
+                 paths containers may use ({})",
+                source.display(),
+                policy.bind_roots_text()
+            ));
+        }
+    }
+    unusable
+}
+
+fn resolves_inside(policy: &Policy, source: &Path) -> bool {
+    std::fs::canonicalize(source).is_ok_and(|real| policy.bind_allowed(&real))
 }
 
 /// Whether a lazy restore can work here: userfaultfd with the events CRIU

@@ -1,58 +1,21 @@
-//! The destination daemon and a source-side client together, in-process on
-//! loopback with freshly generated certificates; no root, CRIU or runc.
+//! The daemon's preflight over loopback: every reason at once, and a claim
+//! on nothing but a valid id.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+mod support;
 
-use migrate_common::certs::{create_ca, issue, TlsDir};
-use migrate_common::criu::Criu;
-use migrate_common::protocol::{Body, ControlChannel, Hello, LayerInfo, PROTOCOL_VERSION};
-use migrate_common::runc::Runc;
-use migrate_common::transport;
-use migrate_dst::Daemon;
-
-type Control = ControlChannel<quinn::SendStream>;
-
-/// Connects to the daemon on `port` as the source would and opens the
-/// control stream.
-async fn connect(dir: &Path, port: u16) -> (quinn::Endpoint, quinn::Connection, Control) {
-    let tls = TlsDir::load(&dir.join("src")).unwrap();
-    let (endpoint, conn) = transport::connect(&format!("127.0.0.1:{port}"), &tls)
-        .await
-        .unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    (endpoint, conn, ControlChannel::new(recv, send))
-}
-
-async fn start_daemon(dir: &Path) -> (u16, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    create_ca(&dir.join("ca")).unwrap();
-    issue(&dir.join("ca"), "127.0.0.1", &dir.join("dst")).unwrap();
-    issue(&dir.join("ca"), "127.0.0.1", &dir.join("src")).unwrap();
-    let endpoint = transport::server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsDir::load(&dir.join("dst")).unwrap(),
-    )
-    .unwrap();
-    let port = endpoint.local_addr().unwrap().port();
-    // Tools that do not exist: this destination cannot restore anything.
-    let daemon = Daemon::new(
-        dir.join("state"),
-        Runc::new("/nonexistent/runc", dir.join("runc"), None),
-        Criu::new("/nonexistent/criu"),
-        None,
-    )
-    .unwrap();
-    (port, tokio::spawn(migrate_dst::serve_on(endpoint, daemon)))
-}
+use migrate_common::protocol::{CheckpointSent, Hello, LayerInfo, PROTOCOL_VERSION};
+use support::{connect, hello, preflight, runc_spec, start_daemon, Setup};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn preflight_reports_every_reason_and_claims_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, daemon) = start_daemon(dir.path()).await;
-    let (endpoint, conn, mut control) = connect(dir.path(), port).await;
-    control
-        .send(Hello {
+    let (port, daemon) = start_daemon(dir.path(), Setup::default()).await;
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let reply = preflight(
+        &mut control,
+        Hello {
             protocol_version: PROTOCOL_VERSION + 1,
             container_id: "../escape".into(),
             config_json: "not json".into(),
@@ -61,13 +24,9 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
                 size_bytes: 1,
             }],
             ..Default::default()
-        })
-        .await
-        .unwrap();
-    let reply = match control.recv().await.unwrap().body {
-        Some(Body::PreflightReply(reply)) => reply,
-        other => panic!("expected PreflightReply, got {other:?}"),
-    };
+        },
+    )
+    .await;
     assert!(!reply.accepted);
     let all = reply.refusals.join("\n");
     for expected in [
@@ -76,6 +35,7 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
         "CRIU is not usable",
         "runc is not usable",
         "config.json",
+        "memory mode 0",
         "layer digest",
     ] {
         assert!(
@@ -84,11 +44,43 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
         );
     }
     assert!(reply.missing_layers.is_empty());
-    // A refused migration leaves nothing behind, and nothing escaped.
+    // A refused migration leaves nothing behind.
     let containers = dir.path().join("state/containers");
     assert!(!containers.exists() || std::fs::read_dir(&containers).unwrap().next().is_none());
-    assert!(!dir.path().join("escape").exists());
 
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    daemon.abort();
+}
+
+/// With tools that pass every check, a valid id is claimed: so an id that
+/// escapes the state dir would be too, were it not refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_valid_id_is_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        working_tools: true,
+        ..Setup::default()
+    };
+    let (port, daemon) = start_daemon(dir.path(), setup).await;
+    let config = runc_spec().to_string();
+
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let reply = preflight(&mut control, hello("../escape", &config)).await;
+    assert_eq!(
+        reply.refusals,
+        ["\"../escape\" is not a valid container id"],
+        "{reply:?}"
+    );
+    // Where `<state>/containers/../escape` would be.
+    assert!(!dir.path().join("state/escape").exists());
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let reply = preflight(&mut control, hello("web1", &config)).await;
+    assert!(reply.accepted, "{reply:?}");
+    assert!(dir.path().join("state/containers/web1").is_dir());
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     daemon.abort();
@@ -97,12 +89,9 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_order_message_ends_the_session_without_an_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, daemon) = start_daemon(dir.path()).await;
-    let (endpoint, conn, mut control) = connect(dir.path(), port).await;
-    control
-        .send(migrate_common::protocol::CheckpointSent::default())
-        .await
-        .unwrap();
+    let (port, daemon) = start_daemon(dir.path(), Setup::default()).await;
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    control.send(CheckpointSent::default()).await.unwrap();
     // The destination refuses to act on a checkpoint it never agreed to:
     // the stream ends with no message at all.
     assert!(control.recv().await.is_err());

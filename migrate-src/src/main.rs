@@ -163,13 +163,37 @@ enum CertsCommand {
         /// Directory holding the CA (ca.pem, ca-key.pem).
         #[arg(long)]
         ca: PathBuf,
-        /// The host's DNS name or IP address, as the source will dial it.
+        /// The host's DNS name or IP address: as sources dial it, for a
+        /// destination; as destinations list it in `migrate-dst --allow`, for
+        /// a source.
         #[arg(long)]
         name: String,
+        /// What the host is in migrations: a source dials (clientAuth), a
+        /// destination listens (serverAuth); both for a host that is both.
+        #[arg(long, value_enum, default_value_t = CertRole::Both)]
+        role: CertRole,
         /// The host's tls dir to write.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `certs issue --role`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CertRole {
+    Source,
+    Destination,
+    Both,
+}
+
+impl From<CertRole> for migrate_common::certs::Role {
+    fn from(role: CertRole) -> Self {
+        match role {
+            CertRole::Source => Self::Source,
+            CertRole::Destination => Self::Destination,
+            CertRole::Both => Self::Both,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -263,9 +287,22 @@ fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
             migrate_common::certs::create_ca(&out)?;
             println!("CA written to {} (keep ca-key.pem private)", out.display());
         }
-        CertsCommand::Issue { ca, name, out } => {
-            migrate_common::certs::issue(&ca, &name, &out)?;
-            println!("certificate for {name} written to {}", out.display());
+        CertsCommand::Issue {
+            ca,
+            name,
+            role,
+            out,
+        } => {
+            migrate_common::certs::issue_with_role(&ca, &name, role.into(), &out)?;
+            let role = match role {
+                CertRole::Source => "source",
+                CertRole::Destination => "destination",
+                CertRole::Both => "source and destination",
+            };
+            println!(
+                "certificate for {name} ({role}) written to {}",
+                out.display()
+            );
         }
     }
     Ok(())

@@ -246,7 +246,7 @@ vm_base_initramfs() {
 # info) with their shared libraries, and TLS material from `migrate certs` (one CA, a certificate per VM
 # address) under /vm/tls/ADDR.
 vm_run_initramfs() {
-    local root=$1 release=$2 addr bin lib
+    local root=$1 release=$2 addr addr_role bin lib
     rm -rf "$root"
     mkdir -p "$root/vm" "$root/usr/local/bin"
     install -m 0755 scripts/vm/init "$root/init"
@@ -267,8 +267,11 @@ vm_run_initramfs() {
         cp -L "$lib" "$root/vm/layer$lib"
     done
     "$release/migrate" certs ca --out "$tmp/ca" >&2
-    for addr in 10.77.0.1 10.77.0.2; do
-        "$release/migrate" certs issue --ca "$tmp/ca" --name "$addr" --out "$root/vm/tls/$addr" >&2
+    # VM A (10.77.0.1) is always the source, VM B (10.77.0.2) the destination.
+    for addr_role in 10.77.0.1:source 10.77.0.2:destination; do
+        addr=${addr_role%:*}
+        "$release/migrate" certs issue --ca "$tmp/ca" --name "$addr" --role "${addr_role#*:}" \
+            --out "$root/vm/tls/$addr" >&2
     done
     (cd "$root" && find . -mindepth 1 | sort | cpio --quiet -o -H newc -R 0:0)
 }

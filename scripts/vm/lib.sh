@@ -142,14 +142,15 @@ heap_verify() {
 ctr_state() { cat "$1/state"; }
 
 # dst_start PORT [MIGRATE-DST OPTIONS...]: starts migrate-dst on this VM's
-# address and waits until it listens; its pid is in $dst, its log in
+# address, allowing the other VM (the source, 10.77.0.1) to push containers,
+# and waits until it listens; its pid is in $dst, its log in
 # /tmp/migrate-dst.log.
 dst_start() {
     listen_port=$1
     shift
     mkdir -p /var/lib/migrate-dst
     migrate-dst --listen "$VM_ADDR:$listen_port" --tls-dir "/vm/tls/$VM_ADDR" \
-        --state-dir /var/lib/migrate-dst "$@" </dev/null >/dev/null 2>/tmp/migrate-dst.log &
+        --state-dir /var/lib/migrate-dst --allow "$VM_PEER" "$@" </dev/null >/dev/null 2>/tmp/migrate-dst.log &
     dst=$!
     i=0
     until grep -q listening /tmp/migrate-dst.log; do

@@ -249,11 +249,14 @@ impl Lab {
         sh(Command::new(&migrate)
             .args(["certs", "ca", "--out"])
             .arg(root.join("ca")));
-        for (name, out) in [(DST_ADDR, "tls-dst"), (SRC_ADDR, "tls-src")] {
+        for (name, role, out) in [
+            (DST_ADDR, "destination", "tls-dst"),
+            (SRC_ADDR, "source", "tls-src"),
+        ] {
             sh(Command::new(&migrate)
                 .args(["certs", "issue", "--ca"])
                 .arg(root.join("ca"))
-                .args(["--name", name, "--out"])
+                .args(["--name", name, "--role", role, "--out"])
                 .arg(root.join(out)));
         }
         let layer = root.join("layer");
@@ -289,6 +292,8 @@ impl Lab {
             .arg(&runc_root)
             .arg("--cgroup-parent")
             .arg(format!("/migrate-e2e-{}-dst", self.n))
+            // The source's certificate name.
+            .args(["--allow", SRC_ADDR])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

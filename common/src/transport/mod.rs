@@ -2,9 +2,15 @@
 //!
 //! Both ends authenticate with certificates from migrate's own CA
 //! (see [`crate::certs`]): the destination accepts only clients whose
-//! certificate that CA signed, and the source accepts only a server whose
-//! certificate that CA signed for the very name or address it dialed. There is
-//! deliberately no plaintext mode and no way to skip verification.
+//! certificate that CA signed for client authentication (a source's role),
+//! and the source accepts only a server whose certificate that CA signed for
+//! server authentication (a destination's role) and for the very name or
+//! address it dialed. There is deliberately no plaintext mode and no way to
+//! skip verification. Refusals say which side refused whose certificate and
+//! what to do ([`verify`]); which verified sources may push containers is
+//! the destination's policy ([`crate::policy`]).
+
+mod verify;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -12,13 +18,15 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, Endpoint, IdleTimeout, TransportConfig, VarInt};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use tokio::task::JoinSet;
 
-use crate::certs::{subject_name, TlsDir};
+use crate::certs::{subject_name, subject_names, TlsDir};
+use verify::{DestinationCertVerifier, SourceCertVerifier};
 
 /// The ALPN protocol both sides insist on, so that a stray QUIC client (or a
 /// future incompatible version of migrate) fails the handshake cleanly.
@@ -70,8 +78,8 @@ pub enum TransportError {
         #[source]
         source: rustls::Error,
     },
-    #[error("building the client certificate verifier")]
-    ClientVerifier {
+    #[error("building the certificate verifier")]
+    Verifier {
         #[source]
         source: VerifierBuilderError,
     },
@@ -100,14 +108,20 @@ pub enum TransportError {
 }
 
 /// Destination side: listens on `listen`; clients must present a certificate
-/// signed by the CA in `tls` (rustls WebPkiClientVerifier); there is no
-/// plaintext mode and no way to skip verification.
+/// signed by the CA in `tls` for client authentication (rustls
+/// WebPkiClientVerifier); there is no plaintext mode and no way to skip
+/// verification.
 pub fn server_endpoint(listen: SocketAddr, tls: &TlsDir) -> Result<Endpoint, TransportError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(tls)?), provider.clone())
-            .build()
-            .map_err(|source| TransportError::ClientVerifier { source })?;
+    let verifier = Arc::new(SourceCertVerifier {
+        inner: WebPkiClientVerifier::builder_with_provider(
+            Arc::new(root_store(tls)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|source| TransportError::Verifier { source })?,
+        ca_file: tls.ca_file(),
+    });
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TransportError::TlsVersion { source })?
@@ -214,11 +228,23 @@ pub async fn connect_with_idle_timeout(
 /// The peer's certificate subject name (CN or first SAN) of an accepted
 /// connection, for logs.
 pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    subject_name(&peer_certificate(conn)?)
+}
+
+/// Every name (CNs, DNS and IP subjectAltNames) the peer's certificate
+/// carries, all vouched for by the CA: what `migrate-dst --allow` matches.
+pub fn peer_names(conn: &quinn::Connection) -> Vec<String> {
+    peer_certificate(conn)
+        .map(|cert| subject_names(&cert))
+        .unwrap_or_default()
+}
+
+fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let chain = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    subject_name(chain.first()?)
+    chain.first().cloned()
 }
 
 /// Keeps the first failure worth reporting: an address that could not be
@@ -301,10 +327,23 @@ fn client_config(
     tls: &TlsDir,
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, TransportError> {
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let verifier = DestinationCertVerifier {
+        inner: WebPkiServerVerifier::builder_with_provider(
+            Arc::new(root_store(tls)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|source| TransportError::Verifier { source })?,
+        ca_file: tls.ca_file(),
+    };
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TransportError::TlsVersion { source })?
-        .with_root_certificates(root_store(tls)?)
+        // "dangerous" only in name: the verifier is webpki's, with clearer
+        // refusals (see `verify`).
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())
         .map_err(|source| TransportError::Identity { source })?;
     crypto.alpn_protocols = vec![ALPN.to_vec()];
@@ -328,243 +367,4 @@ fn bind_client(peer: SocketAddr, config: quinn::ClientConfig) -> Result<Endpoint
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::certs::{create_ca, issue};
-    use std::future::Future;
-    use std::path::{Path, PathBuf};
-    use tokio::task::JoinHandle;
-
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-    const PAYLOAD: &[u8] = b"checkpoint bytes";
-    // Every rejection is immediate, so anything near the idle timeout is a hang.
-    const TEST_DEADLINE: Duration = Duration::from_secs(10);
-
-    async fn within_deadline<T>(future: impl Future<Output = T>) -> T {
-        tokio::time::timeout(TEST_DEADLINE, future).await.unwrap()
-    }
-
-    fn new_ca(root: &Path, label: &str) -> PathBuf {
-        let dir = root.join(label);
-        create_ca(&dir).unwrap();
-        dir
-    }
-
-    fn host(root: &Path, ca: &Path, name: &str) -> TlsDir {
-        let dir = root.join(format!("host-{name}"));
-        issue(ca, name, &dir).unwrap();
-        TlsDir::load(&dir).unwrap()
-    }
-
-    fn listen(addr: &str, tls: &TlsDir) -> (Endpoint, u16) {
-        let endpoint = server_endpoint(addr.parse().unwrap(), tls).unwrap();
-        let port = endpoint.local_addr().unwrap().port();
-        (endpoint, port)
-    }
-
-    /// Accepts one connection, echoes one bi stream back and returns the
-    /// client's name once the client hangs up.
-    fn echo_once(endpoint: Endpoint) -> JoinHandle<Result<Option<String>, BoxError>> {
-        tokio::spawn(async move {
-            let conn = endpoint.accept().await.ok_or("endpoint closed")?.await?;
-            let name = peer_name(&conn);
-            let (mut send, mut recv) = conn.accept_bi().await?;
-            let data = recv.read_to_end(1 << 20).await?;
-            send.write_all(&data).await?;
-            send.finish()?;
-            conn.closed().await;
-            Ok(name)
-        })
-    }
-
-    async fn exchange(conn: &quinn::Connection) -> Result<Vec<u8>, BoxError> {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(PAYLOAD).await?;
-        send.finish()?;
-        Ok(recv.read_to_end(1 << 20).await?)
-    }
-
-    /// Dials `target`, echoes PAYLOAD through `server` and checks both sides
-    /// see the other's certificate name.
-    async fn round_trip(target: &str, client: &TlsDir, server: Endpoint, server_name: &str) {
-        let served = echo_once(server);
-        let (endpoint, conn) = within_deadline(connect(target, client)).await.unwrap();
-        assert_eq!(within_deadline(exchange(&conn)).await.unwrap(), PAYLOAD);
-        assert_eq!(peer_name(&conn).as_deref(), Some(server_name));
-        let handshake = conn
-            .handshake_data()
-            .unwrap()
-            .downcast::<quinn::crypto::rustls::HandshakeData>()
-            .unwrap();
-        assert_eq!(handshake.protocol.as_deref(), Some(ALPN));
-        conn.close(0u32.into(), b"done");
-        let client_name = within_deadline(served).await.unwrap().unwrap();
-        assert_eq!(client_name.as_deref(), Some("source.example"));
-        within_deadline(endpoint.wait_idle()).await;
-    }
-
-    #[tokio::test]
-    async fn echo_over_ipv4_literal() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let (server, port) = listen("127.0.0.1:0", &host(tmp.path(), &ca, "127.0.0.1"));
-        let client = host(tmp.path(), &ca, "source.example");
-        round_trip(&format!("127.0.0.1:{port}"), &client, server, "127.0.0.1").await;
-    }
-
-    #[tokio::test]
-    async fn echo_over_dns_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        // Listen where "localhost" resolves first; connect() has to find it
-        // among all of localhost's addresses.
-        let local = tokio::net::lookup_host(("localhost", 0))
-            .await
-            .unwrap()
-            .next()
-            .unwrap();
-        let (server, port) = listen(&local.to_string(), &host(tmp.path(), &ca, "localhost"));
-        let client = host(tmp.path(), &ca, "source.example");
-        round_trip(&format!("localhost:{port}"), &client, server, "localhost").await;
-    }
-
-    #[tokio::test]
-    async fn echo_over_ipv6_literal() {
-        if std::net::UdpSocket::bind("[::1]:0").is_err() {
-            eprintln!("skipping: this host has no IPv6 loopback");
-            return;
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let (server, port) = listen("[::1]:0", &host(tmp.path(), &ca, "::1"));
-        let client = host(tmp.path(), &ca, "source.example");
-        round_trip(&format!("[::1]:{port}"), &client, server, "::1").await;
-    }
-
-    #[tokio::test]
-    async fn client_signed_by_another_ca_is_rejected() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let rogue_ca = new_ca(tmp.path(), "rogue-ca");
-        let (server, port) = listen("127.0.0.1:0", &host(tmp.path(), &ca, "127.0.0.1"));
-        let served = echo_once(server);
-        // The rogue client trusts the real CA, so only the server's check can stop it.
-        let mut client = host(tmp.path(), &rogue_ca, "source.example");
-        client.ca_certs = host(tmp.path(), &ca, "other.example").ca_certs;
-
-        let outcome = within_deadline(async {
-            let (_endpoint, conn) = connect(&format!("127.0.0.1:{port}"), &client).await?;
-            exchange(&conn).await
-        })
-        .await;
-        assert!(outcome.is_err(), "rogue client got {outcome:?}");
-        let refusal = within_deadline(served).await.unwrap().unwrap_err();
-        assert!(refusal.to_string().contains("UnknownIssuer"), "{refusal}");
-    }
-
-    #[tokio::test]
-    async fn client_without_certificate_is_rejected() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let server_tls = host(tmp.path(), &ca, "127.0.0.1");
-        let (server, port) = listen("127.0.0.1:0", &server_tls);
-        let served = echo_once(server);
-
-        let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(root_store(&server_tls).unwrap())
-            .with_no_client_auth();
-        crypto.alpn_protocols = vec![ALPN.to_vec()];
-        let config =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(crypto).unwrap()));
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let endpoint = bind_client(addr, config).unwrap();
-
-        let outcome = within_deadline(async {
-            let conn = endpoint.connect(addr, "127.0.0.1")?.await?;
-            exchange(&conn).await
-        })
-        .await;
-        assert!(outcome.is_err(), "anonymous client got {outcome:?}");
-        let refusal = within_deadline(served).await.unwrap().unwrap_err();
-        assert!(refusal.to_string().contains("no certificates"), "{refusal}");
-    }
-
-    #[tokio::test]
-    async fn server_certificate_for_another_name_is_rejected() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let (server, port) = listen("127.0.0.1:0", &host(tmp.path(), &ca, "198.18.0.9"));
-        let served = echo_once(server);
-        let client = host(tmp.path(), &ca, "source.example");
-
-        let err = within_deadline(connect(&format!("127.0.0.1:{port}"), &client))
-            .await
-            .unwrap_err();
-        match &err {
-            TransportError::Connect {
-                source: ConnectionError::TransportError(cause),
-                ..
-            } => assert!(cause.to_string().contains("not valid for name"), "{cause}"),
-            other => panic!("expected a handshake failure, got {other:?}"),
-        }
-        assert!(within_deadline(served).await.unwrap().is_err());
-    }
-
-    #[tokio::test]
-    async fn server_signed_by_another_ca_is_rejected() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let rogue_ca = new_ca(tmp.path(), "rogue-ca");
-        let mut rogue_server = host(tmp.path(), &rogue_ca, "127.0.0.1");
-        // The rogue server trusts the real CA, so only the client's check can stop it.
-        let client = host(tmp.path(), &ca, "source.example");
-        rogue_server.ca_certs = client.ca_certs.clone();
-        let (server, port) = listen("127.0.0.1:0", &rogue_server);
-        let served = echo_once(server);
-
-        let err = within_deadline(connect(&format!("127.0.0.1:{port}"), &client))
-            .await
-            .unwrap_err();
-        match &err {
-            TransportError::Connect {
-                source: ConnectionError::TransportError(cause),
-                ..
-            } => assert!(cause.to_string().contains("UnknownIssuer"), "{cause}"),
-            other => panic!("expected a handshake failure, got {other:?}"),
-        }
-        assert!(within_deadline(served).await.unwrap().is_err());
-    }
-
-    #[test]
-    fn targets_need_a_port_and_brackets_around_ipv6() {
-        assert_eq!(split_target("127.0.0.1:4433"), Some(("127.0.0.1", 4433)));
-        assert_eq!(split_target("dst.example:1"), Some(("dst.example", 1)));
-        assert_eq!(split_target("[::1]:4433"), Some(("::1", 4433)));
-        for bad in [
-            "dst.example",
-            "dst.example:",
-            "dst.example:0",
-            "dst.example:http",
-            ":4433",
-            "::1:4433",
-            "[::1]",
-            "[::1]4433",
-            "[]:4433",
-        ] {
-            assert_eq!(split_target(bad), None, "{bad:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn bad_target_is_reported_before_any_network_activity() {
-        let tmp = tempfile::tempdir().unwrap();
-        let ca = new_ca(tmp.path(), "ca");
-        let client = host(tmp.path(), &ca, "source.example");
-        let err = connect("::1:4433", &client).await.unwrap_err();
-        assert!(matches!(err, TransportError::BadTarget { .. }), "{err:?}");
-    }
-}
+mod tests;
