@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
-use migrate_common::rootfs::archive::{unpack_delta, unpack_dir};
+use migrate_common::rootfs::archive::{unpack_delta, unpack_dir, UnpackPolicy};
 use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::transfer::{self, ByteBudget, StreamId, TransferError, TransferStats};
 use tokio::sync::Notify;
@@ -177,7 +177,7 @@ async fn receive_one(
             let incoming = store.incoming_dir(&digest)?;
             let target = incoming.clone();
             let received = transfer::receive_stream(recv, id, budget, stats, move |source| {
-                unpack_dir(source, &target).map_err(TransferError::from)
+                unpack_dir(source, &target, &UnpackPolicy::strict()).map_err(TransferError::from)
             })
             .await;
             let digest_of_stream = match received {
@@ -203,7 +203,7 @@ async fn receive_one(
             let dir = upper
                 .ok_or_else(|| anyhow!("the upper dir arrived before the checkpoint phase"))?;
             let ((), digest) = transfer::receive_stream(recv, id, budget, stats, move |source| {
-                unpack_dir(source, &dir).map_err(TransferError::from)
+                unpack_dir(source, &dir, &UnpackPolicy::strict()).map_err(TransferError::from)
             })
             .await
             .context("receiving the upper dir")?;
@@ -219,7 +219,7 @@ async fn receive_one(
                 .await
                 .context("the upper dir the changes apply to")?;
             let ((), digest) = transfer::receive_stream(recv, id, budget, stats, move |source| {
-                unpack_delta(source, &dir).map_err(TransferError::from)
+                unpack_delta(source, &dir, &UnpackPolicy::strict()).map_err(TransferError::from)
             })
             .await
             .context("receiving the upper dir's changes")?;
