@@ -5,16 +5,25 @@
 //! computed digest in the [`Inbox`]. The session then waits for the files a
 //! manifest names and compares sizes and checksums. A stream that arrives
 //! before its phase, or names a file it should not, fails the migration.
+//!
+//! Each stream is admitted from its header alone, before anything of it is
+//! taken: refused are a kind that is not a data stream (the page tunnel is a
+//! bidirectional stream), a layer the preflight did not ask for or one
+//! declared larger than the `Hello` announced, a second upper-dir archive or
+//! delta, an image of a round already verified, and any stream seen before.
+//! What a stream may create is the [`UnpackPolicy`]'s to say.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use migrate_common::protocol::{FileDigest, StreamKind};
-use migrate_common::rootfs::archive::{unpack_delta, unpack_dir};
+use migrate_common::protocol::{FileDigest, Hello, StreamKind};
+use migrate_common::rootfs::archive::{unpack_delta, unpack_dir, UnpackPolicy};
 use migrate_common::rootfs::digest::LayerDigest;
-use migrate_common::transfer::{self, ByteBudget, StreamId, TransferError, TransferStats};
+use migrate_common::transfer::{
+    self, ByteBudget, DataHeader, StreamId, TransferError, TransferStats,
+};
 use tokio::sync::Notify;
 
 use crate::store::{self, LayerStore};
@@ -34,55 +43,157 @@ pub struct Targets {
     pub upper: Option<PathBuf>,
 }
 
-#[derive(Debug, Default)]
+/// What the data streams of one migration delivered, and what they may.
+#[derive(Debug)]
 pub struct Inbox {
-    received: Mutex<HashMap<StreamId, Result<FileDigest, String>>>,
+    ledger: Mutex<Ledger>,
     changed: Notify,
     pub targets: Mutex<Targets>,
+    /// The size the `Hello` announced for each layer, by digest: the most a
+    /// layer's stream may declare (the source measures a layer the same way
+    /// both times, and layers do not change).
+    announced_layers: HashMap<String, u64>,
+    policy: UnpackPolicy,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    received: HashMap<StreamId, Result<FileDigest, String>>,
+    /// Every stream admitted so far; the upper dir and its delta under their
+    /// kind alone, so that there is one of each whatever their names say.
+    admitted: HashSet<StreamId>,
+    /// Dumps whose manifest was verified (pre-dump rounds; 0, the final dump):
+    /// no more images of theirs may come.
+    sealed_rounds: BTreeSet<u32>,
+    /// Streams refused on arrival, with why: any fails the migration.
+    refused: Vec<(String, String)>,
 }
 
 impl Inbox {
+    /// The inbox of the migration `hello` starts; `policy` says what its
+    /// archives may create (the layers' as well as the upper dir's).
+    pub fn new(hello: &Hello, policy: UnpackPolicy) -> Self {
+        let mut announced_layers = HashMap::new();
+        for layer in &hello.layers {
+            announced_layers
+                .entry(layer.digest.clone())
+                .and_modify(|size: &mut u64| *size = (*size).min(layer.size_bytes))
+                .or_insert(layer.size_bytes);
+        }
+        Self {
+            ledger: Mutex::default(),
+            changed: Notify::new(),
+            targets: Mutex::default(),
+            announced_layers,
+            policy,
+        }
+    }
+
+    fn ledger(&self) -> Result<std::sync::MutexGuard<'_, Ledger>> {
+        self.ledger
+            .lock()
+            .map_err(|_| anyhow!("inbox lock poisoned"))
+    }
+
+    /// Whether the stream `header` announces is one this migration expects
+    /// now; if so it is admitted, and no stream like it will be again.
+    fn admit(&self, header: &DataHeader) -> Result<()> {
+        let id = &header.id;
+        let key = match id.kind {
+            StreamKind::UpperDir | StreamKind::UpperDelta => {
+                if id.round != 0 || !id.name.is_empty() {
+                    bail!("{id} stream names round {} and {:?}", id.round, id.name);
+                }
+                StreamId::new(id.kind, 0, "")
+            }
+            StreamKind::Layer => {
+                let wanted = self
+                    .targets
+                    .lock()
+                    .map_err(|_| anyhow!("inbox lock poisoned"))?
+                    .layers
+                    .contains(&id.name);
+                if !wanted || id.round != 0 {
+                    bail!("layer {:?} was not asked for", id.name);
+                }
+                let announced = self.announced_layers.get(&id.name).copied().unwrap_or(0);
+                if header.declared_bytes > announced {
+                    bail!(
+                        "{id} declares {} bytes, more than the {announced} its Hello announced",
+                        header.declared_bytes
+                    );
+                }
+                id.clone()
+            }
+            StreamKind::Image => {
+                if id.round > MAX_ROUNDS {
+                    bail!(
+                        "pre-dump round {} is beyond the limit of {MAX_ROUNDS}",
+                        id.round
+                    );
+                }
+                if self.ledger()?.sealed_rounds.contains(&id.round) {
+                    bail!("{id} arrived after its dump was verified");
+                }
+                id.clone()
+            }
+            StreamKind::PageTunnel | StreamKind::Invalid => {
+                bail!(
+                    "{:?} is not a data stream this destination accepts",
+                    id.kind
+                )
+            }
+        };
+        if !self.ledger()?.admitted.insert(key) {
+            bail!("{id} was already sent in this migration");
+        }
+        Ok(())
+    }
+
     /// Waits until stream `id` has been received, and returns whether it
     /// was received well.
     async fn wait_for(&self, id: &StreamId) -> Result<FileDigest> {
         loop {
             let notified = self.changed.notified();
-            {
-                let received = self
-                    .received
-                    .lock()
-                    .map_err(|_| anyhow!("inbox lock poisoned"))?;
-                match received.get(id) {
-                    Some(Ok(digest)) => return Ok(digest.clone()),
-                    Some(Err(e)) => bail!("{id} failed: {e}"),
-                    None => {}
-                }
+            match self.ledger()?.received.get(id) {
+                Some(Ok(digest)) => return Ok(digest.clone()),
+                Some(Err(e)) => bail!("{id} failed: {e}"),
+                None => {}
             }
             notified.await;
         }
     }
 
     fn record(&self, id: StreamId, result: Result<FileDigest, String>) {
-        if let Ok(mut received) = self.received.lock() {
-            received.insert(id, result);
+        if let Ok(mut ledger) = self.ledger() {
+            ledger.received.insert(id, result);
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn refuse(&self, stream: String, reason: String) {
+        tracing::warn!(stream, reason, "data stream refused");
+        if let Ok(mut ledger) = self.ledger() {
+            ledger.refused.push((stream, reason));
         }
         self.changed.notify_waiters();
     }
 
     /// Waits until every file of `manifest` has arrived, then checks each
-    /// against what was computed on arrival.
+    /// against what was computed on arrival. Once a manifest is verified, no
+    /// more images of the dumps it lists are accepted.
     pub async fn verify(&self, manifest: &[FileDigest]) -> Result<()> {
         loop {
             let notified = self.changed.notified();
             {
-                let received = self
-                    .received
-                    .lock()
-                    .map_err(|_| anyhow!("inbox lock poisoned"))?;
+                let mut ledger = self.ledger()?;
+                if let Some((stream, reason)) = ledger.refused.first() {
+                    bail!("refused {stream}: {reason}");
+                }
                 let mut missing = false;
                 for expected in manifest {
                     let id = StreamId::of(expected);
-                    match received.get(&id) {
+                    match ledger.received.get(&id) {
                         None => missing = true,
                         Some(Err(e)) => bail!("receiving {id}: {e}"),
                         Some(Ok(got)) if got.raw_bytes != expected.raw_bytes || got.blake3 != expected.blake3 => bail!(
@@ -97,10 +208,14 @@ impl Inbox {
                 }
                 // A failed stream the manifest does not name still fails the
                 // migration: something was sent that should not have been.
-                if let Some((id, Err(e))) = received.iter().find(|(_, r)| r.is_err()) {
+                if let Some((id, Err(e))) = ledger.received.iter().find(|(_, r)| r.is_err()) {
                     bail!("receiving {id}: {e}");
                 }
                 if !missing {
+                    let images = manifest
+                        .iter()
+                        .filter(|file| file.kind == StreamKind::Image as i32);
+                    ledger.sealed_rounds.extend(images.map(|file| file.round));
                     return Ok(());
                 }
             }
@@ -127,23 +242,25 @@ pub async fn accept_streams(
         let budget = budget.clone();
         let stats = stats.clone();
         streams.spawn(async move {
-            let id = match transfer::read_header(&mut recv).await {
-                Ok(id) => id,
+            let header = match transfer::read_header(&mut recv).await {
+                Ok(header) => header,
                 Err(e) => {
-                    inbox.record(
-                        StreamId::new(StreamKind::Invalid, 0, ""),
-                        Err(format!("{e:#}")),
-                    );
+                    inbox.refuse("a data stream".into(), format!("{e:#}"));
                     return;
                 }
             };
-            let result = receive_one(recv, &id, &inbox, &store, budget, stats)
+            if let Err(e) = inbox.admit(&header) {
+                let _ = recv.stop(0u32.into());
+                inbox.refuse(header.id.to_string(), format!("{e:#}"));
+                return;
+            }
+            let result = receive_one(recv, &header, &inbox, &store, budget, stats)
                 .await
                 .map_err(|e| format!("{e:#}"));
             if let Err(e) = &result {
-                tracing::warn!(stream = %id, error = %e, "data stream failed");
+                tracing::warn!(stream = %header.id, error = %e, "data stream failed");
             }
-            inbox.record(id, result);
+            inbox.record(header.id, result);
         });
     }
     while streams.join_next().await.is_some() {}
@@ -151,33 +268,28 @@ pub async fn accept_streams(
 
 async fn receive_one(
     recv: quinn::RecvStream,
-    id: &StreamId,
+    header: &DataHeader,
     inbox: &Inbox,
     store: &LayerStore,
     budget: Arc<ByteBudget>,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest> {
-    let (layer_wanted, images, upper) = {
+    let id = &header.id;
+    let (images, upper) = {
         let targets = inbox
             .targets
             .lock()
             .map_err(|_| anyhow!("inbox lock poisoned"))?;
-        (
-            targets.layers.contains(&id.name),
-            targets.images.clone(),
-            targets.upper.clone(),
-        )
+        (targets.images.clone(), targets.upper.clone())
     };
+    let policy = inbox.policy.clone();
     match id.kind {
         StreamKind::Layer => {
-            if !layer_wanted {
-                bail!("layer {:?} was not asked for", id.name);
-            }
             let digest = LayerDigest::parse(&id.name)?;
             let incoming = store.incoming_dir(&digest)?;
             let target = incoming.clone();
-            let received = transfer::receive_stream(recv, id, budget, stats, move |source| {
-                unpack_dir(source, &target).map_err(TransferError::from)
+            let received = transfer::receive_stream(recv, header, budget, stats, move |source| {
+                unpack_dir(source, &target, &policy).map_err(TransferError::from)
             })
             .await;
             let digest_of_stream = match received {
@@ -195,18 +307,19 @@ async fn receive_one(
                 images.ok_or_else(|| anyhow!("{id} arrived before the checkpoint phase"))?;
             let dir = dump_dir(&images, id.round)?;
             let path = image_path(&dir, &id.name)?;
-            Ok(transfer::receive_file(recv, id, &path, budget, stats)
+            Ok(transfer::receive_file(recv, header, &path, budget, stats)
                 .await
                 .with_context(|| format!("receiving {id}"))?)
         }
         StreamKind::UpperDir => {
             let dir = upper
                 .ok_or_else(|| anyhow!("the upper dir arrived before the checkpoint phase"))?;
-            let ((), digest) = transfer::receive_stream(recv, id, budget, stats, move |source| {
-                unpack_dir(source, &dir).map_err(TransferError::from)
-            })
-            .await
-            .context("receiving the upper dir")?;
+            let ((), digest) =
+                transfer::receive_stream(recv, header, budget, stats, move |source| {
+                    unpack_dir(source, &dir, &policy).map_err(TransferError::from)
+                })
+                .await
+                .context("receiving the upper dir")?;
             Ok(digest)
         }
         StreamKind::UpperDelta => {
@@ -218,13 +331,15 @@ async fn receive_one(
                 .wait_for(&StreamId::new(StreamKind::UpperDir, 0, ""))
                 .await
                 .context("the upper dir the changes apply to")?;
-            let ((), digest) = transfer::receive_stream(recv, id, budget, stats, move |source| {
-                unpack_delta(source, &dir).map_err(TransferError::from)
-            })
-            .await
-            .context("receiving the upper dir's changes")?;
+            let ((), digest) =
+                transfer::receive_stream(recv, header, budget, stats, move |source| {
+                    unpack_delta(source, &dir, &policy).map_err(TransferError::from)
+                })
+                .await
+                .context("receiving the upper dir's changes")?;
             Ok(digest)
         }
+        // Refused on admission.
         StreamKind::PageTunnel | StreamKind::Invalid => {
             bail!(
                 "{:?} is not a data stream this destination accepts",
@@ -299,89 +414,4 @@ pub fn image_path(dir: &Path, name: &str) -> Result<PathBuf> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn digest(kind: StreamKind, name: &str, bytes: u64, hash: &str) -> FileDigest {
-        StreamId::new(kind, 0, name).digest(bytes, hash.into())
-    }
-
-    #[test]
-    fn rounds_get_dirs_linked_to_their_parents() {
-        let images = tempfile::tempdir().unwrap();
-        let first = dump_dir(images.path(), 1).unwrap();
-        assert!(!first.join("parent").exists());
-        let second = dump_dir(images.path(), 2).unwrap();
-        assert_eq!(
-            std::fs::read_link(second.join("parent")).unwrap(),
-            Path::new("../1")
-        );
-        assert!(second.join("parent").is_dir());
-        // Asking again (parallel streams of one round) is fine.
-        dump_dir(images.path(), 2).unwrap();
-        let last = dump_dir(images.path(), 0).unwrap();
-        assert_eq!(last, images.path().join("final"));
-        link_parent(&last, 2).unwrap();
-        assert_eq!(
-            std::fs::read_link(last.join("parent")).unwrap(),
-            Path::new("../2")
-        );
-        assert!(
-            link_parent(&last, 1).is_err(),
-            "a different parent is refused"
-        );
-        assert!(dump_dir(images.path(), MAX_ROUNDS + 1).is_err());
-    }
-
-    #[test]
-    fn image_names_must_be_plain() {
-        let dir = Path::new("/s/images");
-        assert_eq!(
-            image_path(dir, "pages-1.img").unwrap(),
-            dir.join("pages-1.img")
-        );
-        for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd", "parent"] {
-            assert!(image_path(dir, bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn verify_waits_for_every_file_and_compares() {
-        let inbox = Arc::new(Inbox::default());
-        let manifest = vec![
-            digest(StreamKind::Image, "a.img", 3, "aa"),
-            digest(StreamKind::UpperDir, "", 9, "bb"),
-        ];
-        let waiter = {
-            let inbox = inbox.clone();
-            let manifest = manifest.clone();
-            tokio::spawn(async move { inbox.verify(&manifest).await })
-        };
-        inbox.record(StreamId::of(&manifest[0]), Ok(manifest[0].clone()));
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        inbox.record(StreamId::of(&manifest[1]), Ok(manifest[1].clone()));
-        waiter.await.unwrap().unwrap();
-    }
-
-    #[tokio::test]
-    async fn verify_reports_corruption_and_failed_streams() {
-        let inbox = Inbox::default();
-        let sent = digest(StreamKind::Image, "a.img", 3, "aa");
-        inbox.record(
-            StreamId::of(&sent),
-            Ok(digest(StreamKind::Image, "a.img", 3, "ab")),
-        );
-        let err = inbox.verify(std::slice::from_ref(&sent)).await.unwrap_err();
-        assert!(err.to_string().contains("corrupt"), "{err}");
-
-        let inbox = Inbox::default();
-        inbox.record(StreamId::of(&sent), Ok(sent.clone()));
-        inbox.record(
-            StreamId::new(StreamKind::Image, 0, "evil"),
-            Err("refused".into()),
-        );
-        let err = inbox.verify(&[sent]).await.unwrap_err();
-        assert!(err.to_string().contains("refused"), "{err}");
-    }
-}
+mod tests;

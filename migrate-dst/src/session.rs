@@ -9,6 +9,7 @@ use migrate_common::protocol::{
     Abort, Body, ControlChannel, ControlMessage, DestinationState, Direction, Discarded, Failed,
     Hello, LayersReady,
 };
+use migrate_common::rootfs::archive::UnpackPolicy;
 use migrate_common::transfer::{ByteBudget, TransferStats};
 use tracing::{info, warn};
 
@@ -99,7 +100,7 @@ pub async fn serve(
         return Ok(());
     };
 
-    let inbox = Arc::new(Inbox::default());
+    let inbox = Arc::new(Inbox::new(&hello, UnpackPolicy::strict()));
     inbox
         .targets
         .lock()

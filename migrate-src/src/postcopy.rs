@@ -366,6 +366,8 @@ async fn open_tunnel(
             kind: StreamKind::PageTunnel as i32,
             name: String::new(),
             round: 0,
+            // Tunnel frames, not a sized payload.
+            declared_bytes: 0,
         },
     )
     .await

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
-use migrate_common::rootfs::archive::{pack_delta, pack_dir};
+use migrate_common::rootfs::archive::{measure_dir, pack_dir, pack_dir_within, DeltaPlan};
 use migrate_common::rootfs::snapshot::TreeSnapshot;
-use migrate_common::transfer::{send_file, send_stream, StreamId, TransferError, TransferStats};
+use migrate_common::transfer::{send_file, send_stream, StreamId, TransferStats};
 use tokio::task::JoinSet;
 
 use crate::inspect::Layer;
@@ -24,6 +24,9 @@ const PARALLEL_LARGE: usize = 4;
 const PARALLEL_STREAMS: usize = 16;
 /// Files below this size count as small.
 const SMALL_FILE: u64 = 1 << 20;
+/// Room beyond a 16th declared for the upper dir's base, packed while the
+/// container runs and may grow.
+const UPPER_GROWTH_ROOM: u64 = 16 << 20;
 
 /// One unit of bulk data.
 #[derive(Debug, Clone)]
@@ -90,7 +93,12 @@ pub async fn send_upper_base(
         &StreamId::new(StreamKind::UpperDir, 0, ""),
         stats.clone(),
         move |sink| {
-            let (_, snapshot) = pack_dir(&dir, sink).map_err(TransferError::from)?;
+            // The container runs: room for what it adds meanwhile. What still
+            // does not fit is left out of the base and sent with the delta.
+            let measured = measure_dir(&dir)?;
+            let declared = measured.saturating_add(measured / 16 + UPPER_GROWTH_ROOM);
+            sink.declare(declared)?;
+            let (_, snapshot) = pack_dir_within(&dir, sink, declared)?;
             Ok(snapshot)
         },
     )
@@ -111,7 +119,10 @@ pub async fn send_checkpoint(
     let dir = upper.to_owned();
     let delta_id = StreamId::new(StreamKind::UpperDelta, 0, "");
     let delta = send_stream(conn, &delta_id, stats.clone(), move |sink| {
-        let (_, summary) = pack_delta(&dir, &base, sink).map_err(TransferError::from)?;
+        // Frozen: the measured delta is what is written.
+        let plan = DeltaPlan::new(&dir, &base)?;
+        sink.declare(plan.len())?;
+        let (_, summary) = plan.pack(sink)?;
         Ok(summary)
     });
     let images = send_all(conn, image_items(image_dir, 0)?, stats);
@@ -201,7 +212,10 @@ async fn send_item(
         Item::Tree { id, dir } => {
             let what = dir.display().to_string();
             let ((), digest) = send_stream(&conn, &id, stats, move |sink| {
-                pack_dir(&dir, sink).map_err(TransferError::from)?;
+                // A lower layer does not change: its measure is exact, and the
+                // destination checks it against what the Hello announced.
+                sink.declare(measure_dir(&dir)?)?;
+                pack_dir(&dir, sink)?;
                 Ok(())
             })
             .await

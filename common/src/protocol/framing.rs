@@ -1,6 +1,7 @@
 //! Length-prefixed prost frames: a 4-byte big-endian length, then the encoded
 //! message. The length is checked against [`MAX_FRAME_LEN`] before anything is
-//! allocated, so a hostile or confused peer cannot make us buffer gigabytes.
+//! allocated, so a hostile or confused peer cannot make us buffer gigabytes,
+//! and the buffer grows only with the bytes that actually arrive.
 
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -67,13 +68,18 @@ where
             max: MAX_FRAME_LEN,
         });
     }
-    let mut body = vec![0u8; len];
-    let got = read_up_to(input, &mut body).await?;
+    // The buffer grows with what arrives, not with what the prefix claims: four
+    // bytes must not make us hold megabytes.
+    let mut body = Vec::with_capacity(len.min(FIRST_READ));
+    let got = input.take(len as u64).read_to_end(&mut body).await?;
     if got < len {
         return Err(FrameError::Torn { got, expected: len });
     }
     Ok(Some(M::decode(body.as_slice())?))
 }
+
+/// What a frame's buffer starts at: most frames fit.
+const FIRST_READ: usize = 64 << 10;
 
 /// Fills `buf` unless the stream ends first; returns how much was read.
 async fn read_up_to<R: AsyncRead + Unpin>(

@@ -380,6 +380,10 @@ pub struct StreamHeader {
     /// For images: the pre-dump round, 0 for the final dump.
     #[prost(uint32, tag = "3")]
     pub round: u32,
+    /// Most uncompressed bytes the stream carries, declared before them so that the receiver
+    /// can refuse it before taking anything; the receiver stops at the first byte beyond.
+    #[prost(uint64, tag = "4")]
+    pub declared_bytes: u64,
 }
 
 /// What a data stream carries.

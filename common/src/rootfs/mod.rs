@@ -14,35 +14,27 @@ pub use overlay::OverlayMount;
 
 use std::path::Path;
 
-/// Bytes of regular-file content under `dir` (apparent sizes, no symlinks
-/// followed): what archiving the tree will read.
-pub fn tree_size(dir: &Path) -> std::io::Result<u64> {
-    let mut total = 0;
-    let mut pending = vec![dir.to_owned()];
-    while let Some(current) = pending.pop() {
-        for entry in std::fs::read_dir(&current)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file() {
-                total += meta.len();
-            }
-        }
-    }
-    Ok(total)
+/// The uncompressed bytes sending `dir` takes: the length of its archive
+/// ([`archive::measure_dir`]), content, metadata and padding included. What
+/// the source announces for its layers and upper dir: the destination checks
+/// its disk space against it and holds each layer's stream to it.
+pub fn tree_size(dir: &Path) -> Result<u64, archive::ArchiveError> {
+    archive::measure_dir(dir)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     #[test]
-    fn tree_size_counts_nested_files_once() {
+    fn tree_size_is_the_length_of_the_archive() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
         std::fs::write(dir.path().join("a/b/f"), [0u8; 1000]).unwrap();
         std::fs::write(dir.path().join("g"), [0u8; 24]).unwrap();
         std::os::unix::fs::symlink("a/b/f", dir.path().join("link")).unwrap();
-        assert_eq!(super::tree_size(dir.path()).unwrap(), 1024);
+        let (archive, _) = super::archive::pack_dir(dir.path(), Vec::new()).unwrap();
+        let size = super::tree_size(dir.path()).unwrap();
+        assert_eq!(size, archive.len() as u64);
+        assert!(size > 1024);
     }
 }

@@ -39,8 +39,11 @@
 //! lists a removal as an empty file with mode `----------` and, extracting, warns that it
 //! ignores the keyword and makes that empty file.
 
+mod entry;
+mod limits;
 mod pack;
 mod paths;
+mod policy;
 mod sparse;
 mod unpack;
 mod xattrs;
@@ -49,7 +52,9 @@ mod xattrs;
 #[allow(clippy::unwrap_used)]
 mod tests;
 
-pub use pack::{pack_delta, pack_dir, DeltaSummary};
+pub use limits::{ArchiveLimits, Violation};
+pub use pack::{measure_dir, pack_delta, pack_dir, pack_dir_within, DeltaPlan, DeltaSummary};
+pub use policy::UnpackPolicy;
 pub use unpack::{unpack_delta, unpack_dir};
 
 use std::ffi::OsString;
@@ -137,4 +142,16 @@ pub enum ArchiveError {
     /// The entry is inconsistent in a way the `tar` crate does not catch.
     #[error("archive entry {path} is malformed: {reason}")]
     Malformed { path: PathBuf, reason: &'static str },
+    /// A header breaks an [`ArchiveLimits`] bound, or frames the stream in a way this
+    /// format never does; found before the `tar` crate read anything it announces.
+    #[error("the archive header at byte {offset} is refused: {violation}")]
+    Bounds { offset: u64, violation: Violation },
+    /// Unpacking would keep more directory metadata in memory than
+    /// [`ArchiveLimits::retained`] allows.
+    #[error("archive entry {path} is refused: the archive's directories need more than {limit} bytes of metadata kept")]
+    Retained { path: PathBuf, limit: u64 },
+    /// The entry would grant privileges on the destination, which the [`UnpackPolicy`] does
+    /// not allow.
+    #[error("archive entry {path} has {what}, which only a migration allowed privileged content may bring")]
+    Privileged { path: PathBuf, what: &'static str },
 }

@@ -1,23 +1,22 @@
 //! Writing a tree, or what changed in it since a snapshot, as a tar stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::stat;
 use tar::{Builder, EntryType, Header};
 
-use super::{sparse, xattrs, ArchiveError, REMOVE_KEY, REMOVE_VALUE};
-use crate::rootfs::delta::diff;
+use super::entry::{
+    fill_name_field, read_error, removal, write_error, Content, Prepared, Preparer, Replaced,
+    END_OF_ARCHIVE, NAME_FIELD_LEN,
+};
+use super::{sparse, ArchiveError};
+use crate::rootfs::delta::{diff, TreeDelta};
 use crate::rootfs::snapshot::{EntryKind, EntryStat, Timestamp, TreeSnapshot};
-
-/// Size of the name and link-name fields of a tar header.
-pub(super) const NAME_FIELD_LEN: usize = 100;
 
 /// Writes `dir`'s whole tree (not including `dir` itself as an entry name prefix: paths are
 /// relative, e.g. "etc/passwd") as a tar stream to `out`, and returns the writer and the
@@ -38,17 +37,59 @@ pub(super) const NAME_FIELD_LEN: usize = 100;
 /// Run as root: without `CAP_SYS_ADMIN` the kernel hides `trusted.*` xattrs, which overlayfs
 /// depends on.
 pub fn pack_dir<W: Write>(dir: &Path, out: W) -> Result<(W, TreeSnapshot), ArchiveError> {
+    pack_dir_within(dir, out, u64::MAX)
+}
+
+/// [`pack_dir`], leaving out every entry that would take the stream beyond `limit` bytes,
+/// end-of-archive marker included, from the archive and from the snapshot alike.
+///
+/// The receiver refuses a stream longer than the size declared before it, and the tree of a
+/// running container may grow between [`measure_dir`] and the packing; an entry left out
+/// here is missing from the snapshot, so [`pack_delta`] sends it as new.
+pub fn pack_dir_within<W: Write>(
+    dir: &Path,
+    out: W,
+    limit: u64,
+) -> Result<(W, TreeSnapshot), ArchiveError> {
     let started = Timestamp::now();
     let mut packer = Packer::new(out);
     let mut entries = BTreeMap::new();
     walk(dir, |abs, rel, stat| {
-        if let Appended::Written = packer.append(abs, rel, &stat)? {
+        let Some(entry) = packer.preparer.prepare(abs, rel, &stat)? else {
+            return Ok(());
+        };
+        let fits = packer
+            .written()
+            .checked_add(entry.len)
+            .and_then(|end| end.checked_add(END_OF_ARCHIVE))
+            .is_some_and(|end| end <= limit);
+        if fits {
+            packer.write(entry)?;
             entries.insert(rel.to_path_buf(), stat);
         }
         Ok(())
     })?;
-    let out = packer.finish(dir)?;
+    let out = packer.finish(dir)?.inner;
     Ok((out, TreeSnapshot { started, entries }))
+}
+
+/// The exact length of the stream [`pack_dir`] would write for `dir` as it is now: a walk
+/// that reads every entry's metadata, xattrs and hole map, but no file content.
+///
+/// Senders declare a stream's size before its first byte (see [`crate::transfer`]); for a
+/// tree that does not change this is that size. Files replaced while they are measured are
+/// measured as they are now, since the measurement of a changing tree is an estimate anyway.
+pub fn measure_dir(dir: &Path) -> Result<u64, ArchiveError> {
+    let mut preparer = Preparer::new(Replaced::Measure);
+    let mut total = END_OF_ARCHIVE;
+    walk(dir, |abs, rel, stat| {
+        if let Some(entry) = preparer.prepare(abs, rel, &stat)? {
+            total = total.saturating_add(entry.len);
+            preparer.accept(&entry);
+        }
+        Ok(())
+    })?;
+    Ok(total)
 }
 
 /// What [`pack_delta`] wrote.
@@ -73,35 +114,91 @@ pub fn pack_delta<W: Write>(
     base: &TreeSnapshot,
     out: W,
 ) -> Result<(W, DeltaSummary), ArchiveError> {
-    let started = Timestamp::now();
-    let mut entries = BTreeMap::new();
-    walk(dir, |_, rel, stat| {
-        entries.insert(rel.to_path_buf(), stat);
-        Ok(())
-    })?;
-    let now = TreeSnapshot { started, entries };
-    let delta = diff(base, &now);
+    DeltaPlan::new(dir, base)?.pack(out)
+}
 
-    let mut packer = Packer::new(Counting {
-        inner: out,
-        bytes: 0,
-    });
-    for rel in &delta.removed {
-        packer.append_removal(rel)?;
-    }
-    for rel in &delta.changed {
-        let abs = dir.join(rel);
-        if let Appended::Vanished(source) = packer.append(&abs, rel, &now.entries[rel])? {
-            return Err(read_error(&abs, source));
+/// A delta found and measured, not yet written: its length is known before the first byte,
+/// so that the stream carrying it can declare its size.
+#[derive(Debug)]
+pub struct DeltaPlan {
+    dir: PathBuf,
+    now: TreeSnapshot,
+    delta: TreeDelta,
+    len: u64,
+}
+
+impl DeltaPlan {
+    /// Walks `dir`, finds what changed since `base` and measures the delta's stream.
+    pub fn new(dir: &Path, base: &TreeSnapshot) -> Result<Self, ArchiveError> {
+        let started = Timestamp::now();
+        let mut entries = BTreeMap::new();
+        walk(dir, |_, rel, stat| {
+            entries.insert(rel.to_path_buf(), stat);
+            Ok(())
+        })?;
+        let now = TreeSnapshot { started, entries };
+        let delta = diff(base, &now);
+        let mut preparer = Preparer::new(Replaced::Fail);
+        let mut len = END_OF_ARCHIVE;
+        for rel in &delta.removed {
+            len = len.saturating_add(removal(rel).len);
         }
+        for rel in &delta.changed {
+            let abs = dir.join(rel);
+            let entry = preparer
+                .prepare(&abs, rel, &now.entries[rel])?
+                .ok_or_else(|| read_error(&abs, io::ErrorKind::NotFound.into()))?;
+            len = len.saturating_add(entry.len);
+            preparer.accept(&entry);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            now,
+            delta,
+            len,
+        })
     }
-    let counted = packer.finish(dir)?;
-    let summary = DeltaSummary {
-        entries: delta.changed.len() as u64,
-        removed: delta.removed.len() as u64,
-        bytes: counted.bytes,
-    };
-    Ok((counted.inner, summary))
+
+    /// The length of the stream [`DeltaPlan::pack`] writes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the delta has no entries (its stream is then only the end-of-archive marker).
+    pub fn is_empty(&self) -> bool {
+        self.delta.is_empty()
+    }
+
+    /// Writes the delta; an entry that changed since it was measured, so that the stream
+    /// would outgrow [`DeltaPlan::len`], fails the packing.
+    pub fn pack<W: Write>(self, out: W) -> Result<(W, DeltaSummary), ArchiveError> {
+        let mut packer = Packer::new(out);
+        for rel in &self.delta.removed {
+            packer.write(removal(rel))?;
+        }
+        for rel in &self.delta.changed {
+            let abs = self.dir.join(rel);
+            let entry = packer
+                .preparer
+                .prepare(&abs, rel, &self.now.entries[rel])?
+                .ok_or_else(|| read_error(&abs, io::ErrorKind::NotFound.into()))?;
+            let end = packer.written().saturating_add(entry.len);
+            if end.saturating_add(END_OF_ARCHIVE) > self.len {
+                return Err(read_error(
+                    &abs,
+                    io::Error::other("grew after the delta was measured"),
+                ));
+            }
+            packer.write(entry)?;
+        }
+        let counted = packer.finish(&self.dir)?;
+        let summary = DeltaSummary {
+            entries: self.delta.changed.len() as u64,
+            removed: self.delta.removed.len() as u64,
+            bytes: counted.bytes,
+        };
+        Ok((counted.inner, summary))
+    }
 }
 
 /// Visits every entry of `dir`'s tree but sockets, `dir` itself first, depth-first in byte
@@ -136,30 +233,29 @@ fn walk(
     Ok(())
 }
 
-/// Whether an entry made it into the archive.
-#[derive(Debug)]
-enum Appended {
-    Written,
-    /// It was deleted before anything of it was written.
-    Vanished(io::Error),
-}
-
 struct Packer<W: Write> {
-    builder: Builder<W>,
-    /// Archive name of the first path archived for each multiply-linked inode.
-    first_names: HashMap<(u64, u64), Vec<u8>>,
+    builder: Builder<Counting<W>>,
+    preparer: Preparer,
 }
 
 impl<W: Write> Packer<W> {
     fn new(out: W) -> Self {
         Self {
-            builder: Builder::new(out),
-            first_names: HashMap::new(),
+            builder: Builder::new(Counting {
+                inner: out,
+                bytes: 0,
+            }),
+            preparer: Preparer::new(Replaced::Fail),
         }
     }
 
+    /// Bytes written so far.
+    fn written(&self) -> u64 {
+        self.builder.get_ref().bytes
+    }
+
     /// Ends the archive and returns the writer.
-    fn finish(self, dir: &Path) -> Result<W, ArchiveError> {
+    fn finish(self, dir: &Path) -> Result<Counting<W>, ArchiveError> {
         self.builder
             .into_inner()
             .map_err(|source| ArchiveError::Write {
@@ -168,166 +264,49 @@ impl<W: Write> Packer<W> {
             })
     }
 
-    /// Appends the entry at `abs` as `stat`, taken before, describes it.
-    fn append(
-        &mut self,
-        abs: &Path,
-        rel: &Path,
-        stat: &EntryStat,
-    ) -> Result<Appended, ArchiveError> {
-        let name = archive_name(rel, stat.kind == EntryKind::Dir);
-        let mut header = Header::new_gnu();
-        header.set_mode(stat.mode);
-        header.set_uid(u64::from(stat.uid));
-        header.set_gid(u64::from(stat.gid));
-        // A pre-1970 mtime wraps to a huge u64, which the crate stores in base-256 and reads
-        // back to the same bits, so the cast round-trips.
-        header.set_mtime(stat.mtime.secs as u64);
-        header.set_size(0);
-
-        let inode = (stat.dev, stat.ino);
-        let linkable = stat.kind != EntryKind::Dir && stat.nlink > 1;
-        if let Some(first) = self.first_names.get(&inode).filter(|_| linkable) {
-            let target = first.clone();
-            header.set_entry_type(EntryType::Link);
-            self.write_entry(rel, &name, header, Some(&target), &[], io::empty())?;
-            return Ok(Appended::Written);
+    /// Writes `entry`: its PAX header, long-name entries, header and content.
+    fn write(&mut self, mut entry: Prepared) -> Result<(), ArchiveError> {
+        let rel = entry.rel.clone();
+        let wrote = |result: io::Result<()>| result.map_err(|source| write_error(&rel, source));
+        if !entry.pax.is_empty() {
+            let mut header = Header::new_ustar();
+            header.set_size(entry.pax.len() as u64);
+            header.set_entry_type(EntryType::XHeader);
+            header.set_cksum();
+            wrote(self.builder.append(&header, entry.pax.as_slice()))?;
         }
-
-        let records = match xattrs::read(abs) {
-            Ok(xattrs) => xattrs::pax_records(&xattrs),
-            Err(err) => return vanished_or(abs, err),
-        };
-        header.set_entry_type(entry_type(stat.kind));
-        let written = |()| Appended::Written;
-        let appended = match stat.kind {
-            EntryKind::File => self.append_file(abs, rel, &name, header, stat, &records)?,
-            EntryKind::Symlink => match fs::read_link(abs) {
-                Ok(link) => {
-                    let target = link.as_os_str().as_bytes();
-                    self.write_entry(rel, &name, header, Some(target), &records, io::empty())
-                        .map(written)?
-                }
-                Err(err) => vanished_or(abs, err)?,
-            },
-            EntryKind::CharDevice | EntryKind::BlockDevice => {
-                // Linux majors have 12 bits and minors 20, so both fit the u32 (and the
-                // 7-digit octal header fields).
-                header
-                    .set_device_major(stat::major(stat.rdev) as u32)
-                    .and_then(|()| header.set_device_minor(stat::minor(stat.rdev) as u32))
-                    .map_err(|source| write_error(rel, source))?;
-                self.write_entry(rel, &name, header, None, &records, io::empty())
-                    .map(written)?
-            }
-            EntryKind::Dir | EntryKind::Fifo => self
-                .write_entry(rel, &name, header, None, &records, io::empty())
-                .map(written)?,
-        };
-        if linkable && matches!(appended, Appended::Written) {
-            self.first_names.insert(inode, name);
-        }
-        Ok(appended)
-    }
-
-    fn append_file(
-        &mut self,
-        abs: &Path,
-        rel: &Path,
-        name: &[u8],
-        mut header: Header,
-        stat: &EntryStat,
-        records: &[(String, Vec<u8>)],
-    ) -> Result<Appended, ArchiveError> {
-        // O_NONBLOCK: should a FIFO have taken the file's name since the stat, opening it
-        // must not wait for a writer; the identity check below then refuses it.
-        let opened = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(abs);
-        let file = match opened {
-            Ok(file) => file,
-            Err(err) => return vanished_or(abs, err),
-        };
-        let opened = file.metadata().map_err(|source| read_error(abs, source))?;
-        if (opened.dev(), opened.ino()) != (stat.dev, stat.ino) {
-            return Err(read_error(
-                abs,
-                io::Error::other("replaced while it was being archived"),
-            ));
-        }
-        let size = opened.len();
-        let (segments, sparse_map) = match sparse::data_segments(&file, &opened) {
-            Ok(Some(segments)) => {
-                let map = sparse::encode_map(&mut header, &segments, size)
-                    .map_err(|source| write_error(rel, source))?;
-                (segments, map)
-            }
-            Ok(None) => {
-                header.set_size(size);
-                (vec![(0, size)], Vec::new())
-            }
-            Err(source) => return Err(read_error(abs, source)),
-        };
-        let mut content = sparse::SegmentReader::new(&file, segments);
-        let written = self.write_entry(
-            rel,
-            name,
-            header,
-            None,
-            records,
-            io::Cursor::new(sparse_map).chain(&mut content),
-        );
-        match content.failure.take() {
-            Some(source) => Err(read_error(abs, source)),
-            None => written.map(|()| Appended::Written),
-        }
-    }
-
-    /// Appends the removal entry for `rel` (see the [module docs](super)).
-    fn append_removal(&mut self, rel: &Path) -> Result<(), ArchiveError> {
-        let mut header = Header::new_gnu();
-        header.set_entry_type(EntryType::Regular);
-        header.set_mode(0);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_size(0);
-        let records = [(REMOVE_KEY.to_owned(), REMOVE_VALUE.to_vec())];
-        let name = archive_name(rel, false);
-        self.write_entry(rel, &name, header, None, &records, io::empty())
-    }
-
-    fn write_entry<R: Read>(
-        &mut self,
-        rel: &Path,
-        name: &[u8],
-        mut header: Header,
-        link_target: Option<&[u8]>,
-        pax_records: &[(String, Vec<u8>)],
-        data: R,
-    ) -> Result<(), ArchiveError> {
-        if !pax_records.is_empty() {
-            self.builder
-                .append_pax_extensions(pax_records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                .map_err(|source| write_error(rel, source))?;
-        }
-        if let Some(target) = link_target {
+        if let Some(target) = &entry.link_target {
             if target.len() > NAME_FIELD_LEN {
-                self.append_long_name(EntryType::GNULongLink, target)
-                    .map_err(|source| write_error(rel, source))?;
+                wrote(self.append_long_name(EntryType::GNULongLink, target))?;
             }
-            fill_name_field(&mut header.as_old_mut().linkname, target);
+            fill_name_field(&mut entry.header.as_old_mut().linkname, target);
         }
-        if name.len() > NAME_FIELD_LEN {
-            self.append_long_name(EntryType::GNULongName, name)
-                .map_err(|source| write_error(rel, source))?;
+        if entry.name.len() > NAME_FIELD_LEN {
+            wrote(self.append_long_name(EntryType::GNULongName, &entry.name))?;
         }
-        fill_name_field(&mut header.as_old_mut().name, name);
-        header.set_cksum();
-        self.builder
-            .append(&header, data)
-            .map_err(|source| write_error(rel, source))
+        fill_name_field(&mut entry.header.as_old_mut().name, &entry.name);
+        entry.header.set_cksum();
+        match &entry.content {
+            Content::Empty => wrote(self.builder.append(&entry.header, io::empty()))?,
+            Content::File {
+                abs,
+                file,
+                segments,
+                sparse_map,
+            } => {
+                let mut content = sparse::SegmentReader::new(file, segments.clone());
+                let written = self.builder.append(
+                    &entry.header,
+                    io::Cursor::new(sparse_map).chain(&mut content),
+                );
+                if let Some(source) = content.failure.take() {
+                    return Err(read_error(abs, source));
+                }
+                wrote(written)?;
+            }
+        }
+        self.preparer.accept(&entry);
+        Ok(())
     }
 
     /// Writes a GNU `L` or `K` entry carrying the full bytes of the next entry's name or
@@ -344,28 +323,6 @@ impl<W: Write> Packer<W> {
         header.set_entry_type(kind);
         header.set_cksum();
         self.builder.append(&header, bytes.chain(&[0u8][..]))
-    }
-}
-
-/// The header type of an entry of `kind`; [`sparse::encode_map`] turns files with holes
-/// into sparse entries.
-fn entry_type(kind: EntryKind) -> EntryType {
-    match kind {
-        EntryKind::File => EntryType::Regular,
-        EntryKind::Dir => EntryType::Directory,
-        EntryKind::Symlink => EntryType::Symlink,
-        EntryKind::Fifo => EntryType::Fifo,
-        EntryKind::CharDevice => EntryType::Char,
-        EntryKind::BlockDevice => EntryType::Block,
-    }
-}
-
-/// A deleted entry is left out as long as nothing of it was written; other errors fail.
-fn vanished_or(abs: &Path, err: io::Error) -> Result<Appended, ArchiveError> {
-    if err.kind() == io::ErrorKind::NotFound {
-        Ok(Appended::Vanished(err))
-    } else {
-        Err(read_error(abs, err))
     }
 }
 
@@ -387,20 +344,6 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-fn read_error(path: &Path, source: io::Error) -> ArchiveError {
-    ArchiveError::Read {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn write_error(rel: &Path, source: io::Error) -> ArchiveError {
-    ArchiveError::Write {
-        path: rel.to_path_buf(),
-        source,
-    }
-}
-
 fn sorted_names(dir: &Path) -> Result<Vec<OsString>, ArchiveError> {
     let listing = match fs::read_dir(dir) {
         Ok(listing) => listing,
@@ -413,27 +356,6 @@ fn sorted_names(dir: &Path) -> Result<Vec<OsString>, ArchiveError> {
     }
     names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     Ok(names)
-}
-
-/// The name stored in the archive: GNU tar's conventions of `./` for the root and a trailing
-/// slash on directories.
-fn archive_name(rel: &Path, is_dir: bool) -> Vec<u8> {
-    if rel.as_os_str().is_empty() {
-        return b"./".to_vec();
-    }
-    let mut name = rel.as_os_str().as_bytes().to_vec();
-    if is_dir {
-        name.push(b'/');
-    }
-    name
-}
-
-/// Copies as much of `bytes` as fits; longer values travel in a preceding long-name entry and
-/// the reader ignores this truncated copy.
-pub(super) fn fill_name_field(field: &mut [u8; NAME_FIELD_LEN], bytes: &[u8]) {
-    let len = bytes.len().min(NAME_FIELD_LEN);
-    field[..len].copy_from_slice(&bytes[..len]);
-    field[len..].fill(0);
 }
 
 #[cfg(test)]
@@ -452,13 +374,13 @@ mod tests {
         fs::remove_file(&first).unwrap();
 
         let mut packer = Packer::new(Vec::new());
-        let appended = packer.append(&first, Path::new("a"), &first_stat).unwrap();
-        assert!(matches!(appended, Appended::Vanished(_)), "{appended:?}");
-        let appended = packer
-            .append(&second, Path::new("b"), &second_stat)
-            .unwrap();
-        assert!(matches!(appended, Appended::Written), "{appended:?}");
-        let archive = packer.finish(dir.path()).unwrap();
+        let vanished = packer.preparer.prepare(&first, Path::new("a"), &first_stat);
+        assert!(matches!(vanished, Ok(None)));
+        let entry = packer
+            .preparer
+            .prepare(&second, Path::new("b"), &second_stat);
+        packer.write(entry.unwrap().unwrap()).unwrap();
+        let archive = packer.finish(dir.path()).unwrap().inner;
 
         // The other name holds the content: it cannot link to an entry that is not there.
         let mut reader = tar::Archive::new(archive.as_slice());

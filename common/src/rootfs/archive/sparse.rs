@@ -25,11 +25,16 @@ use nix::errno::Errno;
 use nix::unistd::{self, Whence};
 use tar::{EntryType, GnuExtSparseHeader, Header};
 
+use super::limits::MAX_SPARSE_BLOCKS;
+
 /// Sparse map slots in the main GNU header; the rest go to extension blocks.
 const HEADER_SPARSE_SLOTS: usize = 4;
 /// Sparse map slots in each GNU extension block.
 const EXT_SPARSE_SLOTS: usize = 21;
 const TAR_BLOCK: u64 = 512;
+/// Most data ranges in one entry's map: the header's slots and the extension blocks the
+/// unpacker accepts by default, less the end marker.
+const MAX_SEGMENTS: usize = HEADER_SPARSE_SLOTS + EXT_SPARSE_SLOTS * MAX_SPARSE_BLOCKS as usize - 1;
 
 /// The byte ranges of `file` that hold data, or `None` if the file has no holes.
 ///
@@ -72,10 +77,32 @@ pub(super) fn data_segments(file: &File, meta: &Metadata) -> io::Result<Option<V
         }
         pos = end;
     }
+    let segments = coarsen(segments, size, MAX_SEGMENTS);
     if segments == [(0, size)] {
         return Ok(None);
     }
     Ok(Some(segments))
+}
+
+/// Merges data ranges across holes, coarser and coarser, until at most `max` remain: the
+/// unpacker refuses longer maps (see [`super::ArchiveLimits::sparse_blocks`]), and storing a
+/// few holes as zeros costs less than failing. Ranges stay 512-byte aligned.
+fn coarsen(mut segments: Vec<(u64, u64)>, size: u64, max: usize) -> Vec<(u64, u64)> {
+    let mut granule = TAR_BLOCK;
+    while segments.len() > max {
+        granule *= 2;
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(segments.len() / 2);
+        for (start, end) in segments {
+            let start = start / granule * granule;
+            let end = end.next_multiple_of(granule).min(size);
+            match merged.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        segments = merged;
+    }
+    segments
 }
 
 /// Turns `header` into an old-GNU sparse header for `segments` of a file of `size` bytes and
@@ -204,6 +231,32 @@ mod tests {
         // The first block says another one follows; the second does not.
         assert_eq!(blocks[504], 1);
         assert_eq!(blocks[512 + 504], 0);
+    }
+
+    #[test]
+    fn too_many_ranges_are_merged_across_holes_into_an_acceptable_map() {
+        let size = 1 << 30;
+        let islands: Vec<(u64, u64)> = (0..20_000)
+            .map(|i| (i * 40_960, i * 40_960 + 512))
+            .collect();
+        let merged = coarsen(islands.clone(), size, MAX_SEGMENTS);
+        assert!(merged.len() <= MAX_SEGMENTS, "{}", merged.len());
+        assert!(merged.len() > MAX_SEGMENTS / 4, "merged more than needed");
+        for pair in merged.windows(2) {
+            assert!(pair[0].1 < pair[1].0, "{pair:?}");
+            assert_eq!(pair[0].1 % TAR_BLOCK, 0);
+        }
+        for (start, end) in islands {
+            assert!(merged.iter().any(|&(s, e)| s <= start && end <= e));
+        }
+        let mut header = Header::new_gnu();
+        let blocks = encode_map(&mut header, &merged, size).unwrap();
+        assert!(blocks.len() as u64 <= MAX_SPARSE_BLOCKS * TAR_BLOCK);
+        // A short list is left alone.
+        assert_eq!(
+            coarsen(vec![(0, 512), (4096, 5000)], 5000, 4),
+            [(0, 512), (4096, 5000)]
+        );
     }
 
     #[test]

@@ -15,8 +15,9 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{self, Gid, Uid};
 use tar::{Entry, EntryType};
 
+use super::limits::Guarded;
 use super::paths::{existing_parent, is_real_dir, safe_components};
-use super::{xattrs, ArchiveError, REMOVE_KEY, REMOVE_VALUE};
+use super::{xattrs, ArchiveError, UnpackPolicy, REMOVE_KEY, REMOVE_VALUE};
 
 /// Recreates a tree packed by [`super::pack_dir`] under `dest` (which exists and is empty),
 /// exactly.
@@ -28,8 +29,16 @@ use super::{xattrs, ArchiveError, REMOVE_KEY, REMOVE_VALUE};
 /// Directory owners, modes, xattrs and mtimes, including those of `dest` itself, are applied
 /// after all entries exist. The stream is read up to its end-of-archive marker, not to EOF.
 /// Removal entries (see the [module docs](super)) are refused: only a delta has them.
-pub fn unpack_dir<R: Read>(input: R, dest: &Path) -> Result<(), ArchiveError> {
-    Unpacker::new(dest, Onto::Empty).run(input)
+///
+/// `policy` says what the archive may create (see [`UnpackPolicy`]) and how much of it may
+/// be held in memory: long names, PAX headers and sparse maps are checked against its limits
+/// before they are read.
+pub fn unpack_dir<R: Read>(
+    input: R,
+    dest: &Path,
+    policy: &UnpackPolicy,
+) -> Result<(), ArchiveError> {
+    Unpacker::new(dest, Onto::Empty, policy).run(input)
 }
 
 /// Applies a delta made by [`super::pack_delta`] onto `dest`, which holds what its base
@@ -51,9 +60,24 @@ pub fn unpack_dir<R: Read>(input: R, dest: &Path) -> Result<(), ArchiveError> {
 ///   inherit a default ACL from an existing parent);
 /// * directories the delta has no entry for keep their mtime although entries below them
 ///   were replaced.
-pub fn unpack_delta<R: Read>(input: R, dest: &Path) -> Result<(), ArchiveError> {
-    Unpacker::new(dest, Onto::Existing).run(input)
+///
+/// `policy` applies as in [`unpack_dir`].
+pub fn unpack_delta<R: Read>(
+    input: R,
+    dest: &Path,
+    policy: &UnpackPolicy,
+) -> Result<(), ArchiveError> {
+    Unpacker::new(dest, Onto::Existing, policy).run(input)
 }
+
+/// Bytes a kept directory costs beyond its path and xattrs (the `Vec` slot, the map nodes).
+const DIR_OVERHEAD: u64 = 128;
+/// Bytes a touched directory's saved mtime costs beyond its path.
+const TOUCHED_OVERHEAD: u64 = 64;
+/// The kernel's limits on one xattr (`XATTR_NAME_MAX`, `XATTR_SIZE_MAX`): anything longer
+/// could not be set, so it is refused before it is kept.
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 64 << 10;
 
 /// What `dest` holds when unpacking starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +102,9 @@ struct EntryMeta {
 struct Unpacker<'a> {
     dest: &'a Path,
     onto: Onto,
+    policy: &'a UnpackPolicy,
+    /// Bytes held in `dirs` and `touched`, against [`ArchiveLimits::retained`].
+    retained: u64,
     /// Directories the archive has entries for, in stream order.
     dirs: Vec<(PathBuf, EntryMeta)>,
     /// The mtime each directory had before this unpack first created or removed something
@@ -86,21 +113,31 @@ struct Unpacker<'a> {
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(dest: &'a Path, onto: Onto) -> Self {
+    fn new(dest: &'a Path, onto: Onto, policy: &'a UnpackPolicy) -> Self {
         Self {
             dest,
             onto,
+            policy,
+            retained: 0,
             dirs: Vec::new(),
             touched: BTreeMap::new(),
         }
     }
 
     fn run<R: Read>(mut self, input: R) -> Result<(), ArchiveError> {
-        let mut archive = tar::Archive::new(input);
+        let (guarded, refusal) = Guarded::new(input, self.policy.limits.clone());
+        let mut archive = tar::Archive::new(guarded);
         archive.set_overwrite(false);
-        let decode_error = |source| ArchiveError::Decode {
-            path: self.dest.to_path_buf(),
-            source,
+        // The guard's typed reason, when it is what stopped the crate.
+        let dest = self.dest;
+        let decode_error = |source| {
+            refusal
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| ArchiveError::Decode {
+                    path: dest.to_path_buf(),
+                    source,
+                })
         };
         for entry in archive.entries().map_err(decode_error)? {
             self.unpack_entry(&mut entry.map_err(decode_error)?)?;
@@ -150,13 +187,19 @@ impl<'a> Unpacker<'a> {
             }
             return self.remove(&components, &rel);
         }
+        let dev = match kind {
+            EntryType::Char | EntryType::Block => Some(device_number(entry.header(), &rel)?),
+            _ => None,
+        };
+        let xattr_names = meta.xattrs.keys().map(OsString::as_os_str);
+        self.policy.check(&rel, kind, dev, meta.mode, xattr_names)?;
 
         let Some((leaf, parents)) = components.split_last() else {
             // Only the root's own directory entry may name the destination itself.
             if kind != EntryType::Directory {
                 return Err(unsafe_path());
             }
-            self.dirs.push((self.dest.to_path_buf(), meta));
+            self.keep_dir(self.dest.to_path_buf(), meta, &rel)?;
             return Ok(());
         };
         let parent = self.resolve_parent(parents, &rel)?;
@@ -189,7 +232,7 @@ impl<'a> Unpacker<'a> {
                             .map_err(create_error)?;
                     }
                 }
-                self.dirs.push((abs, meta));
+                self.keep_dir(abs, meta, &rel)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 // The crate would make a directory of a regular entry whose name ends in '/'.
@@ -229,26 +272,14 @@ impl<'a> Unpacker<'a> {
                 fs::hard_link(&source, &abs).map_err(create_error)?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                let (node_type, dev) = if kind == EntryType::Fifo {
-                    (SFlag::S_IFIFO, 0)
-                } else {
-                    let header = entry.header();
-                    let number = |field: io::Result<Option<u32>>| match field {
-                        Ok(Some(n)) => Ok(u64::from(n)),
-                        Ok(None) => Err(malformed("a device entry without device numbers")),
-                        Err(source) => Err(ArchiveError::Decode {
-                            path: rel.clone(),
-                            source,
-                        }),
-                    };
-                    let major = number(header.device_major())?;
-                    let minor = number(header.device_minor())?;
-                    let node_type = if kind == EntryType::Char {
-                        SFlag::S_IFCHR
-                    } else {
-                        SFlag::S_IFBLK
-                    };
-                    (node_type, stat::makedev(major, minor))
+                let (node_type, dev) = match (kind, dev) {
+                    (EntryType::Char, Some((major, minor))) => {
+                        (SFlag::S_IFCHR, stat::makedev(major, minor))
+                    }
+                    (EntryType::Block, Some((major, minor))) => {
+                        (SFlag::S_IFBLK, stat::makedev(major, minor))
+                    }
+                    _ => (SFlag::S_IFIFO, 0),
                 };
                 self.make_room(&abs, &parent)?;
                 stat::mknod(&abs, node_type, Mode::empty(), dev)
@@ -291,6 +322,28 @@ impl<'a> Unpacker<'a> {
         Ok(())
     }
 
+    /// Keeps a directory's metadata to apply at the end.
+    fn keep_dir(&mut self, abs: PathBuf, meta: EntryMeta, rel: &Path) -> Result<(), ArchiveError> {
+        let xattr_bytes: usize = meta.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let bytes = (abs.as_os_str().len() + xattr_bytes) as u64 + DIR_OVERHEAD;
+        self.retain(bytes, rel)?;
+        self.dirs.push((abs, meta));
+        Ok(())
+    }
+
+    /// Counts `bytes` more held until the end, within the policy's limit.
+    fn retain(&mut self, bytes: u64, rel: &Path) -> Result<(), ArchiveError> {
+        self.retained = self.retained.saturating_add(bytes);
+        let limit = self.policy.limits.retained;
+        if self.retained > limit {
+            return Err(ArchiveError::Retained {
+                path: rel.to_path_buf(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Keeps `dir`'s mtime from before this unpack first changes what is in it.
     fn touch(&mut self, dir: &Path) -> Result<(), ArchiveError> {
         if !self.touched.contains_key(dir) {
@@ -300,6 +353,7 @@ impl<'a> Unpacker<'a> {
                 source,
             })?;
             let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+            self.retain(dir.as_os_str().len() as u64 + TOUCHED_OVERHEAD, dir)?;
             self.touched.insert(dir.to_path_buf(), mtime);
         }
         Ok(())
@@ -382,6 +436,9 @@ fn entry_meta<R: Read>(entry: &mut Entry<'_, R>, rel: &Path) -> Result<EntryMeta
                 remove = true;
             } else if let Some(xattr) = xattrs::from_pax_record(key, value) {
                 let (name, value) = xattr.map_err(decode_error)?;
+                if name.len() > XATTR_NAME_MAX || value.len() > XATTR_SIZE_MAX {
+                    return Err(malformed("an xattr beyond the kernel's size limits"));
+                }
                 xattrs.insert(name, value);
             }
         }
@@ -394,6 +451,25 @@ fn entry_meta<R: Read>(entry: &mut Entry<'_, R>, rel: &Path) -> Result<EntryMeta
         xattrs,
         remove,
     })
+}
+
+/// The device number of a device entry.
+fn device_number(header: &tar::Header, rel: &Path) -> Result<(u64, u64), ArchiveError> {
+    let number = |field: io::Result<Option<u32>>| match field {
+        Ok(Some(n)) => Ok(u64::from(n)),
+        Ok(None) => Err(ArchiveError::Malformed {
+            path: rel.to_path_buf(),
+            reason: "a device entry without device numbers",
+        }),
+        Err(source) => Err(ArchiveError::Decode {
+            path: rel.to_path_buf(),
+            source,
+        }),
+    };
+    Ok((
+        number(header.device_major())?,
+        number(header.device_minor())?,
+    ))
 }
 
 fn metadata_error(path: &Path, what: &'static str, errno: Errno) -> ArchiveError {

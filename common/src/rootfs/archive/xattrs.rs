@@ -20,8 +20,8 @@ use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
 /// An entry's xattrs, sorted by name.
 pub(super) type Xattrs = Vec<(OsString, Vec<u8>)>;
 
-const SCHILY_XATTR: &str = "SCHILY.xattr.";
-const LIBARCHIVE_XATTR: &str = "LIBARCHIVE.xattr.";
+pub(super) const SCHILY_XATTR: &str = "SCHILY.xattr.";
+pub(super) const LIBARCHIVE_XATTR: &str = "LIBARCHIVE.xattr.";
 /// What libarchive escapes in xattr names: everything but printable ASCII (the crate always
 /// escapes non-ASCII bytes), and `%` and `=`, which would break the escaping or the record.
 const XATTR_NAME_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'=');

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::rootfs::archive::{pack_delta, unpack_delta, DeltaSummary};
+use crate::rootfs::archive::{pack_delta, pack_dir_within, unpack_delta, DeltaPlan, DeltaSummary};
 use crate::rootfs::delta::RACY_MARGIN;
 use crate::rootfs::snapshot::EntryStat;
 
@@ -19,11 +19,15 @@ fn wait_out_racy_margin() {
 fn base_then_delta(
     src: &Path,
     namespaces: &[&str],
+    policy: &UnpackPolicy,
     change: impl FnOnce(&Path),
 ) -> (Vec<u8>, DeltaSummary, tempfile::TempDir) {
     let (base_archive, base) = pack(src);
     change(src);
-    let (delta, summary) = pack_delta(src, &base, Vec::new()).unwrap();
+    let plan = DeltaPlan::new(src, &base).unwrap();
+    let planned = plan.len();
+    let (delta, summary) = plan.pack(Vec::new()).unwrap();
+    assert_eq!(planned, delta.len() as u64);
 
     let names = archive_names(&delta);
     let removals = names.iter().filter(|(_, removal)| *removal).count();
@@ -32,8 +36,8 @@ fn base_then_delta(
     assert_eq!(summary.bytes, delta.len() as u64);
 
     let dst = xattr_capable_tempdir(namespaces);
-    unpack_dir(base_archive.as_slice(), dst.path()).unwrap();
-    unpack_delta(delta.as_slice(), dst.path()).unwrap();
+    unpack_dir(base_archive.as_slice(), dst.path(), policy).unwrap();
+    unpack_delta(delta.as_slice(), dst.path(), policy).unwrap();
     assert_same_tree(src, dst.path());
     (delta, summary, dst)
 }
@@ -127,7 +131,10 @@ fn delta_round_trip_without_root() {
     build_unprivileged_tree(src.path());
     set_distinct_mtimes(src.path());
     wait_out_racy_margin();
-    let (delta, _, _) = base_then_delta(src.path(), &["user"], change_unprivileged);
+    // The changes set a setuid bit, which anyone may on their own file, and which a
+    // strict destination refuses.
+    let privileged = UnpackPolicy::privileged();
+    let (delta, _, _) = base_then_delta(src.path(), &["user"], &privileged, change_unprivileged);
 
     let odd = PathBuf::from(odd_dir());
     let cafe = PathBuf::from(OsStr::from_bytes(b"caf\xe9"));
@@ -210,10 +217,15 @@ fn delta_round_trip_preserves_everything() {
     add_privileged_entries(src.path());
     set_distinct_mtimes(src.path());
     wait_out_racy_margin();
-    let (_, _, dst) = base_then_delta(src.path(), &["trusted", "user"], |root| {
-        change_unprivileged(root);
-        change_privileged(root);
-    });
+    let (_, _, dst) = base_then_delta(
+        src.path(),
+        &["trusted", "user"],
+        &UnpackPolicy::privileged(),
+        |root| {
+            change_unprivileged(root);
+            change_privileged(root);
+        },
+    );
 
     // Spot checks that the comparison covers what matters.
     let actual = observe(dst.path()).nodes;
@@ -241,7 +253,7 @@ fn an_unchanged_tree_gives_an_empty_delta() {
     let src = xattr_capable_tempdir(&["user"]);
     build_unprivileged_tree(src.path());
     wait_out_racy_margin();
-    let (delta, summary, _) = base_then_delta(src.path(), &["user"], |_| {});
+    let (delta, summary, _) = base_then_delta(src.path(), &["user"], &strict(), |_| {});
     assert_eq!((summary.entries, summary.removed), (0, 0));
     assert!(archive_names(&delta).is_empty());
 }
@@ -260,7 +272,29 @@ fn a_file_changed_right_after_the_snapshot_is_sent_again() {
     let (delta, _) = pack_delta(src.path(), &base, Vec::new()).unwrap();
     assert!(archive_names(&delta).contains(&(PathBuf::from("f"), false)));
     let dst = tempfile::tempdir().unwrap();
-    unpack_dir(base_archive.as_slice(), dst.path()).unwrap();
-    unpack_delta(delta.as_slice(), dst.path()).unwrap();
+    unpack_dir(base_archive.as_slice(), dst.path(), &strict()).unwrap();
+    unpack_delta(delta.as_slice(), dst.path(), &strict()).unwrap();
     assert_eq!(fs::read(dst.path().join("f")).unwrap(), b"after!");
+}
+
+#[test]
+fn a_base_packed_within_a_limit_leaves_out_what_does_not_fit_for_the_delta() {
+    let src = xattr_capable_tempdir(&["user"]);
+    build_unprivileged_tree(src.path());
+    let full = measure_dir(src.path()).unwrap();
+    // Room for everything but the largest entries.
+    let (base_archive, base) = pack_dir_within(src.path(), Vec::new(), full / 4).unwrap();
+    assert!(base_archive.len() as u64 <= full / 4);
+    let archived: Vec<PathBuf> = archive_names(&base_archive)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(archived, base.entries.keys().cloned().collect::<Vec<_>>());
+    assert!(archived.len() < observe(src.path()).nodes.len() - 1);
+
+    let (delta, _) = pack_delta(src.path(), &base, Vec::new()).unwrap();
+    let dst = xattr_capable_tempdir(&["user"]);
+    unpack_dir(base_archive.as_slice(), dst.path(), &strict()).unwrap();
+    unpack_delta(delta.as_slice(), dst.path(), &strict()).unwrap();
+    assert_same_tree(src.path(), dst.path());
 }

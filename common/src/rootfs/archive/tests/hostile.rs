@@ -3,24 +3,6 @@
 use super::*;
 use crate::rootfs::archive::{unpack_delta, ArchiveError};
 
-/// Name, type and link target of an entry.
-type RawEntry<'a> = (&'a [u8], EntryType, &'a [u8]);
-
-/// An archive whose names and link targets are written verbatim.
-fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
-    let mut builder = Builder::new(Vec::new());
-    for &(name, kind, target) in entries {
-        let data: &[u8] = if kind == EntryType::Regular {
-            b"evil"
-        } else {
-            b""
-        };
-        let header = raw_header(name, kind, target, data.len() as u64);
-        builder.append(&header, data).unwrap();
-    }
-    builder.into_inner().unwrap()
-}
-
 fn removal_archive(name: &[u8]) -> Vec<u8> {
     single_record_archive(name, "MIGRATE.remove", b"1")
 }
@@ -30,10 +12,6 @@ fn assert_refused(result: Result<(), ArchiveError>) {
         Err(ArchiveError::UnsafePath { .. }) => {}
         other => panic!("expected UnsafePath, got {other:?}"),
     }
-}
-
-fn is_empty_dir(dir: &Path) -> bool {
-    fs::read_dir(dir).unwrap().next().is_none()
 }
 
 /// A scratch dir holding `dest/` and `outside/victim`, and the bytes of the victim's path.
@@ -58,8 +36,8 @@ fn refuses_parent_and_absolute_paths() {
         raw_archive(&[(b"h", EntryType::Link, b"../outside/victim")]),
     ];
     for archive in &archives {
-        assert_refused(unpack_dir(archive.as_slice(), &dest));
-        assert_refused(unpack_delta(archive.as_slice(), &dest));
+        assert_refused(unpack_dir(archive.as_slice(), &dest, &strict()));
+        assert_refused(unpack_delta(archive.as_slice(), &dest, &strict()));
     }
     assert!(!scratch.path().join("evil").exists());
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
@@ -91,9 +69,9 @@ fn refuses_to_write_through_an_archived_symlink() {
             let dest = scratch.path().join(format!("dest{i}-{delta}"));
             fs::create_dir(&dest).unwrap();
             assert_refused(if delta {
-                unpack_delta(archive.as_slice(), &dest)
+                unpack_delta(archive.as_slice(), &dest, &strict())
             } else {
-                unpack_dir(archive.as_slice(), &dest)
+                unpack_dir(archive.as_slice(), &dest, &strict())
             });
             assert_eq!(
                 fs::read_dir(&outside).unwrap().count(),
@@ -123,13 +101,17 @@ fn removals_stay_inside_the_destination() {
         b"",
     ];
     for name in names {
-        assert_refused(unpack_delta(removal_archive(name).as_slice(), &dest));
+        assert_refused(unpack_delta(
+            removal_archive(name).as_slice(),
+            &dest,
+            &strict(),
+        ));
     }
     assert_eq!(fs::read(outside.join("victim")).unwrap(), b"untouched");
     assert!(dest.exists());
 
     // Removing the symlink itself removes the link, not what it points at.
-    unpack_delta(removal_archive(b"a").as_slice(), &dest).unwrap();
+    unpack_delta(removal_archive(b"a").as_slice(), &dest, &strict()).unwrap();
     assert!(is_empty_dir(&dest));
     assert_eq!(fs::read(outside.join("victim")).unwrap(), b"untouched");
 }
@@ -144,7 +126,7 @@ fn a_delta_replaces_a_symlink_instead_of_writing_through_it() {
         (b"d/", EntryType::Directory, b""),
         (b"d/x", EntryType::Regular, b""),
     ]);
-    unpack_delta(archive.as_slice(), &dest).unwrap();
+    unpack_delta(archive.as_slice(), &dest, &strict()).unwrap();
     assert_eq!(fs::read(dest.join("f")).unwrap(), b"evil");
     assert!(fs::symlink_metadata(dest.join("d")).unwrap().is_dir());
     assert_eq!(fs::read(dest.join("d/x")).unwrap(), b"evil");
@@ -160,14 +142,18 @@ fn removal_entries_belong_to_deltas_only() {
         Err(ArchiveError::Malformed { path, .. }) => assert_eq!(path, Path::new("f")),
         other => panic!("expected Malformed, got {other:?}"),
     };
-    malformed(unpack_dir(removal_archive(b"f").as_slice(), &dest));
+    malformed(unpack_dir(
+        removal_archive(b"f").as_slice(),
+        &dest,
+        &strict(),
+    ));
     let odd_value = single_record_archive(b"f", "MIGRATE.remove", b"yes");
-    malformed(unpack_delta(odd_value.as_slice(), &dest));
+    malformed(unpack_delta(odd_value.as_slice(), &dest, &strict()));
     assert_eq!(fs::read(dest.join("f")).unwrap(), b"kept");
 
     // Removing what is already gone is fine.
-    unpack_delta(removal_archive(b"gone/deeper").as_slice(), &dest).unwrap();
-    unpack_delta(removal_archive(b"f").as_slice(), &dest).unwrap();
+    unpack_delta(removal_archive(b"gone/deeper").as_slice(), &dest, &strict()).unwrap();
+    unpack_delta(removal_archive(b"f").as_slice(), &dest, &strict()).unwrap();
     assert!(is_empty_dir(&dest));
 }
 
@@ -175,7 +161,7 @@ fn removal_entries_belong_to_deltas_only() {
 fn refuses_unsupported_entry_types() {
     let scratch = tempfile::tempdir().unwrap();
     let archive = raw_archive(&[(b"volume", EntryType::new(b'V'), b"")]);
-    match unpack_dir(archive.as_slice(), scratch.path()) {
+    match unpack_dir(archive.as_slice(), scratch.path(), &strict()) {
         Err(ArchiveError::Unsupported { kind: 'V', .. }) => {}
         other => panic!("expected Unsupported, got {other:?}"),
     }

@@ -6,6 +6,7 @@
 
 mod delta;
 mod hostile;
+mod limits;
 mod round_trip;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -23,8 +24,8 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{self, Gid, Uid, Whence};
 use tar::{Builder, EntryType, Header};
 
-use super::pack::fill_name_field;
-use super::{pack_dir, unpack_dir, xattrs};
+use super::entry::fill_name_field;
+use super::{measure_dir, pack_dir, unpack_dir, xattrs, UnpackPolicy};
 use crate::rootfs::snapshot::TreeSnapshot;
 
 const MIB: u64 = 1 << 20;
@@ -32,6 +33,11 @@ const SPARSE_SIZE: u64 = 64 * MIB;
 const ISLANDS: u64 = 30;
 /// A value with `\n`, `=`, NUL and non-UTF-8 bytes, like overlayfs's binary xattrs.
 const BINARY_XATTR: &[u8] = b"\x00\x0a\xfb\x0a\n=\xff";
+
+/// What a destination accepts by default.
+fn strict() -> UnpackPolicy {
+    UnpackPolicy::strict()
+}
 
 fn require_root() {
     assert!(
@@ -330,10 +336,16 @@ fn pack(dir: &Path) -> (Vec<u8>, TreeSnapshot) {
 
 /// Packs `src` and unpacks it into a fresh directory, checks that everything but sockets
 /// came back identical, and returns the archive, its snapshot and the copy.
-fn round_trip(src: &Path, namespaces: &[&str]) -> (Vec<u8>, TreeSnapshot, tempfile::TempDir) {
+fn round_trip(
+    src: &Path,
+    namespaces: &[&str],
+    policy: &UnpackPolicy,
+) -> (Vec<u8>, TreeSnapshot, tempfile::TempDir) {
     let (archive, snapshot) = pack(src);
+    // What a sender declares before the stream is exactly what it writes.
+    assert_eq!(measure_dir(src).unwrap(), archive.len() as u64);
     let dst = xattr_capable_tempdir(namespaces);
-    unpack_dir(archive.as_slice(), dst.path()).unwrap();
+    unpack_dir(archive.as_slice(), dst.path(), policy).unwrap();
     assert_same_tree(src, dst.path());
     (archive, snapshot, dst)
 }
@@ -386,4 +398,26 @@ fn single_record_archive(name: &[u8], key: &str, value: &[u8]) -> Vec<u8> {
     let header = raw_header(name, EntryType::Regular, b"", 0);
     builder.append(&header, std::io::empty()).unwrap();
     builder.into_inner().unwrap()
+}
+
+/// Name, type and link target of an entry.
+pub(super) type RawEntry<'a> = (&'a [u8], EntryType, &'a [u8]);
+
+/// An archive whose names and link targets are written verbatim.
+pub(super) fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
+    let mut builder = Builder::new(Vec::new());
+    for &(name, kind, target) in entries {
+        let data: &[u8] = if kind == EntryType::Regular {
+            b"evil"
+        } else {
+            b""
+        };
+        let header = raw_header(name, kind, target, data.len() as u64);
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    fs::read_dir(dir).unwrap().next().is_none()
 }

@@ -9,7 +9,7 @@ fn round_trip_without_root() {
     let src = xattr_capable_tempdir(&["user"]);
     build_unprivileged_tree(src.path());
     set_distinct_mtimes(src.path());
-    let (archive, _, dst) = round_trip(src.path(), &["user"]);
+    let (archive, _, dst) = round_trip(src.path(), &["user"], &strict());
     let actual = observe(dst.path()).nodes;
 
     // Spot checks that the comparison covers what matters.
@@ -61,7 +61,11 @@ fn round_trip_preserves_everything() {
     build_unprivileged_tree(src.path());
     add_privileged_entries(src.path());
     set_distinct_mtimes(src.path());
-    let (_, _, dst) = round_trip(src.path(), &["trusted", "user"]);
+    let (_, _, dst) = round_trip(
+        src.path(),
+        &["trusted", "user"],
+        &UnpackPolicy::privileged(),
+    );
     let actual = observe(dst.path()).nodes;
 
     // Spot checks that the comparison covers what matters.
@@ -170,7 +174,7 @@ fn awkward_xattrs_travel_in_libarchive_form() {
         .collect();
     assert_eq!(keys, [b"LIBARCHIVE.xattr.user.a%3Db%20c%25%0A%FF".to_vec()]);
     let dst = xattr_capable_tempdir(&["user"]);
-    unpack_dir(archive.as_slice(), dst.path()).unwrap();
+    unpack_dir(archive.as_slice(), dst.path(), &strict()).unwrap();
     assert_eq!(
         xattr::get(dst.path().join("f"), name).unwrap(),
         Some(b"foob".to_vec())
@@ -179,13 +183,13 @@ fn awkward_xattrs_travel_in_libarchive_form() {
     // Padded values, which libarchive also reads, come back the same; broken ones are
     // refused with the decoder's reason.
     let padded = single_record_archive(b"g", "LIBARCHIVE.xattr.user.padded", b"Zm9vYg==");
-    unpack_dir(padded.as_slice(), dst.path()).unwrap();
+    unpack_dir(padded.as_slice(), dst.path(), &strict()).unwrap();
     assert_eq!(
         xattr::get(dst.path().join("g"), "user.padded").unwrap(),
         Some(b"foob".to_vec())
     );
     let broken = single_record_archive(b"h", "LIBARCHIVE.xattr.user.broken", b"Zm9vY");
-    match unpack_dir(broken.as_slice(), dst.path()) {
+    match unpack_dir(broken.as_slice(), dst.path(), &strict()) {
         Err(ArchiveError::Decode { path, source }) => {
             assert_eq!(path, Path::new("h"));
             assert_eq!(source.kind(), std::io::ErrorKind::InvalidData);
