@@ -4,54 +4,28 @@
 
 #![allow(clippy::unwrap_used)]
 
-use migrate_common::certs::{create_ca, issue, TlsDir};
-use migrate_common::criu::Criu;
-use migrate_common::protocol::{Body, ControlChannel, Hello, PROTOCOL_VERSION};
-use migrate_common::runc::Runc;
-use migrate_common::transport;
-use migrate_dst::Daemon;
+mod support;
+
+use migrate_common::protocol::{Hello, PROTOCOL_VERSION};
+use support::{connect, preflight, start_daemon, Setup};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_protocol_version_is_refused_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path();
-    create_ca(&path.join("ca")).unwrap();
-    issue(&path.join("ca"), "127.0.0.1", &path.join("dst")).unwrap();
-    issue(&path.join("ca"), "127.0.0.1", &path.join("src")).unwrap();
-    let endpoint = transport::server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &TlsDir::load(&path.join("dst")).unwrap(),
-    )
-    .unwrap();
-    let port = endpoint.local_addr().unwrap().port();
-    let daemon = Daemon::new(
-        path.join("state"),
-        Runc::new("/nonexistent/runc", path.join("runc"), None),
-        Criu::new("/nonexistent/criu"),
-        None,
-    )
-    .unwrap();
-    let daemon = tokio::spawn(migrate_dst::serve_on(endpoint, daemon));
-    let tls = TlsDir::load(&path.join("src")).unwrap();
+    let (port, daemon) = start_daemon(path, Setup::default()).await;
 
     for forged in [0, PROTOCOL_VERSION + 1, u32::MAX] {
-        let (client, conn) = transport::connect(&format!("127.0.0.1:{port}"), &tls)
-            .await
-            .unwrap();
-        let (send, recv) = conn.open_bi().await.unwrap();
-        let mut control = ControlChannel::new(recv, send);
-        control
-            .send(Hello {
+        let (client, conn, mut control) = connect(path, port).await.unwrap();
+        let reply = preflight(
+            &mut control,
+            Hello {
                 protocol_version: forged,
                 container_id: "forged".into(),
                 ..Default::default()
-            })
-            .await
-            .unwrap();
-        let reply = match control.recv().await.unwrap().body {
-            Some(Body::PreflightReply(reply)) => reply,
-            other => panic!("expected PreflightReply, got {other:?}"),
-        };
+            },
+        )
+        .await;
         assert!(!reply.accepted);
         let refusal = reply
             .refusals

@@ -54,6 +54,7 @@ async fn a_source_not_allowed_is_refused_and_told_why() {
                 protocol_version: PROTOCOL_VERSION,
                 migration_id: "m1".into(),
                 tunnel_delivered: 0,
+                container_id: String::new(),
             })
             .await
             .unwrap();
