@@ -135,8 +135,9 @@ impl Daemon {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands a resuming connection to its migration, or says why not.
-    async fn route(&self, mut request: ResumeRequest) {
+    /// Hands a resuming connection to its migration, or says why not;
+    /// whether it was handed over.
+    async fn route(&self, mut request: ResumeRequest) -> bool {
         // Without a migration id (`migrate resolve` without a record), the
         // container's id names it.
         let sender = {
@@ -155,7 +156,7 @@ impl Daemon {
         };
         let refused = match sender {
             Some(sender) => match sender.send(request).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(mpsc::error::SendError(back)) => {
                     request = back;
                     "the migration ended meanwhile"
@@ -175,6 +176,7 @@ impl Daemon {
                 criu_log_tail: String::new(),
             })
             .await;
+        false
     }
 }
 
@@ -243,15 +245,19 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                     }
                     Ok((control, Some(Body::Resume(resume)))) => {
                         drop(permit);
-                        daemon
-                            .route(ResumeRequest {
-                                conn: conn.clone(),
-                                control,
-                                resume,
-                                peer,
-                            })
-                            .await;
-                        // The held migration owns the connection now.
+                        let request = ResumeRequest {
+                            conn: conn.clone(),
+                            control,
+                            resume,
+                            peer,
+                        };
+                        if daemon.route(request).await {
+                            // The held migration owns the connection now.
+                            return;
+                        }
+                        // Refused: the refusal must reach the source before
+                        // the connection ends (below).
+                        let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, conn.closed()).await;
                         return;
                     }
                     Ok((_, other)) => warn!(
