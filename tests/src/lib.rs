@@ -11,10 +11,13 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod checks;
+mod destination;
+
+pub use destination::Destination;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -501,7 +504,7 @@ pub fn make_busybox_rootfs(dir: &Path) {
     std::fs::write(dir.join("etc/game.conf"), "level=1\n").unwrap();
 }
 
-fn runc_delete(root: &Path, id: &str) {
+pub(crate) fn runc_delete(root: &Path, id: &str) {
     let _ = Command::new("runc")
         .arg("--root")
         .arg(root)
@@ -517,74 +520,13 @@ fn runc_delete(root: &Path, id: &str) {
         .output();
 }
 
-fn remove_cgroup_parent(name: &str) {
+pub(crate) fn remove_cgroup_parent(name: &str) {
     if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
         for ctl in controllers.flatten() {
             let _ = std::fs::remove_dir(ctl.path().join(name));
         }
     }
     let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(name));
-}
-
-/// The `migrate-dst` daemon of a test.
-#[derive(Debug)]
-pub struct Destination {
-    child: Option<Child>,
-    pub state_dir: PathBuf,
-    pub runc_root: PathBuf,
-    pub log: PathBuf,
-    cgroup_parent: String,
-}
-
-impl Destination {
-    pub fn runc(&self, args: &[&str]) -> Output {
-        Command::new("runc")
-            .arg("--root")
-            .arg(&self.runc_root)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    pub fn container_dir(&self, id: &str) -> PathBuf {
-        self.state_dir.join("containers").join(id)
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Ok(entries) = std::fs::read_dir(&self.runc_root) {
-            for entry in entries.flatten() {
-                runc_delete(&self.runc_root, &entry.file_name().to_string_lossy());
-            }
-        }
-        unmount_under(&self.state_dir);
-        remove_cgroup_parent(&self.cgroup_parent);
-    }
 }
 
 /// A container started on the source host.
