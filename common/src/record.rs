@@ -67,6 +67,10 @@ pub struct SourceRecord {
     pub phase: SourcePhase,
     /// The `runc checkpoint` holding the source copy, while one does.
     pub holder_pid: Option<u32>,
+    /// The migration's work dir (images, CRIU's logs), removed once the
+    /// migration is settled.
+    #[serde(default)]
+    pub work_dir: Option<std::path::PathBuf>,
 }
 
 /// Where the destination is with a container it received.
@@ -186,6 +190,7 @@ mod tests {
             mode: "stop-and-copy".into(),
             phase,
             holder_pid: Some(42),
+            work_dir: None,
         }
     }
 

@@ -173,6 +173,12 @@ pub(crate) async fn freeze_and_send(
     std::fs::create_dir_all(work.final_dir())
         .with_context(|| format!("creating {}", work.final_dir().display()))
         .map_err(Failure::Source)?;
+    session
+        .journal
+        .as_mut()
+        .ok_or_else(|| Failure::Source(anyhow!("no record of this migration")))?
+        .set_work_dir(&work.root)
+        .map_err(|e| Failure::Source(anyhow!(e).context("recording the migration")))?;
     let record = session
         .journal
         .as_ref()

@@ -116,6 +116,7 @@ impl Journal {
             mode: String::new(),
             phase: SourcePhase::Done,
             holder_pid: None,
+            work_dir: None,
         });
         Ok((
             Self {
@@ -149,6 +150,7 @@ impl Journal {
             mode: mode.to_owned(),
             phase: SourcePhase::Started,
             holder_pid: None,
+            work_dir: None,
         };
         self.write()
     }
@@ -161,6 +163,11 @@ impl Journal {
 
     pub fn set_holder(&mut self, pid: Option<u32>) -> Result<(), JournalError> {
         self.record.holder_pid = pid;
+        self.write()
+    }
+
+    pub fn set_work_dir(&mut self, dir: &Path) -> Result<(), JournalError> {
+        self.record.work_dir = Some(dir.to_owned());
         self.write()
     }
 

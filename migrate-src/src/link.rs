@@ -80,6 +80,7 @@ pub async fn resume(
     tunnel_delivered: u64,
     deadline: Instant,
 ) -> Result<(Link, Resumed)> {
+    let started = Instant::now();
     let mut last_error = None;
     while Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -95,14 +96,21 @@ pub async fn resume(
                 tracing::debug!(error = %format!("{e:#}"), "reconnecting");
                 last_error = Some(e);
             }
-            Err(_) => last_error = Some(anyhow!("no answer within {RECONNECT_ATTEMPT:?}")),
+            Err(_) => {
+                last_error = Some(anyhow!(
+                    "the last attempt had no answer within {RECONNECT_ATTEMPT:?}"
+                ))
+            }
         }
         tokio::time::sleep(RECONNECT_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
             .await;
     }
     Err(last_error
         .unwrap_or_else(|| anyhow!("no time left"))
-        .context("the destination did not come back in time"))
+        .context(format!(
+            "the destination did not come back within {}s",
+            started.elapsed().as_secs()
+        )))
 }
 
 /// The destination answered, and does not hold this migration.

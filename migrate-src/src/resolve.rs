@@ -109,6 +109,7 @@ pub async fn resolve(opts: &ResolveOptions, reporter: &Reporter) -> Result<Resol
                 Err(e) => return Err(e.context(format!("releasing the copy on {destination}"))),
             }
             end_source_copy(&opts.runc, &record, &mut actions).await?;
+            remove_work_dir(&record, &mut actions);
             journal.remove()?;
             Ok(Resolution {
                 container: id.clone(),
@@ -128,6 +129,7 @@ pub async fn resolve(opts: &ResolveOptions, reporter: &Reporter) -> Result<Resol
                         .into(),
                 );
             }
+            remove_work_dir(&record, &mut actions);
             journal.remove()?;
             Ok(Resolution {
                 container: id.clone(),
@@ -156,7 +158,26 @@ pub(crate) async fn discard_undecided(
     let lazy = matches!(record.mode.as_str(), "post-copy" | "hybrid");
     reporter.note(discard(&dial, record).await?);
     reporter.note(resume_source(&opts.runc, record, lazy).await?);
+    let mut removed = Vec::new();
+    remove_work_dir(record, &mut removed);
+    for note in removed {
+        reporter.note(note);
+    }
     Ok(())
+}
+
+/// The settled migration's images and CRIU logs go (no CRIU uses them
+/// once its holder has ended).
+fn remove_work_dir(record: &SourceRecord, actions: &mut Vec<String>) {
+    let Some(dir) = &record.work_dir else { return };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => actions.push(format!("removed its work dir {}", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => actions.push(format!(
+            "could not remove its work dir {}: {e}",
+            dir.display()
+        )),
+    }
 }
 
 /// The destination drops what it holds of the migration.

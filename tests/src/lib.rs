@@ -183,11 +183,12 @@ impl Hosts {
 #[derive(Debug)]
 pub struct LinkCut {
     ns: String,
+    chains: &'static [&'static str],
 }
 
 impl LinkCut {
-    fn rules(ns: &str, op: &str) {
-        for chain in ["INPUT", "OUTPUT"] {
+    fn rules(ns: &str, chains: &[&str], op: &str) {
+        for chain in chains {
             let out = Command::new("nsenter")
                 .arg(format!("--net=/run/netns/{ns}"))
                 .args(["iptables", "-w", op, chain, "-j", "DROP"])
@@ -204,16 +205,27 @@ impl LinkCut {
 
 impl Drop for LinkCut {
     fn drop(&mut self) {
-        Self::rules(&self.ns, "-D");
+        Self::rules(&self.ns, self.chains, "-D");
     }
 }
 
 impl Hosts {
     /// Cuts the link until the returned guard is dropped.
     pub fn cut_link(&self) -> LinkCut {
-        LinkCut::rules(&self.src, "-I");
+        self.cut(&["INPUT", "OUTPUT"])
+    }
+
+    /// Cuts the link one way: what the source sends is lost, what it
+    /// receives still arrives.
+    pub fn cut_link_to_destination(&self) -> LinkCut {
+        self.cut(&["OUTPUT"])
+    }
+
+    fn cut(&self, chains: &'static [&'static str]) -> LinkCut {
+        LinkCut::rules(&self.src, chains, "-I");
         LinkCut {
             ns: self.src.clone(),
+            chains,
         }
     }
 }

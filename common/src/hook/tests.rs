@@ -118,6 +118,7 @@ fn source_record(phase: SourcePhase) -> SourceRecord {
         mode: "stop-and-copy".into(),
         phase,
         holder_pid: None,
+        work_dir: None,
     }
 }
 
