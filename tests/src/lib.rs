@@ -429,6 +429,16 @@ impl Lab {
 
     /// `migrate resolve` for `container` on the source host.
     pub fn resolve_command(&self, container: &SourceContainer, extra: &[&str]) -> Command {
+        self.resolve_command_in(container, &self.source_state_dir(), extra)
+    }
+
+    /// [`Lab::resolve_command`] with the records in `state_dir`.
+    pub fn resolve_command_in(
+        &self,
+        container: &SourceContainer,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Command {
         let mut cmd = self.hosts.on(&self.hosts.src, &bin("migrate"));
         cmd.arg("resolve")
             .arg(&container.id)
@@ -437,7 +447,7 @@ impl Lab {
             .arg("--runc-root")
             .arg(&container.runc_root)
             .arg("--state-dir")
-            .arg(self.source_state_dir())
+            .arg(state_dir)
             .arg("--json")
             .args(extra)
             .stdin(Stdio::null());

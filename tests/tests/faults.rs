@@ -13,7 +13,7 @@ use migrate_e2e::checks::{
     assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
     counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
 };
-use migrate_e2e::{runc_exec, wait_until, Destination, Lab, SourceContainer};
+use migrate_e2e::{runc_exec, wait_until, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT};
 
 /// The phase in the destination's record of `id` ("receiving" once it
 /// restores, "held", "released"), if it has one.
@@ -262,7 +262,7 @@ fn a_destination_killed_while_holding_its_copy_and_restarted_ends_in_one_copy() 
 }
 
 #[test]
-fn sigterm_mid_transfer_resumes_the_container_like_ctrl_c() {
+fn sigterm_mid_transfer_resumes_the_container_like_ctrl_c_and_a_second_signal_changes_nothing() {
     let lab = Lab::new();
     let dst = lab.start_destination(&[]);
     let container = lab.start_container("f4", &format!("{}{GAME}", heap("384M", "0")));
@@ -277,6 +277,12 @@ fn sigterm_mid_transfer_resumes_the_container_like_ctrl_c() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
+    // A second signal while it cleans up does not cut the cleanup short.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -383,6 +389,28 @@ fn link_lost_as_the_destination_restores_never_runs_two_copies_and_resolve_settl
     // know whether the source decided.
     assert_held_not_running(&dst, "f8");
     drop(cut);
+    // Without its record (say, the source's state dir was lost) resolve
+    // settles nothing: it says what each host holds.
+    let no_records = lab.path("no-records");
+    let out = lab
+        .resolve_command_in(
+            &container,
+            &no_records,
+            &["--to", &format!("{DST_ADDR}:{DST_PORT}")],
+        )
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let actions = report["actions"].to_string();
+    assert!(
+        actions.contains("no record of a migration of f8"),
+        "{report}"
+    );
+    assert!(
+        actions.contains("a restored copy, held (not running)"),
+        "{report}"
+    );
+    assert_held_not_running(&dst, "f8");
     let (code, resolution) = resolve(&lab, &container, &[]);
     match out.status.code() {
         // Restored never reached the source: it went back, and said that
