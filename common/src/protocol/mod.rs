@@ -15,8 +15,11 @@
 //! ```text
 //!  source (migrate)                                  destination (migrate-dst)
 //!  ----------------                                  -------------------------
-//!  Hello{version, id, mode, config, layers, sizes} ─► preflight: criu check, runc,
-//!                                                     lazy pages, disk, id, layers
+//!  Hello{version, id, mode, config, layers, sizes} ─► admit: the certificate's name
+//!                                                     in --allow (else refused);
+//!                                                     preflight: criu check, runc,
+//!                                                     lazy pages, disk, id, layers,
+//!                                                     the config within the policy
 //!                       ◄── PreflightReply{accepted | refusals, missing layers}
 //!  (refused: stop here, container untouched)
 //!  data: Layer(digest)…,  LayersSent ──────────────► unpack into the layer store,
@@ -50,7 +53,7 @@
 //!
 //!  a lost connection once the destination may hold a copy (new connection,
 //!  from migrate or from `migrate resolve`):
-//!  Resume{migration id, tunnel bytes taken} ───────► the held session
+//!  Resume{migration id | container id, tunnel bytes} ► admit; the held session
 //!                       ◄── Resumed{restored?, released?, pages complete?, tunnel bytes}
 //!  after the decision: Release again if not released; page tunnel again,
 //!  from where each side stopped
