@@ -13,7 +13,9 @@ use migrate_e2e::checks::{
     assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
     counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
 };
-use migrate_e2e::{runc_exec, wait_until, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT};
+use migrate_e2e::{
+    runc_exec, sh, wait_until, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT,
+};
 
 /// The phase in the destination's record of `id` ("receiving" once it
 /// restores, "held", "released"), if it has one.
@@ -430,5 +432,77 @@ fn link_lost_as_the_destination_restores_never_runs_two_copies_and_resolve_settl
         other => panic!("exit {other:?}:\n{err}"),
     }
     assert_no_record(&lab, "f8");
+    assert_work_dir_clean(&lab);
+}
+
+#[test]
+fn a_destination_killed_during_the_layer_transfer_and_restarted_keeps_no_half_layer() {
+    let lab = Lab::new();
+    // A layer big enough to be caught crossing.
+    sh(std::process::Command::new("sh").arg("-c").arg(format!(
+        "head -c 200000000 /dev/urandom > {}/big.bin",
+        lab.layer.display()
+    )));
+    let mut dst = lab.start_destination(&[]);
+    let container = lab.start_container("f9", GAME);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let mut child = spawn_migrate(&lab, &container, &[]);
+    let layers = dst.state_dir.join("layers");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_dir(&layers).is_ok_and(|dir| {
+        dir.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with(".incoming-")
+                && e.path()
+                    .join("big.bin")
+                    .metadata()
+                    .is_ok_and(|m| m.len() > 0)
+        })
+    }) {
+        assert!(child.try_wait().unwrap().is_none(), "migrate ended first");
+        assert!(Instant::now() < deadline, "the layer never began to arrive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    dst.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is running on the source"), "{err}");
+    assert_running_on_source_unchanged(&container, pid, &before);
+
+    let dst = lab.start_destination(&[]);
+    let left: Vec<_> = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "layers left after the restart: {left:?}");
+    assert_destination_discarded(&dst, "f9");
+    assert_no_record(&lab, "f9");
+}
+
+#[test]
+fn a_destination_killed_during_the_restore_and_restarted_discards_it() {
+    let lab = Lab::new();
+    let mut dst = lab.start_destination(&[]);
+    let container = lab.start_container("f10", GAME);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let mut child = spawn_migrate(&lab, &container, &[]);
+    wait_for_destination_phase(&dst, "f10", "receiving", &mut child);
+    dst.kill();
+    let dst = lab.start_destination(&[]);
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
+    assert_running_on_source_unchanged(&container, pid, &before);
+    assert_destination_discarded(&dst, "f10");
+    assert_no_record(&lab, "f10");
     assert_work_dir_clean(&lab);
 }
