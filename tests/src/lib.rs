@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod checks;
+pub mod resources;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -394,7 +395,17 @@ impl Lab {
     }
 
     pub fn migrate_command(&self, container: &SourceContainer, extra: &[&str]) -> Command {
-        let mut cmd = self.hosts.on(&self.hosts.src, &bin("migrate"));
+        self.migrate_command_of(&bin("migrate"), container, extra)
+    }
+
+    /// [`Lab::migrate_command`] with another build of `migrate`.
+    pub fn migrate_command_of(
+        &self,
+        program: &Path,
+        container: &SourceContainer,
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = self.hosts.on(&self.hosts.src, program);
         cmd.arg(&container.id)
             .arg("--to")
             .arg(format!("{DST_ADDR}:{DST_PORT}"))
@@ -552,6 +563,11 @@ impl Destination {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's pid (nsenter execs it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL, as a crash would.
