@@ -184,6 +184,10 @@ impl Daemon {
                 criu_log_tail: String::new(),
             })
             .await;
+        // Dropping the connection would close it with the answer maybe
+        // still in flight: the source closes once it has read it.
+        let _ = request.control.send_half().finish();
+        let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, request.conn.closed()).await;
     }
 }
 

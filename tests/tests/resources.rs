@@ -330,3 +330,46 @@ fn four_migrations_to_one_destination_at_once_all_arrive_in_bounded_memory() {
         "migrate-dst peaked at {peak_mib} MiB, beyond {FOUR_MIGRATIONS_RSS_BOUND_MIB} MiB"
     );
 }
+
+/// runc, except that it is given a bundle that does not exist: a restore
+/// fails in runc itself, which says why in its log.
+const RUNC_WITHOUT_BUNDLE: &str = r#"#!/bin/sh
+prev=
+for arg do
+    shift
+    if [ "$prev" = --bundle ]; then arg=/nonexistent-bundle; fi
+    prev=$arg
+    set -- "$@" "$arg"
+done
+exec runc "$@"
+"#;
+
+#[test]
+fn runc_failing_on_either_side_is_reported_and_the_container_keeps_running() {
+    let lab = Lab::new();
+    let runc = lab.path("runc-without-bundle");
+    std::fs::write(&runc, RUNC_WITHOUT_BUNDLE).unwrap();
+    std::fs::set_permissions(&runc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dst = lab.start_destination(&["--runc", runc.to_str().unwrap()]);
+    let container = lab.start_container("runc1", GAME);
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    // The source's runc missing: nothing is touched.
+    let err = failed_on_source(&lab.migrate(&container, &["--runc", "/nonexistent/runc"]));
+    assert!(
+        err.contains("cannot run /nonexistent/runc: is it installed?"),
+        "{err}"
+    );
+    assert_running_on_source_unchanged(&container, pid, &before);
+
+    // The destination's runc failing its restore, after the freeze.
+    let err = failed_on_source(&lab.migrate(&container, &[]));
+    assert!(err.contains("the destination failed at restore"), "{err}");
+    assert!(err.contains("/nonexistent-bundle"), "{err}");
+    assert!(
+        err.contains("was resumed and is running on the source"),
+        "{err}"
+    );
+    assert_resumed_and_clean(&lab, &dst, &container, pid, &before);
+}
