@@ -17,6 +17,11 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --locked
+# The corruption tests (tests/tests/resources.rs) need a `migrate` that
+# corrupts a stream on request: the fault-injection feature, in its own
+# target dir so that the normal binaries never have it.
+echo "== build (fault-injection test build of migrate)"
+cargo build -p migrate-src --features fault-injection --locked --target-dir target/fault-injection
 echo "== tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -6,6 +6,10 @@
 //! file that calls into these modules; `migrate-dst/src/session.rs` is the
 //! other end of [`protocol`].
 
+// Corrupting data on purpose is for the end-to-end tests' builds only.
+#[cfg(all(feature = "fault-injection", not(debug_assertions)))]
+compile_error!("the fault-injection feature is for test builds, never release builds");
+
 pub mod bundle;
 pub mod certs;
 pub mod criu;

@@ -33,9 +33,14 @@ use tracing::{info, warn, Instrument};
 
 use store::LayerStore;
 
-/// Migrations handled at once; each holds a container's images on disk and
-/// runs CRIU, so a few is plenty.
-const MAX_CONCURRENT_MIGRATIONS: usize = 4;
+/// Migrations handled at once by default (`--max-migrations`); each holds a
+/// container's images on disk and memory for its streams, and runs CRIU.
+pub const DEFAULT_MAX_MIGRATIONS: usize = 4;
+
+/// Connections beyond `max_migrations` taken at once only to say why they
+/// are refused (or to resume a held migration, which takes no slot); more
+/// than this are refused by QUIC without a word.
+const OVERFLOW_CONNECTIONS: usize = 16;
 
 /// How long the daemon waits for the source to close the connection after
 /// its last message.
@@ -58,6 +63,9 @@ pub struct Daemon {
     /// After this long without its source, a held copy is reported in
     /// doubt (a report only: nothing acts on it).
     pub in_doubt_after: std::time::Duration,
+    /// New migrations handled at once; more are refused at preflight, with
+    /// why (see [`preflight::busy`]).
+    pub max_migrations: usize,
     /// Migrations whose copy is held or still needs its source, by
     /// migration id: where a connection that resumes one is handed.
     held: Mutex<HashMap<String, HeldEntry>>,
@@ -106,6 +114,7 @@ impl Daemon {
             store,
             exe: std::env::current_exe().context("locating the migrate-dst executable")?,
             in_doubt_after: std::time::Duration::from_secs(60),
+            max_migrations: DEFAULT_MAX_MIGRATIONS,
             held: Mutex::new(HashMap::new()),
         })
     }
@@ -135,9 +144,8 @@ impl Daemon {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands a resuming connection to its migration, or says why not;
-    /// whether it was handed over.
-    async fn route(&self, mut request: ResumeRequest) -> bool {
+    /// Hands a resuming connection to its migration, or says why not.
+    async fn route(&self, mut request: ResumeRequest) {
         // Without a migration id (`migrate resolve` without a record), the
         // container's id names it.
         let sender = {
@@ -156,7 +164,7 @@ impl Daemon {
         };
         let refused = match sender {
             Some(sender) => match sender.send(request).await {
-                Ok(()) => return true,
+                Ok(()) => return,
                 Err(mpsc::error::SendError(back)) => {
                     request = back;
                     "the migration ended meanwhile"
@@ -176,7 +184,10 @@ impl Daemon {
                 criu_log_tail: String::new(),
             })
             .await;
-        false
+        // Dropping the connection would close it with the answer maybe
+        // still in flight: the source closes once it has read it.
+        let _ = request.control.send_half().finish();
+        let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, request.conn.closed()).await;
     }
 }
 
@@ -199,7 +210,8 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
             "removed state left by an interrupted migration"
         );
     }
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_MIGRATIONS));
+    let slots = Arc::new(Semaphore::new(daemon.max_migrations));
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let mut sessions = tokio::task::JoinSet::new();
     for held in adopted {
         let daemon = daemon.clone();
@@ -217,10 +229,18 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
             _ = term.recv() => break,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!(peer = %incoming.remote_address(), "too many migrations under way; refusing");
-            incoming.refuse();
-            continue;
+        // Without a slot, the connection is still taken: a `Resume` needs
+        // none, and a `Hello` hears why it is refused.
+        let (permit, overflow_permit) = match slots.clone().try_acquire_owned() {
+            Ok(permit) => (Some(permit), None),
+            Err(_) => match overflow.clone().try_acquire_owned() {
+                Ok(overflow_permit) => (None, Some(overflow_permit)),
+                Err(_) => {
+                    warn!(peer = %incoming.remote_address(), "too many connections; refusing");
+                    incoming.refuse();
+                    continue;
+                }
+            },
         };
         let daemon = daemon.clone();
         let peer = incoming.remote_address();
@@ -236,6 +256,16 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                 let peer = transport::peer_name(&conn);
                 info!(name = peer.clone().unwrap_or_default(), "connected");
                 match preflight::admit(&daemon, &conn, first_message(&conn).await).await {
+                    Ok((mut control, Some(Body::Hello(hello)))) if permit.is_none() => {
+                        warn!(
+                            container = hello.container_id,
+                            limit = daemon.max_migrations,
+                            "too many migrations under way; refused"
+                        );
+                        if let Err(e) = preflight::busy(&mut control, daemon.max_migrations).await {
+                            warn!(error = %format!("{e:#}"), "sending the refusal");
+                        }
+                    }
                     Ok((control, Some(Body::Hello(hello)))) => {
                         if let Err(e) =
                             session::serve(conn.clone(), control, hello, peer, daemon).await
@@ -244,20 +274,17 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                         }
                     }
                     Ok((control, Some(Body::Resume(resume)))) => {
-                        drop(permit);
-                        let request = ResumeRequest {
-                            conn: conn.clone(),
-                            control,
-                            resume,
-                            peer,
-                        };
-                        if daemon.route(request).await {
-                            // The held migration owns the connection now.
-                            return;
-                        }
-                        // Refused: the refusal must reach the source before
-                        // the connection ends (below).
-                        let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, conn.closed()).await;
+                        drop((permit, overflow_permit));
+                        daemon
+                            .route(ResumeRequest {
+                                conn: conn.clone(),
+                                control,
+                                resume,
+                                peer,
+                            })
+                            .await;
+                        // The held migration owns the connection now, or
+                        // the refusal has reached the source.
                         return;
                     }
                     Ok((_, other)) => warn!(
@@ -270,7 +297,7 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                 // closing first could discard that message in flight.
                 let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, conn.closed()).await;
                 conn.close(0u32.into(), b"done");
-                drop(permit);
+                drop((permit, overflow_permit));
             }
             .instrument(tracing::info_span!("migration", %peer)),
         );

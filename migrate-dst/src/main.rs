@@ -57,6 +57,12 @@ struct DaemonArgs {
     /// released or discarded only when its source says so.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     in_doubt_after: u64,
+    /// Migrations received at once; more are refused at their preflight
+    /// (their containers keep running on their sources). Each takes disk
+    /// for its images and memory for its streams.
+    #[arg(long, value_name = "N", default_value_t = migrate_dst::DEFAULT_MAX_MIGRATIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    max_migrations: u64,
     /// A source that may push containers here: a name its certificate
     /// carries (its `migrate certs issue --name`). Repeatable; without any,
     /// every migration is refused.
@@ -179,6 +185,7 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         policy,
     )?;
     daemon.in_doubt_after = Duration::from_secs(args.in_doubt_after);
+    daemon.max_migrations = usize::try_from(args.max_migrations)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(migrate_dst::serve(listen, &tls, daemon))
 }

@@ -77,6 +77,30 @@ pub async fn admit(
     Err(SourceRefused(refusal).into())
 }
 
+/// Refuses a `Hello` that came while `limit` migrations are under way.
+/// Refused, not queued: nothing is frozen before the preflight, so the
+/// source loses nothing and can try again, while a queued source would wait
+/// on a preflight whose disk estimate is stale by the time it runs, with no
+/// bound on how long.
+pub async fn busy(control: &mut Control, limit: usize) -> Result<()> {
+    control
+        .send(PreflightReply {
+            accepted: false,
+            refusals: vec![busy_refusal(limit)],
+            ..Default::default()
+        })
+        .await?;
+    let _ = control.send_half().finish();
+    Ok(())
+}
+
+fn busy_refusal(limit: usize) -> String {
+    format!(
+        "this destination is already receiving {limit} migrations, its limit (migrate-dst \
+         --max-migrations {limit}): try again once one has ended"
+    )
+}
+
 pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     let mut refusals = Vec::new();
     let mut reply = PreflightReply {

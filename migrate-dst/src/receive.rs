@@ -179,6 +179,34 @@ impl Inbox {
         self.changed.notify_waiters();
     }
 
+    /// Waits until a data stream has failed or been refused, and says which
+    /// and why: the session fails on it at once, while the source may still
+    /// be sending, rather than at the next manifest.
+    pub async fn failure(&self) -> anyhow::Error {
+        loop {
+            let notified = self.changed.notified();
+            let failure = match self.ledger() {
+                Err(e) => Some(e),
+                Ok(ledger) => ledger
+                    .refused
+                    .first()
+                    .map(|(stream, reason)| anyhow!("refused {stream}: {reason}"))
+                    .or_else(|| {
+                        ledger.received.iter().find_map(|(id, result)| {
+                            result
+                                .as_ref()
+                                .err()
+                                .map(|e| anyhow!("receiving {id}: {e}"))
+                        })
+                    }),
+            };
+            if let Some(failure) = failure {
+                return failure;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits until every file of `manifest` has arrived, then checks each
     /// against what was computed on arrival. Once a manifest is verified, no
     /// more images of the dumps it lists are accepted.

@@ -215,7 +215,7 @@ async fn exchange(
     inbox: &Inbox,
     peer: Option<String>,
 ) -> Result<(), Ending> {
-    let layer_files = match session.recv().await?.body {
+    let layer_files = match recv_unless_failed(session, inbox).await?.body {
         Some(Body::LayersSent(sent)) => sent.files,
         other => return Err(unexpected(other).into()),
     };
@@ -241,7 +241,7 @@ async fn exchange(
 
     let mut rounds = 0;
     let sent = loop {
-        match session.recv().await?.body {
+        match recv_unless_failed(session, inbox).await?.body {
             Some(Body::RoundSent(round)) => {
                 if round.round != rounds + 1 || round.round > MAX_ROUNDS {
                     return Err(anyhow!(
@@ -288,6 +288,16 @@ async fn exchange(
         lazy: sent.lazy,
     };
     hold::conclude(session, daemon, hello, dir, plan, peer).await
+}
+
+/// The next control message, unless a data stream fails first: then why,
+/// so that the source hears the cause (a full disk, a corrupt stream) while
+/// it may still be sending, not only that its streams were stopped.
+async fn recv_unless_failed(session: &mut Session, inbox: &Inbox) -> Result<ControlMessage> {
+    tokio::select! {
+        msg = session.recv() => msg,
+        failure = inbox.failure() => Err(failure),
+    }
 }
 
 /// The error for a message the state machine admitted but that ends the

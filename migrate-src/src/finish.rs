@@ -238,6 +238,10 @@ pub(crate) async fn recover(
     opts: &MigrateOptions,
     dial: &Dial<'_>,
 ) -> MigrationError {
+    let failure = match session.link.as_mut() {
+        Some(link) => crate::link::destination_cause(link, failure).await,
+        None => failure,
+    };
     let recovery = failure.recovery(session.state.recovery());
     let told_destination = matches!(failure, Failure::Refused(_) | Failure::Destination(_));
     // Only once `CheckpointSent` went out can the destination hold a

@@ -15,6 +15,10 @@ use crate::finish::Failure;
 
 pub type Control = ControlChannel<quinn::SendStream>;
 
+/// How long a source whose data stream the destination stopped waits for
+/// the destination's word on why.
+const STOPPED_CAUSE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long one attempt to reach a lost destination may take.
 const RECONNECT_ATTEMPT: Duration = Duration::from_secs(5);
 /// Pause between attempts.
@@ -148,4 +152,29 @@ pub async fn ask(dial: &Dial<'_>, resume: Resume) -> Result<(Link, Resumed)> {
             ControlMessage { body: other }.kind()
         ),
     }
+}
+
+/// `failure`, or when it is a data stream the destination stopped, the
+/// destination's own `Failed` that says why (a full disk, a corrupt
+/// stream), if it comes within a few seconds.
+pub(crate) async fn destination_cause(link: &mut Link, failure: Failure) -> Failure {
+    let Failure::Source(e) = &failure else {
+        return failure;
+    };
+    let stopped = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<quinn::WriteError>(),
+            Some(quinn::WriteError::Stopped(_))
+        )
+    });
+    if !stopped {
+        return failure;
+    }
+    let deadline = tokio::time::Instant::now() + STOPPED_CAUSE_WAIT;
+    while let Ok(Ok(msg)) = tokio::time::timeout_at(deadline, link.control.recv()).await {
+        if let Some(Body::Failed(failed)) = msg.body {
+            return Failure::Destination(failed);
+        }
+    }
+    failure
 }

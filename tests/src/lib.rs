@@ -12,6 +12,7 @@
 
 pub mod checks;
 mod destination;
+pub mod resources;
 
 pub use destination::Destination;
 
@@ -409,7 +410,17 @@ impl Lab {
     }
 
     pub fn migrate_command(&self, container: &SourceContainer, extra: &[&str]) -> Command {
-        let mut cmd = self.hosts.on(&self.hosts.src, &bin("migrate"));
+        self.migrate_command_of(&bin("migrate"), container, extra)
+    }
+
+    /// [`Lab::migrate_command`] with another build of `migrate`.
+    pub fn migrate_command_of(
+        &self,
+        program: &Path,
+        container: &SourceContainer,
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = self.hosts.on(&self.hosts.src, program);
         cmd.arg(&container.id)
             .arg("--to")
             .arg(format!("{DST_ADDR}:{DST_PORT}"))

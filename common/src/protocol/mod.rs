@@ -86,5 +86,5 @@ pub use source::{Recovery, SourcePhase, SourceState};
 pub use state::{DestinationState, Direction, ProtocolError};
 
 /// Bumped on any incompatible change to messages or to the order of the
-/// exchange.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// exchange (4: the page tunnel's data frames carry a checksum).
+pub const PROTOCOL_VERSION: u32 = 4;

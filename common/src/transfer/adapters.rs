@@ -17,10 +17,19 @@ pub(super) struct HashingWriter<W> {
     pub(super) hasher: blake3::Hasher,
     pub(super) bytes: u64,
     pub(super) stats: Arc<TransferStats>,
+    /// A byte to corrupt after hashing it (test builds).
+    #[cfg(feature = "fault-injection")]
+    pub(super) flip: Option<super::fault::Flip>,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        #[cfg(feature = "fault-injection")]
+        let n = match self.flip.as_ref().and_then(|f| f.apply(self.bytes, buf)) {
+            Some(flipped) => self.inner.write(&flipped)?,
+            None => self.inner.write(buf)?,
+        };
+        #[cfg(not(feature = "fault-injection"))]
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;

@@ -28,6 +28,8 @@ use crate::protocol::{read_frame, write_frame, FileDigest, FrameError, StreamHea
 use crate::rootfs::archive::ArchiveError;
 
 mod adapters;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 
 pub use adapters::StreamSink;
 use adapters::{ChannelReader, ChannelWriter, HashingReader, HashingWriter};
@@ -226,6 +228,8 @@ where
     let (declare_tx, declare_rx) = oneshot::channel();
     let worker_stats = stats.clone();
     let worker_name = name.clone();
+    #[cfg(feature = "fault-injection")]
+    let worker_id_name = id.name.clone();
     let mut worker =
         tokio::task::spawn_blocking(move || -> Result<(T, u64, String), TransferError> {
             let channel = ChannelWriter {
@@ -242,6 +246,8 @@ where
                 hasher: blake3::Hasher::new(),
                 bytes: 0,
                 stats: worker_stats,
+                #[cfg(feature = "fault-injection")]
+                flip: fault::Flip::for_stream(&worker_id_name),
             };
             let value = produce(&mut StreamSink {
                 inner: &mut hashing,

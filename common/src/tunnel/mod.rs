@@ -31,7 +31,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::criu::page_server::{abort_request, Iov, RequestCutter};
-use replay::{Frame, FrameError, ReplayBuffer, MAX_DATA_FRAME};
+use replay::{Frame, FrameError, ReplayBuffer, CHECKSUM_LEN, MAX_DATA_FRAME};
 
 /// Bytes kept for a resend at most; reading from the local socket pauses
 /// when this much is unacknowledged.
@@ -331,9 +331,11 @@ async fn read_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Frame, TunnelE
     }
     let len = Frame::data_len([header[0], header[1], header[2], header[3]])?;
     debug_assert!(len <= MAX_DATA_FRAME);
+    let mut sum = [0u8; CHECKSUM_LEN];
+    recv.read_exact(&mut sum).await.map_err(link)?;
     let mut data = vec![0u8; len];
     recv.read_exact(&mut data).await.map_err(link)?;
-    Ok(Frame::Data(Bytes::from(data)))
+    Ok(Frame::data(sum, data)?)
 }
 
 #[cfg(test)]

@@ -233,6 +233,22 @@ async fn hostile_frames_are_refused() {
         err,
         TunnelError::Protocol(FrameError::AckBeyondSent { acked: 5, sent: 0 })
     ));
+
+    // A byte of a page changed after the peer framed it (QUIC would carry
+    // it faithfully): refused, nothing of it reaches CRIU.
+    let (src, mut criu) = tunnel(Inbound::Raw);
+    let ((s_send, s_recv), (mut peer_send, _peer_recv)) = link();
+    let mut frame = Frame::Data(Bytes::from_static(b"a page")).encode();
+    *frame.last_mut().unwrap() ^= 1;
+    peer_send.write_all(&frame).await.unwrap();
+    let err = src.run(s_send, s_recv, 0).await.unwrap_err();
+    assert!(matches!(
+        err,
+        TunnelError::Protocol(FrameError::Corrupt { len: 6 })
+    ));
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_millis(200), criu.read(&mut byte)).await;
+    assert!(read.is_err(), "CRIU got bytes of a corrupt frame: {read:?}");
 }
 
 #[tokio::test]
