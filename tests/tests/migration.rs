@@ -76,13 +76,11 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
         after.1 >= before.1,
         "the counter went back: {before:?} -> {after:?}"
     );
-    let start = Instant::now();
     wait_until(
         "the game to go on on the destination",
         Duration::from_secs(10),
         || counter(exec).1 >= after.1 + 3,
     );
-    assert!(start.elapsed() < Duration::from_secs(10));
 
     // Open files, cwd and pids inside the pid namespace are as they were.
     assert_eq!(exec(&["readlink", "/proc/1/cwd"]).trim(), "/work");
