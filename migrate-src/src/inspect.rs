@@ -151,7 +151,9 @@ fn check_stopped(id: &str, pid: u32) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     bail!(
-        "container {id} has stopped tasks, which CRIU cannot checkpoint (runc checkpoint would hang):          {list}. Nothing was frozen. Continue them (`kill -CONT {pids}` on this host, or detach the          debugger) and migrate again"
+        "container {id} has stopped tasks, which CRIU cannot checkpoint (runc checkpoint would \
+         hang): {list}. Nothing was frozen. Continue them (`kill -CONT {pids}` on this host, or \
+         detach the debugger) and migrate again"
     )
 }
 

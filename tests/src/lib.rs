@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod checks;
+pub mod workloads;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
