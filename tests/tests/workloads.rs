@@ -175,3 +175,56 @@ fn a_stopped_task_is_refused_before_anything_is_frozen() {
     migrate_ok(&lab, &container, &[]);
     assert_moved(&dst, &container, &before, &lab);
 }
+
+#[test]
+fn file_locks_move_with_file_locks_and_without_it_the_source_keeps_running() {
+    let lab = Lab::new();
+    install_tools(&lab);
+    let dst = lab.start_destination(&[]);
+    let script = format!("mkdir -p /work\nflock /work/db.lock sleep 1000 &\n{GAME}");
+    let container = lab.start_container("locks1", &script);
+    let probe = ["sh", "-c", "flock -n /work/db.lock true && echo free || echo held"];
+    wait_until("the lock to be held", Duration::from_secs(10), || {
+        container.exec(&probe).trim() == "held"
+    });
+
+    let said = migrate_refused(&lab, &dst, &container, &[]);
+    assert!(
+        said.contains("file-locks"),
+        "CRIU's reason must reach the user: {said}"
+    );
+
+    let before = wait_for_ticks(&container, 2);
+    migrate_ok(&lab, &container, &["--file-locks"]);
+    assert_moved(&dst, &container, &before, &lab);
+    let held = runc_exec(&dst.runc_root, "locks1", &probe);
+    assert_eq!(held.trim(), "held", "the lock did not move");
+}
+
+#[test]
+fn link_remap_moves_a_file_open_under_a_removed_name() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    // Open under /work/a, still linked as /work/b: no name to reopen it by.
+    let script = format!(
+        "mkdir -p /work\necho kept > /work/a\nln /work/a /work/b\nexec 4</work/a\nrm /work/a\n{GAME}"
+    );
+    let container = lab.start_container("remap1", &script);
+    wait_for_ticks(&container, 2);
+
+    let said = migrate_refused(&lab, &dst, &container, &[]);
+    assert!(
+        said.contains("/work/a"),
+        "CRIU's reason must name the file: {said}"
+    );
+
+    let before = wait_for_ticks(&container, 2);
+    migrate_ok(&lab, &container, &["--link-remap"]);
+    assert_moved(&dst, &container, &before, &lab);
+    let exec = |args: &[&str]| runc_exec(&dst.runc_root, "remap1", args);
+    assert_eq!(exec(&["cat", "/proc/1/fd/4"]).trim(), "kept");
+    assert_eq!(exec(&["cat", "/work/b"]).trim(), "kept");
+    // CRIU removed the link it made for the dump once it had reopened it.
+    let left = exec(&["ls", "-a", "/work"]);
+    assert!(!left.contains("link_remap"), "left in the rootfs: {left}");
+}
