@@ -109,8 +109,8 @@ struct MigrateArgs {
     /// by linking them back into the rootfs during the dump.
     #[arg(long)]
     link_remap: bool,
-    /// Allow unix sockets connected to peers outside the container; the
-    /// peers must exist at the same paths on the destination.
+    /// Allow unix sockets connected to peers outside the container (CRIU
+    /// `--ext-unix-sk`).
     #[arg(long)]
     ext_unix_sk: bool,
     /// Print the summary as one JSON object.

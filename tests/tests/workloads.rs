@@ -37,9 +37,11 @@ fn busy_server() -> String {
 /// client in flight.
 fn wait_for_busy_server(container: &SourceContainer) {
     let exec = |args: &[&str]| container.exec(args);
-    wait_until("echoes of the served client", Duration::from_secs(10), || {
-        lines_in(exec, "/work/echoes") >= 3
-    });
+    wait_until(
+        "echoes of the served client",
+        Duration::from_secs(10),
+        || lines_in(exec, "/work/echoes") >= 3,
+    );
     let pid = container.pid().unwrap();
     wait_until("a client in flight", Duration::from_secs(10), || {
         accept_queue(pid, 9000) == 1
@@ -66,7 +68,11 @@ fn migrate_refused(
     let before = wait_for_ticks(container, 3);
     let out = output_within(lab.migrate_command(container, extra), DEADLINE);
     let said = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "must run on the source:\n{said}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "must run on the source:\n{said}"
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["runs_on"], "source", "{json}");
     assert_running_on_source_unchanged(container, pid, &before);
@@ -77,12 +83,7 @@ fn migrate_refused(
 
 /// The container runs on the destination, once, with its memory: same
 /// token, a counter that goes on from where it was and never back.
-fn assert_moved(
-    dst: &Destination,
-    container: &SourceContainer,
-    before: &(String, u64),
-    lab: &Lab,
-) {
+fn assert_moved(dst: &Destination, container: &SourceContainer, before: &(String, u64), lab: &Lab) {
     assert!(
         container.state().is_none(),
         "the container is still registered on the source"
@@ -92,7 +93,10 @@ fn assert_moved(
     let exec = |args: &[&str]| runc_exec(&dst.runc_root, &container.id, args);
     let after = counter(exec);
     assert_eq!(after.0, before.0, "restarted, not migrated");
-    assert!(after.1 >= before.1, "the counter went back: {before:?} -> {after:?}");
+    assert!(
+        after.1 >= before.1,
+        "the counter went back: {before:?} -> {after:?}"
+    );
     wait_until(
         "the game to go on on the destination",
         Duration::from_secs(10),
@@ -183,7 +187,11 @@ fn file_locks_move_with_file_locks_and_without_it_the_source_keeps_running() {
     let dst = lab.start_destination(&[]);
     let script = format!("mkdir -p /work\nflock /work/db.lock sleep 1000 &\n{GAME}");
     let container = lab.start_container("locks1", &script);
-    let probe = ["sh", "-c", "flock -n /work/db.lock true && echo free || echo held"];
+    let probe = [
+        "sh",
+        "-c",
+        "flock -n /work/db.lock true && echo free || echo held",
+    ];
     wait_until("the lock to be held", Duration::from_secs(10), || {
         container.exec(&probe).trim() == "held"
     });
