@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
-use crate::criu::{log_tail, LOG_TAIL_LINES};
+use crate::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
 use crate::process::{run, ToolError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,21 +57,111 @@ impl ContainerState {
 }
 
 /// Options that must be the same at checkpoint and at restore.
-#[derive(Debug, Clone, Copy, Default)]
+///
+/// Whatever they say, a dump checkpoints established TCP connections (CRIU
+/// refuses to dump a container with one otherwise) and skips in-flight ones
+/// (connections still in a listener's accept queue, which CRIU refuses
+/// too): a server under client load can always move, and its clients see at
+/// worst a reset. Established connections are then restored closed unless
+/// `tcp_established` asks to keep them open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CriuOptions {
-    /// Checkpoint established TCP connections (CRIU `--tcp-established`).
+    /// Restore established TCP connections open (CRIU `--tcp-established`
+    /// at restore too): only useful when the container's address moves with
+    /// it.
     pub tcp_established: bool,
+    /// Checkpoint file locks (CRIU `--file-locks`): flock and fcntl locks,
+    /// as databases hold.
+    pub file_locks: bool,
+    /// Link files open under a name since unlinked, but still linked
+    /// elsewhere, back into the rootfs (CRIU `--link-remap`).
+    pub link_remap: bool,
+    /// Allow unix sockets connected to peers outside the container (CRIU
+    /// `--ext-unix-sk`).
+    pub ext_unix_sk: bool,
 }
 
+/// A CRIU option name in a `Hello` that this side does not know.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("CRIU option {0:?} is not one migrate passes (known: file-locks, link-remap, ext-unix-sk)")]
+pub struct UnknownCriuOption(pub String);
+
 impl CriuOptions {
-    fn args(&self) -> Vec<&'static str> {
+    /// The options besides `tcp_established`, by their CRIU names, for the
+    /// `Hello`.
+    pub fn names(&self) -> Vec<String> {
+        [
+            (self.file_locks, FILE_LOCKS),
+            (self.link_remap, LINK_REMAP),
+            (self.ext_unix_sk, EXT_UNIX_SK),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| name.to_owned())
+        .collect()
+    }
+
+    /// The options a `Hello` carries, checked: a peer could send anything.
+    pub fn from_names(tcp_established: bool, names: &[String]) -> Result<Self, UnknownCriuOption> {
+        let mut options = Self {
+            tcp_established,
+            ..Self::default()
+        };
+        for name in names {
+            match name.as_str() {
+                FILE_LOCKS => options.file_locks = true,
+                LINK_REMAP => options.link_remap = true,
+                EXT_UNIX_SK => options.ext_unix_sk = true,
+                _ => return Err(UnknownCriuOption(name.clone())),
+            }
+        }
+        Ok(options)
+    }
+
+    /// The runc flags of a checkpoint. runc sends these to CRIU explicitly,
+    /// false included, so they cannot go through the config file.
+    fn checkpoint_args(&self) -> Vec<&'static str> {
+        let mut args = vec!["--tcp-established"];
+        args.extend(self.shared_args());
+        args
+    }
+
+    fn restore_args(&self) -> Vec<&'static str> {
         let mut args = Vec::new();
         if self.tcp_established {
             args.push("--tcp-established");
         }
+        args.extend(self.shared_args());
         args
     }
+
+    fn shared_args(&self) -> Vec<&'static str> {
+        let mut args = Vec::new();
+        if self.file_locks {
+            args.push("--file-locks");
+        }
+        if self.ext_unix_sk {
+            args.push("--ext-unix-sk");
+        }
+        args
+    }
+
+    /// What a dump's CRIU config file carries for these options: those runc
+    /// has no flag for.
+    pub fn apply_to_dump(&self, config: &mut ConfigFile) {
+        config.skip_in_flight = true;
+        config.link_remap = self.link_remap;
+    }
+
+    /// What a restore's CRIU config file carries for these options.
+    pub fn apply_to_restore(&self, config: &mut ConfigFile) {
+        config.tcp_close = !self.tcp_established;
+    }
 }
+
+const FILE_LOCKS: &str = "file-locks";
+const LINK_REMAP: &str = "link-remap";
+const EXT_UNIX_SK: &str = "ext-unix-sk";
 
 /// Which of CRIU's dumps a checkpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +302,7 @@ impl Runc {
         if let Some(parent) = spec.parent {
             cmd.arg("--parent-path").arg(parent);
         }
-        cmd.args(spec.options.args())
+        cmd.args(spec.options.checkpoint_args())
             .arg(spec.id)
             .env("CRIU_CONFIG_FILE", spec.criu_config)
             .stdin(Stdio::null())
@@ -257,7 +347,7 @@ impl Runc {
         if let Some(config) = spec.criu_config {
             cmd.env("CRIU_CONFIG_FILE", config);
         }
-        cmd.args(spec.options.args())
+        cmd.args(spec.options.restore_args())
             .arg(spec.id)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -328,7 +418,8 @@ mod tests {
             parent: None,
             criu_config: Path::new("/w/criu.conf"),
             options: CriuOptions {
-                tcp_established: true,
+                file_locks: true,
+                ..CriuOptions::default()
             },
         };
         let cmd = runc.checkpoint_command(&spec);
@@ -336,7 +427,7 @@ mod tests {
         assert_eq!(
             line,
             "runc --root /run/r --criu /usr/local/sbin/criu checkpoint --image-path /w/img \
-             --work-path /w/work --tcp-established c1"
+             --work-path /w/work --tcp-established --file-locks c1"
         );
         spec.kind = DumpKind::PreDump;
         spec.parent = Some(Path::new("../1"));
@@ -355,6 +446,73 @@ mod tests {
                 std::ffi::OsStr::new("CRIU_CONFIG_FILE"),
                 Some(std::ffi::OsStr::new("/w/criu.conf"))
             )]
+        );
+    }
+
+    #[test]
+    fn restore_keeps_connections_open_only_when_asked() {
+        let runc = Runc::new("runc", "/run/r", None);
+        let restore = |options| {
+            let spec = RestoreSpec {
+                id: "c1",
+                bundle: Path::new("/b"),
+                image_dir: Path::new("/i"),
+                work_dir: Path::new("/w"),
+                runc_log: Path::new("/l"),
+                lazy: false,
+                criu_config: None,
+                options,
+            };
+            crate::process::describe(&runc.restore_command(&spec, Stdio::null(), Stdio::null()))
+        };
+        let mut config = ConfigFile::default();
+        let closed = CriuOptions {
+            ext_unix_sk: true,
+            ..CriuOptions::default()
+        };
+        assert!(restore(closed).ends_with("--work-path /w --ext-unix-sk c1"));
+        closed.apply_to_restore(&mut config);
+        assert!(config.tcp_close);
+        let open = CriuOptions {
+            tcp_established: true,
+            ..CriuOptions::default()
+        };
+        assert!(restore(open).ends_with("--work-path /w --tcp-established c1"));
+        open.apply_to_restore(&mut config);
+        assert!(!config.tcp_close);
+    }
+
+    #[test]
+    fn dumps_always_skip_in_flight_connections() {
+        let mut config = ConfigFile::default();
+        CriuOptions::default().apply_to_dump(&mut config);
+        assert!(config.skip_in_flight && !config.link_remap);
+        CriuOptions {
+            link_remap: true,
+            ..CriuOptions::default()
+        }
+        .apply_to_dump(&mut config);
+        assert!(config.link_remap);
+    }
+
+    #[test]
+    fn options_cross_by_name_and_unknown_names_are_refused() {
+        let all = CriuOptions {
+            tcp_established: true,
+            file_locks: true,
+            link_remap: true,
+            ext_unix_sk: true,
+        };
+        assert_eq!(all.names(), ["file-locks", "link-remap", "ext-unix-sk"]);
+        assert_eq!(CriuOptions::from_names(true, &all.names()), Ok(all));
+        assert_eq!(
+            CriuOptions::from_names(false, &[]),
+            Ok(CriuOptions::default())
+        );
+        let forged = ["file-locks".to_owned(), "action-script=/tmp/x".to_owned()];
+        assert_eq!(
+            CriuOptions::from_names(false, &forged),
+            Err(UnknownCriuOption("action-script=/tmp/x".into()))
         );
     }
 

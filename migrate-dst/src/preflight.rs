@@ -15,6 +15,7 @@ use migrate_common::criu::{ensure_pipe_max_size, PipeMaxSize, MIN_VERSION};
 use migrate_common::policy::Policy;
 use migrate_common::protocol::{Body, Failed, Hello, MemoryMode, PreflightReply, PROTOCOL_VERSION};
 use migrate_common::rootfs::digest::LayerDigest;
+use migrate_common::runc::CriuOptions;
 use migrate_common::transport;
 
 use crate::restore::ContainerDir;
@@ -135,6 +136,9 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
             }
         }
         Err(e) => refusals.push(format!("CRIU is not usable: {e}")),
+    }
+    if let Err(e) = CriuOptions::from_names(hello.tcp_established, &hello.criu_options) {
+        refusals.push(e.to_string());
     }
     match MemoryMode::try_from(hello.mode) {
         Ok(mode) if mode.is_lazy() => match lazy_pages(daemon) {

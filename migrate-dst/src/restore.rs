@@ -140,7 +140,9 @@ impl Restoring {
             .map_err(|e| keep(failed("preparing the bundle", &e, String::new())))?;
         let gate = Gate::bind(&dir.hold_socket(), POST_RESTORE)
             .map_err(|e| keep(failed("holding the restore", &e.into(), String::new())))?;
-        let criu_config = restore_config(daemon, dir, cgroups_path.as_deref())
+        let options = CriuOptions::from_names(hello.tcp_established, &hello.criu_options)
+            .map_err(|e| keep(failed("reading the CRIU options", &e.into(), String::new())))?;
+        let criu_config = restore_config(daemon, dir, cgroups_path.as_deref(), &options)
             .map_err(|e| keep(failed("preparing CRIU's configuration", &e, String::new())))?;
         let (stdout, stderr) = spawn_log_shim(daemon, dir)
             .map_err(|e| keep(failed("starting the log shim", &e, String::new())))?;
@@ -157,9 +159,7 @@ impl Restoring {
             runc_log: &runc_log,
             lazy: plan.lazy,
             criu_config: Some(&criu_config),
-            options: CriuOptions {
-                tcp_established: hello.tcp_established,
-            },
+            options,
         };
         let mut child =
             tokio::process::Command::from(daemon.runc.restore_command(&spec, stdout, stderr))
@@ -428,6 +428,7 @@ fn restore_config(
     daemon: &Daemon,
     dir: &ContainerDir,
     cgroups_path: Option<&str>,
+    options: &CriuOptions,
 ) -> Result<PathBuf> {
     let script = dir.root.join("criu-action.sh");
     write_action_script(
@@ -439,12 +440,13 @@ fn restore_config(
         .filter(|_| daemon.cgroup_parent.is_some() && cgroup_v2)
         .map(str::to_owned);
     let config = dir.root.join("criu-restore.conf");
-    ConfigFile {
+    let mut file = ConfigFile {
         action_script: Some(script),
         cgroup_root,
         ..ConfigFile::default()
-    }
-    .write(&config)?;
+    };
+    options.apply_to_restore(&mut file);
+    file.write(&config)?;
     Ok(config)
 }
 

@@ -23,6 +23,7 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
                 digest: "b3:../../etc".into(),
                 size_bytes: 1,
             }],
+            criu_options: vec!["file-locks".into(), "leave-running".into()],
             ..Default::default()
         },
     )
@@ -37,6 +38,7 @@ async fn preflight_reports_every_reason_and_claims_nothing() {
         "config.json",
         "memory mode 0",
         "layer digest",
+        "CRIU option \"leave-running\"",
     ] {
         assert!(
             all.contains(expected),

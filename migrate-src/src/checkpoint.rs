@@ -131,13 +131,14 @@ impl DumpSetup<'_> {
             &script,
             &action_script(self.migrate_exe, &socket, SOURCE_ACTIONS, &[self.record]),
         )?;
-        ConfigFile {
+        let mut file = ConfigFile {
             action_script: Some(script),
             ghost_limit: Some(self.ghost_limit),
             ps_socket,
-            cgroup_root: None,
-        }
-        .write(&config)?;
+            ..ConfigFile::default()
+        };
+        self.options.apply_to_dump(&mut file);
+        file.write(&config)?;
         Ok((gate, config))
     }
 }

@@ -130,6 +130,7 @@ pub(crate) async fn freeze_and_send(
             tcp_established: opts.criu_options.tcp_established,
             mode: choice.mode as i32,
             migration_id: session.migration_id.clone(),
+            criu_options: opts.criu_options.names(),
         },
     )
     .await?;

@@ -10,6 +10,8 @@ use migrate_common::protocol::LayerInfo;
 use migrate_common::rootfs::{digest::layer_digest, tree_size, OverlayMount};
 use migrate_common::runc::{ContainerState, Runc};
 
+use crate::stopped::stopped_tasks;
+
 /// Everything known about the container before it is touched.
 #[derive(Debug)]
 pub struct Container {
@@ -45,6 +47,7 @@ pub fn inspect(runc: &Runc, id: &str) -> Result<Container> {
         bail!("container {id} has a terminal (process.terminal=true); CRIU cannot move its tty between hosts");
     }
     check_stdio(state.pid)?;
+    check_stopped(id, state.pid)?;
 
     let rootfs = config.root_path(&state.bundle)?;
     let overlay = OverlayMount::find(&rootfs)?;
@@ -127,6 +130,31 @@ fn check_stdio(pid: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses a container with a stopped task: `runc checkpoint` would hang on
+/// it, with the container frozen.
+fn check_stopped(id: &str, pid: u32) -> Result<()> {
+    let stopped = stopped_tasks(pid)
+        .with_context(|| format!("looking for stopped tasks in container {id}"))?;
+    if stopped.is_empty() {
+        return Ok(());
+    }
+    let list = stopped
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let pids = stopped
+        .iter()
+        .map(|t| t.pid.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    bail!(
+        "container {id} has stopped tasks, which CRIU cannot checkpoint (runc checkpoint would \
+         hang): {list}. Nothing was frozen. Continue them (`kill -CONT {pids}` on this host, or \
+         detach the debugger) and migrate again"
+    )
 }
 
 /// Memory charged to the container's cgroup, an upper bound on its page

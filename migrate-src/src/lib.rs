@@ -2,8 +2,9 @@
 //! daemon. [`migrate`] drives the phases of [`SourceState`] in order;
 //! [`freeze`] runs them up to the decision point, one file each:
 //!
-//! 1. [`inspect`]: find the container, its bundle, overlay rootfs and layers;
-//!    [`mode`] picks how memory moves.
+//! 1. [`inspect`]: find the container, its bundle, overlay rootfs and layers,
+//!    and refuse one CRIU cannot dump ([`stopped`] tasks); [`mode`] picks how
+//!    memory moves.
 //! 2. [`link`]: QUIC with mutual TLS, and `Hello` for the destination's
 //!    preflight verdict, before anything is frozen.
 //! 3. [`send`]: lower layers the destination lacks, and the upper dir, while
@@ -36,6 +37,7 @@ pub mod resolve;
 pub mod rounds;
 pub mod send;
 pub mod signals;
+pub mod stopped;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

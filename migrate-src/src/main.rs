@@ -95,9 +95,24 @@ struct MigrateArgs {
     /// Bytes of deleted-but-mapped files CRIU may copy into the images.
     #[arg(long, default_value_t = 64 << 20)]
     ghost_limit: u64,
-    /// Checkpoint established TCP connections too.
+    /// Keep established TCP connections open across the move; only useful
+    /// when the container's address moves with it. Without it they are
+    /// restored closed (their clients see a reset), and connections not yet
+    /// accepted are always left behind.
     #[arg(long)]
     tcp_established: bool,
+    /// Move flock and fcntl file locks (databases hold them); without it
+    /// CRIU refuses a container holding one.
+    #[arg(long)]
+    file_locks: bool,
+    /// Move files open under a name since removed but still linked elsewhere,
+    /// by linking them back into the rootfs during the dump.
+    #[arg(long)]
+    link_remap: bool,
+    /// Allow unix sockets connected to peers outside the container (CRIU
+    /// `--ext-unix-sk`).
+    #[arg(long)]
+    ext_unix_sk: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -332,6 +347,9 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
         ghost_limit: args.ghost_limit,
         criu_options: CriuOptions {
             tcp_established: args.tcp_established,
+            file_locks: args.file_locks,
+            link_remap: args.link_remap,
+            ext_unix_sk: args.ext_unix_sk,
         },
         migrate_exe: std::env::current_exe().context("locating the migrate executable")?,
     };

@@ -13,6 +13,7 @@
 pub mod checks;
 mod destination;
 pub mod resources;
+pub mod workloads;
 
 pub use destination::Destination;
 

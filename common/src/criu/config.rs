@@ -29,6 +29,13 @@ pub struct ConfigFile {
     /// cgroup v1 only; on cgroup v2 hosts CRIU would otherwise put the
     /// restored processes back under the cgroup path they were dumped from.
     pub cgroup_root: Option<String>,
+    /// Dump: leave connections in a listener's accept queue behind instead
+    /// of refusing to dump (runc has no flag for it).
+    pub skip_in_flight: bool,
+    /// Restore: established TCP connections come back closed.
+    pub tcp_close: bool,
+    /// Dump: link files open under a removed name back into the rootfs.
+    pub link_remap: bool,
 }
 
 impl ConfigFile {
@@ -47,6 +54,16 @@ impl ConfigFile {
         }
         if let Some(root) = &self.cgroup_root {
             text.push_str(&format!("cgroup-root {root}\n"));
+        }
+        for (on, option) in [
+            (self.skip_in_flight, "skip-in-flight"),
+            (self.tcp_close, "tcp-close"),
+            (self.link_remap, "link-remap"),
+        ] {
+            if on {
+                text.push_str(option);
+                text.push('\n');
+            }
         }
         text
     }
@@ -72,10 +89,14 @@ mod tests {
             ghost_limit: Some(1 << 20),
             ps_socket: Some(100),
             cgroup_root: Some("/migrate/c1".into()),
+            skip_in_flight: true,
+            tcp_close: true,
+            link_remap: true,
         };
         assert_eq!(
             cfg.render(),
-            "action-script /run/m/hook\nghost-limit 1048576\nps-socket 100\ncgroup-root /migrate/c1\n"
+            "action-script /run/m/hook\nghost-limit 1048576\nps-socket 100\ncgroup-root /migrate/c1\n\
+             skip-in-flight\ntcp-close\nlink-remap\n"
         );
     }
 }

@@ -126,7 +126,8 @@ pub struct Hello {
     pub memory_bytes: u64,
     #[prost(string, tag = "7")]
     pub source_criu_version: String,
-    /// CRIU options that restore must repeat.
+    /// CRIU options that restore must repeat: established TCP connections
+    /// stay open (otherwise they are restored closed).
     #[prost(bool, tag = "8")]
     pub tcp_established: bool,
     /// How memory will move; the destination checks it can take part.
@@ -136,6 +137,11 @@ pub struct Hello {
     /// connection is replaced ([`Resume`]).
     #[prost(string, tag = "10")]
     pub migration_id: String,
+    /// The other CRIU options the dump used and the restore must repeat, by
+    /// their CRIU names (see `runc::CriuOptions::names`); a destination
+    /// refuses names it does not know.
+    #[prost(string, repeated, tag = "11")]
+    pub criu_options: Vec<String>,
 }
 
 /// How the container's memory moves.
