@@ -2,8 +2,8 @@
 # The test command: installs what the tests need (scripts/setup.sh, and the
 # VM test bed installs QEMU and its kernel), checks formatting and lints,
 # then runs every test: unit tests, the end-to-end migrations between two
-# network-namespace hosts with real CRIU and runc, and pre-copy between two
-# QEMU VMs. Run as root on Debian 12.
+# network-namespace hosts with real CRIU and runc, a minute of fuzzing per
+# target, and pre-copy between two QEMU VMs. Run as root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +31,12 @@ cargo test --workspace --locked -- --test-threads=1 2>&1 | tee "$log"
 # summary that usually counts nothing).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?/) p += $(i-1); if ($i ~ /^failed;?/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+
+# Fuzzing (common/fuzz/README.md): the run above gave each target a few seconds; here each
+# runs for a minute, from the corpus and the failures kept in common/fuzz/. A failure
+# prints the smallest input found and the seed line for its regressions file.
+echo "== fuzz: control-message decoder and archive extraction, 60 s per target"
+MIGRATE_FUZZ_SECS=60 cargo test -p migrate-common --locked --test fuzz_control --test fuzz_archive
 
 # Pre-copy needs soft-dirty memory tracking, which this kernel may lack:
 # one pre-copy migration between two VMs whose kernel has it (a converging

@@ -11,8 +11,11 @@ use tokio::sync::mpsc;
 use super::framing::{read_frame, write_frame, FrameError};
 use super::messages::ControlMessage;
 
-/// Frames read ahead of the consumer at most.
-const QUEUE: usize = 16;
+/// Frames read ahead of the consumer at most. One: a decoded frame can hold tens of times
+/// its size in memory (prost gives each element of a repeated field its own struct), so a
+/// peer that sends faster than it is read waits on the stream's flow control instead of
+/// filling a queue (sixteen frames held 2.3 GiB).
+const QUEUE: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

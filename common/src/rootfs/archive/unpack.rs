@@ -59,7 +59,10 @@ pub fn unpack_dir<R: Read>(
 ///   existing directory may hold xattrs the source has since removed, and a new entry may
 ///   inherit a default ACL from an existing parent);
 /// * directories the delta has no entry for keep their mtime although entries below them
-///   were replaced.
+///   were replaced;
+/// * a directory entry whose path, or a parent's, a later entry replaces is refused
+///   ([`ArchiveError::UnsafePath`] for a symlink, [`ArchiveError::Malformed`] otherwise):
+///   its metadata, applied last, would land on what took its place.
 ///
 /// `policy` applies as in [`unpack_dir`].
 pub fn unpack_delta<R: Read>(
@@ -147,11 +150,29 @@ impl<'a> Unpacker<'a> {
         // entries created below it.
         let sync_xattrs = self.onto == Onto::Existing;
         for (path, meta) in self.dirs.iter().rev() {
+            // Onto an existing tree, a later entry may have replaced the directory, or one of
+            // its parents, with a symlink or a file: its owner, mode and xattrs would then
+            // land outside the destination, or give a file a directory's setuid bits.
+            if self.onto == Onto::Existing {
+                let rel = || path.strip_prefix(dest).unwrap_or(path).to_path_buf();
+                match now_at(dest, path) {
+                    Now::Dir => {}
+                    Now::ThroughSymlink => return Err(ArchiveError::UnsafePath { path: rel() }),
+                    Now::Replaced => {
+                        return Err(ArchiveError::Malformed {
+                            path: rel(),
+                            reason: "a directory entry that a later entry replaces",
+                        })
+                    }
+                }
+            }
             set_metadata(path, meta, false, sync_xattrs)?;
         }
         let archived: BTreeSet<&Path> = self.dirs.iter().map(|(path, _)| path.as_path()).collect();
         for (dir, mtime) in &self.touched {
-            if !archived.contains(dir.as_path()) {
+            // A directory replaced or removed since it was touched has no mtime to restore.
+            let replaced = self.onto == Onto::Existing && !matches!(now_at(dest, dir), Now::Dir);
+            if !archived.contains(dir.as_path()) && !replaced {
                 stat::utimensat(
                     None,
                     dir,
@@ -387,6 +408,32 @@ impl<'a> Unpacker<'a> {
     ) -> Result<(), ArchiveError> {
         set_metadata(path, meta, is_symlink, self.onto == Onto::Existing)
     }
+}
+
+/// What is now at `path`, a directory under `dest` when it was kept or touched.
+enum Now {
+    /// A directory, reached from `dest` through directories only.
+    Dir,
+    /// It, or one of its parents, is a symlink.
+    ThroughSymlink,
+    /// It, or one of its parents, is gone or is not a directory.
+    Replaced,
+}
+
+fn now_at(dest: &Path, path: &Path) -> Now {
+    let Ok(rel) = path.strip_prefix(dest) else {
+        return Now::Replaced;
+    };
+    let mut at = dest.to_path_buf();
+    for component in rel.components() {
+        at.push(component);
+        match fs::symlink_metadata(&at) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.file_type().is_symlink() => return Now::ThroughSymlink,
+            _ => return Now::Replaced,
+        }
+    }
+    Now::Dir
 }
 
 /// Removes whatever is at `abs`, a directory with everything below it; nothing there is

@@ -166,3 +166,61 @@ fn refuses_unsupported_entry_types() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+/// A delta whose directory entry is replaced later in the same archive, or whose parent is:
+/// the directory's metadata, applied last, must not follow the symlink that took its place
+/// out of the destination, nor give a file the directory's setuid bits.
+#[test]
+fn a_delta_cannot_apply_directory_metadata_through_what_replaced_it() {
+    let (_scratch, dest, outside) = scratch();
+    fs::create_dir(outside.join("vdir")).unwrap();
+    let mode_of = |path: &Path| fs::symlink_metadata(path).unwrap().mode() & 0o7777;
+    let (outside_mode, vdir_mode) = (mode_of(&outside), mode_of(&outside.join("vdir")));
+    // Name, type, link target and mode.
+    type ModedEntry<'a> = (&'a [u8], EntryType, &'a [u8], u32);
+    let archive = |entries: &[ModedEntry<'_>]| {
+        let mut builder = Builder::new(Vec::new());
+        for &(name, kind, target, mode) in entries {
+            let mut header = raw_header(name, kind, target, 0);
+            header.set_mode(mode);
+            header.set_cksum();
+            builder.append(&header, std::io::empty()).unwrap();
+        }
+        builder.into_inner().unwrap()
+    };
+    let cases: [(&[ModedEntry<'_>], &str); 3] = [
+        (
+            &[
+                (b"d/", EntryType::Directory, b"", 0o777),
+                (b"d", EntryType::Symlink, b"../outside", 0o777),
+            ],
+            "UnsafePath",
+        ),
+        (
+            &[
+                (b"a/", EntryType::Directory, b"", 0o755),
+                (b"a/vdir/", EntryType::Directory, b"", 0o777),
+                (b"a", EntryType::Symlink, b"../outside", 0o777),
+            ],
+            "UnsafePath",
+        ),
+        (
+            &[
+                (b"s/", EntryType::Directory, b"", 0o6755),
+                (b"s", EntryType::Regular, b"", 0o755),
+            ],
+            "Malformed",
+        ),
+    ];
+    for (i, (entries, expected)) in cases.into_iter().enumerate() {
+        let result = unpack_delta(archive(entries).as_slice(), &dest, &strict());
+        match (&result, expected) {
+            (Err(ArchiveError::UnsafePath { .. }), "UnsafePath")
+            | (Err(ArchiveError::Malformed { .. }), "Malformed") => {}
+            _ => panic!("case {i}: expected {expected}, got {result:?}"),
+        }
+        assert_eq!(mode_of(&outside), outside_mode, "case {i}");
+        assert_eq!(mode_of(&outside.join("vdir")), vdir_mode, "case {i}");
+    }
+    assert_eq!(mode_of(&dest.join("s")) & 0o6000, 0);
+}
