@@ -100,6 +100,8 @@ fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 tcp_established: true,
                 mode: MemoryMode::Hybrid as i32,
                 migration_id: "0123456789abcdef".into(),
+                // Empty, so the corpus seed keeps its bytes.
+                criu_options: Vec::new(),
             }
             .into(),
         ),
@@ -307,9 +309,21 @@ fn message() -> impl Strategy<Value = ControlMessage> {
         any::<bool>(),
         enumeration(4),
         text(),
+        vec(text(), 0..3),
     )
         .prop_map(
-            |(protocol_version, container_id, config_json, layers, sizes, criu, tcp, mode, id)| {
+            |(
+                protocol_version,
+                container_id,
+                config_json,
+                layers,
+                sizes,
+                criu,
+                tcp,
+                mode,
+                id,
+                criu_options,
+            )| {
                 ControlMessage::from(Hello {
                     protocol_version,
                     container_id,
@@ -321,6 +335,7 @@ fn message() -> impl Strategy<Value = ControlMessage> {
                     tcp_established: tcp,
                     mode,
                     migration_id: id,
+                    criu_options,
                 })
             },
         );
