@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
 use migrate_common::policy::Policy;
-use migrate_common::protocol::{Body, ControlChannel, ControlMessage, Failed, Resume, Resumed};
+use migrate_common::protocol::{Body, ControlMessage, Failed, Resume, Resumed};
 use migrate_common::runc::Runc;
 use migrate_common::transport;
 use tokio::sync::{mpsc, Semaphore};
@@ -255,7 +255,7 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                 };
                 let peer = transport::peer_name(&conn);
                 info!(name = peer.clone().unwrap_or_default(), "connected");
-                match preflight::admit(&daemon, &conn, first_message(&conn).await).await {
+                match preflight::admit(&daemon, &conn).await {
                     Ok((mut control, Some(Body::Hello(hello)))) if permit.is_none() => {
                         warn!(
                             container = hello.container_id,
@@ -321,14 +321,3 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
 
 /// How long shutdown waits for migrations under way.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Accepts the control stream and reads its first message.
-async fn first_message(conn: &quinn::Connection) -> Result<(session::Control, Option<Body>)> {
-    let (send, recv) = conn
-        .accept_bi()
-        .await
-        .context("accepting the control stream")?;
-    let mut control = ControlChannel::new(recv, send);
-    let first = control.recv().await?;
-    Ok((control, first.body))
-}

@@ -9,11 +9,14 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use migrate_common::bundle::BundleConfig;
 use migrate_common::criu::{ensure_pipe_max_size, PipeMaxSize, MIN_VERSION};
 use migrate_common::policy::Policy;
-use migrate_common::protocol::{Body, Failed, Hello, MemoryMode, PreflightReply, PROTOCOL_VERSION};
+use migrate_common::protocol::{
+    read_frame_within, write_frame, Body, ControlChannel, ControlMessage, Failed, Hello,
+    MemoryMode, PreflightReply, PROTOCOL_VERSION,
+};
 use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::runc::CriuOptions;
 use migrate_common::transport;
@@ -38,45 +41,57 @@ pub struct Preflight {
     pub claimed: Option<ContainerDir>,
 }
 
-/// Passes `first`, a connection's first message, on when its source may
-/// push containers here; otherwise answers it with the refusal (as the
-/// refused `PreflightReply` of a `Hello`, or the `Failed` of a `Resume`) and
-/// returns [`SourceRefused`]. A `Resume` is checked too, though the migration
-/// it resumes checks that it comes from the source that started it.
-pub async fn admit(
-    daemon: &Daemon,
-    conn: &quinn::Connection,
-    first: Result<(Control, Option<Body>)>,
-) -> Result<(Control, Option<Body>)> {
-    let (mut control, body) = first?;
+/// Accepts a connection's control stream and reads its first message, if
+/// its source may push containers here. Otherwise the first message is
+/// read only within [`REFUSED_FRAME_LIMIT`], for its kind, and answered with
+/// the refusal (the refused `PreflightReply` of a `Hello`, the `Failed` of a
+/// `Resume`), and the result is [`SourceRefused`]: a peer that is not
+/// allowed makes the daemon decode no more than a few KiB. A `Resume` is
+/// checked too, though the migration it resumes checks that it comes from
+/// the source that started it.
+pub async fn admit(daemon: &Daemon, conn: &quinn::Connection) -> Result<(Control, Option<Body>)> {
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .context("accepting the control stream")?;
     if daemon.policy.admits(&transport::peer_names(conn)) {
-        return Ok((control, body));
+        let mut control = ControlChannel::new(recv, send);
+        let first = control.recv().await?;
+        return Ok((control, first.body));
     }
     let refusal = daemon.policy.refusal(transport::peer_name(conn).as_deref());
-    match &body {
-        Some(Body::Hello(_)) => {
-            control
-                .send(PreflightReply {
-                    accepted: false,
-                    refusals: vec![refusal.clone()],
-                    ..Default::default()
-                })
-                .await?
-        }
-        Some(Body::Resume(_)) => {
-            control
-                .send(Failed {
-                    stage: "resume".into(),
-                    message: refusal.clone(),
-                    criu_log_tail: String::new(),
-                })
-                .await?
-        }
-        _ => {}
+    let first: Option<ControlMessage> = read_frame_within(&mut recv, REFUSED_FRAME_LIMIT)
+        .await
+        .unwrap_or_default();
+    let answer: Option<ControlMessage> = match first.and_then(|m| m.body) {
+        Some(Body::Hello(_)) => Some(
+            PreflightReply {
+                accepted: false,
+                refusals: vec![refusal.clone()],
+                ..Default::default()
+            }
+            .into(),
+        ),
+        Some(Body::Resume(_)) => Some(
+            Failed {
+                stage: "resume".into(),
+                message: refusal.clone(),
+                criu_log_tail: String::new(),
+            }
+            .into(),
+        ),
+        _ => None,
+    };
+    if let Some(answer) = answer {
+        write_frame(&mut send, &answer).await?;
     }
-    let _ = control.send_half().finish();
+    let _ = send.finish();
     Err(SourceRefused(refusal).into())
 }
+
+/// The most of a refused source's first message that is read: a `Hello` or
+/// a `Resume` without its config, layers and the like is far smaller.
+const REFUSED_FRAME_LIMIT: usize = 64 << 10;
 
 /// Refuses a `Hello` that came while `limit` migrations are under way.
 /// Refused, not queued: nothing is frozen before the preflight, so the

@@ -294,3 +294,37 @@ async fn bind_refusals_do_not_tell_what_exists_outside_the_allowance() {
     assert!(elided.iter().all(|r| *r == elided[0]), "{elided:#?}");
     daemon.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_not_allowed_gets_no_more_than_a_few_kib_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        policy: allowing(&["other.example"]),
+        working_tools: true,
+        ..Setup::default()
+    };
+    let (port, daemon) = start_daemon(dir.path(), setup).await;
+    // A Hello of a megabyte: within the frame bound for an allowed source,
+    // far beyond what a refused one may send.
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let big = json!({"ociVersion": "1.0.2", "padding": "x".repeat(1 << 20)}).to_string();
+    control.send(hello("web1", &big)).await.unwrap();
+    let answer = control.recv().await;
+    assert!(
+        answer.is_err(),
+        "a refused source's megabyte was read and answered: {answer:?}"
+    );
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    // The daemon goes on serving.
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let reply = preflight(&mut control, hello("web1", &runc_spec().to_string())).await;
+    assert!(!reply.accepted);
+    assert!(
+        reply.refusals[0].contains(&format!("does not allow source {SOURCE}")),
+        "{reply:?}"
+    );
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    daemon.abort();
+}

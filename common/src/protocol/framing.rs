@@ -50,6 +50,17 @@ where
     R: AsyncRead + Unpin,
     M: Message + Default,
 {
+    read_frame_within(input, MAX_FRAME_LEN).await
+}
+
+/// [`read_frame`] with a tighter bound than [`MAX_FRAME_LEN`]: for a peer
+/// that is only told why it is refused, whose message is read for its kind.
+pub async fn read_frame_within<R, M>(input: &mut R, max: usize) -> Result<Option<M>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    M: Message + Default,
+{
+    let max = max.min(MAX_FRAME_LEN);
     let mut len_buf = [0u8; 4];
     let got = read_up_to(input, &mut len_buf).await?;
     if got == 0 {
@@ -62,11 +73,8 @@ where
         });
     }
     let len = u32::from_be_bytes(len_buf) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME_LEN,
-        });
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     // The buffer grows with what arrives, not with what the prefix claims: four
     // bytes must not make us hold megabytes.

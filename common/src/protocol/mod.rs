@@ -80,7 +80,7 @@ pub mod source;
 pub mod state;
 
 pub use control::{ControlChannel, ControlError};
-pub use framing::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
+pub use framing::{read_frame, read_frame_within, write_frame, FrameError, MAX_FRAME_LEN};
 pub use messages::*;
 pub use source::{Recovery, SourcePhase, SourceState};
 pub use state::{DestinationState, Direction, ProtocolError};
