@@ -30,7 +30,7 @@ use migrate_common::protocol::{
     Restored, Resumed, StreamHeader, StreamKind, PROTOCOL_VERSION,
 };
 use migrate_common::record::{self, DestinationPhase, DestinationRecord};
-use migrate_common::tunnel::{Inbound, Tunnel};
+use migrate_common::tunnel::{Inbound, Tunnel, TunnelError};
 use tracing::{error, info, warn};
 
 use crate::restore::{self, ContainerDir, RestorePlan, Restoring};
@@ -309,6 +309,14 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
                     relay_done = true;
                     if let Err(e) = ended {
                         warn!(container = id, error = %format!("{e:#}"), "the page tunnel broke");
+                        // A frame that fails its checksum never reached CRIU;
+                        // a new connection resends it from the source's replay.
+                        if matches!(e.downcast_ref::<TunnelError>(), Some(TunnelError::Protocol(_))) {
+                            if let Some(conn) = &session.conn {
+                                conn.close(1u32.into(), b"corrupt page tunnel frame");
+                            }
+                            break format!("{e:#}");
+                        }
                     }
                 }
                 msg = recv_if_up(session) => match msg {

@@ -151,6 +151,14 @@ pub async fn follow(
                             Err(TunnelError::Link(_) | TunnelError::PeerClosed) | Ok(()) => {
                                 relay_done = true;
                             }
+                            // A frame that fails its checksum never reached
+                            // CRIU: the link counts as lost, and a new one
+                            // resends it from the destination's replay.
+                            Err(TunnelError::Protocol(e)) => {
+                                relay_done = true;
+                                tracing::warn!(error = %e, "the page tunnel broke");
+                                current.conn.close(1u32.into(), b"corrupt page tunnel frame");
+                            }
                             Err(e) => return Err(fail(&progress, Failure::Source(e.into()))),
                         },
                         msg = current.control.recv() => {

@@ -10,8 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use migrate_e2e::checks::{
-    assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
-    counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
+    assert_destination_discarded, assert_heap_intact, assert_running_on_source_unchanged,
+    assert_work_dir_clean, counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
 };
 use migrate_e2e::resources::{
     assert_no_network_lock, failed_on_source, fault_injection_migrate, peak_rss_kib, Tmpfs,
@@ -155,6 +155,47 @@ fn a_byte_corrupted_after_the_checksum_is_caught_and_nothing_restored() {
         dst.log_text()
     );
     assert_resumed_and_clean(&lab, &dst, &container, pid, &before);
+}
+
+#[test]
+fn a_page_corrupted_in_the_post_copy_tunnel_is_refused_and_sent_again() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = start_with_heap(&lab, "corrupt2", "256M");
+    let before = wait_for_ticks(&container, 3);
+
+    // A byte 64 MiB into the pages the source relays, after the frame's
+    // checksum: the destination must refuse the frame before CRIU maps it,
+    // and the next connection must resend it clean.
+    let mut migrate = lab.migrate_command_of(
+        &fault_injection_migrate(),
+        &container,
+        &["--mode", "post-copy"],
+    );
+    migrate.env("MIGRATE_FAULT_FLIP", format!("page-tunnel@{}", 64u64 << 20));
+    let out = migrate.output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        dst.log_text().contains("does not match its checksum"),
+        "the destination never saw the corrupt frame:\n{}",
+        dst.log_text()
+    );
+    assert!(
+        dst.log_text().contains("the source is back"),
+        "the destination did not take a new connection:\n{}",
+        dst.log_text()
+    );
+    // Every page as it was: the heap checks its own checksums.
+    let rootfs = dst.container_dir("corrupt2").join("rootfs");
+    assert_heap_intact(&dst.runc_root, "corrupt2", &rootfs);
+    let (token, count) = counter(|args| runc_exec(&dst.runc_root, "corrupt2", args));
+    assert_eq!(token, before.0);
+    assert!(count >= before.1);
+    assert!(
+        container.state().is_none(),
+        "still registered on the source"
+    );
 }
 
 #[test]

@@ -68,6 +68,47 @@ pub enum Inbound {
     },
 }
 
+/// Test builds only (feature `fault-injection`): `MIGRATE_FAULT_FLIP=
+/// page-tunnel@OFFSET` inverts the byte at OFFSET of this side's stream in
+/// the first data frame that carries it, after its checksum, once: what the
+/// replay resends later is clean.
+#[cfg(feature = "fault-injection")]
+mod fault {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    use crate::transfer::fault::{Flip, FLIP_ENV};
+
+    static FLIP: OnceLock<Option<Flip>> = OnceLock::new();
+    static DONE: AtomicBool = AtomicBool::new(false);
+
+    /// `frame` is an encoded data frame of `len` bytes of the stream from `at`.
+    pub fn corrupt_once(at: u64, len: usize, frame: &mut [u8]) {
+        let flip = FLIP.get_or_init(|| {
+            std::env::var(FLIP_ENV)
+                .ok()
+                .and_then(|spec| Flip::parse(&spec))
+                .filter(|flip| flip.stream == "page-tunnel")
+        });
+        let Some(flip) = flip else { return };
+        let Some(index) = flip
+            .offset
+            .checked_sub(at)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        if index < len && !DONE.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                offset = flip.offset,
+                "fault injection: corrupting a page tunnel frame"
+            );
+            let data_start = frame.len() - len;
+            frame[data_start + index] ^= 0xff;
+        }
+    }
+}
+
 /// One relayed socket, for the life of a migration (across connections).
 #[derive(Debug, Clone)]
 pub struct Tunnel {
@@ -232,8 +273,14 @@ impl Tunnel {
                         continue;
                     }
                     let chunk = Bytes::copy_from_slice(&buf[..n]);
+                    #[cfg(feature = "fault-injection")]
+                    let at = self.replay().sent();
                     self.replay().push(chunk.clone());
-                    write_frame(send, &Frame::Data(chunk)).await?;
+                    #[allow(unused_mut)]
+                    let mut frame = Frame::Data(chunk).encode();
+                    #[cfg(feature = "fault-injection")]
+                    fault::corrupt_once(at, n, &mut frame);
+                    send.write_all(&frame).await.map_err(TunnelError::Link)?;
                 }
             }
         }
