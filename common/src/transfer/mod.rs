@@ -337,7 +337,9 @@ pub async fn send_file(
             .map_err(|e| TransferError::io(format!("measuring {}", path.display()), e))?
             .len();
         sink.declare(size)?;
-        copy_large(&mut file, sink)
+        // What the file held when measured: a log CRIU still appends to
+        // (a lazy dump's, while it serves pages) is sent as that prefix.
+        copy_large(&mut std::io::Read::take(&mut file, size), sink)
             .map_err(|e| TransferError::io(format!("sending {}", path.display()), e))?;
         Ok(())
     })
