@@ -334,6 +334,17 @@ impl Lab {
     /// Starts container `id` on the source host, running `script` under
     /// busybox sh, with its stdout and stderr on a pipe the test reads.
     pub fn start_container(&self, id: &str, script: &str) -> SourceContainer {
+        self.start_container_binding(id, script, &[])
+    }
+
+    /// [`Lab::start_container`] with host dirs bind-mounted into the
+    /// container: (host path, path in the container).
+    pub fn start_container_binding(
+        &self,
+        id: &str,
+        script: &str,
+        binds: &[(&Path, &str)],
+    ) -> SourceContainer {
         let base = self.path(&format!("src-{id}"));
         let (upper, work, rootfs, bundle) = (
             base.join("upper"),
@@ -371,6 +382,17 @@ impl Lab {
         config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
         config["root"] = serde_json::json!({"path": rootfs, "readonly": false});
         config["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{id}").into();
+        for (host, inside) in binds {
+            config["mounts"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({
+                    "destination": inside,
+                    "type": "bind",
+                    "source": host,
+                    "options": ["rbind", "rw"],
+                }));
+        }
         std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
 
         // stdout and stderr on one pipe the test reads, as under a logging

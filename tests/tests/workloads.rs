@@ -236,3 +236,97 @@ fn link_remap_moves_a_file_open_under_a_removed_name() {
     let left = exec(&["ls", "-a", "/work"]);
     assert!(!left.contains("link_remap"), "left in the rootfs: {left}");
 }
+
+#[test]
+fn ext_unix_sk_moves_a_socket_connected_to_a_host_service() {
+    let lab = Lab::new();
+    install_tools(&lab);
+    // A host service the container logs to over a unix datagram socket in a
+    // dir bind-mounted into it (both hosts see the same path here, as two
+    // hosts would with the service on each).
+    let shared = lab.path("ext");
+    std::fs::create_dir_all(&shared).unwrap();
+    let received = shared.join("received");
+    let dst = lab.start_destination(&["--allow-bind", shared.to_str().unwrap()]);
+    let script = format!(
+        "mkdir -p /work\n\
+         (while [ ! -S /ext/log.sock ]; do sleep 0.1; done; \
+          while true; do cat /work/counter 2>/dev/null || true; sleep 0.2; done \
+          | socat -u - UNIX-CONNECT:/ext/log.sock,type=2) &\n{GAME}"
+    );
+    let container = lab.start_container_binding("extsk1", &script, &[(&shared, "/ext")]);
+    // In the container's network namespace, where CRIU sees sockets, and
+    // its mount namespace, so that the socket's name is one the restored
+    // copy can reach, but outside the processes CRIU dumps: an external peer.
+    let service = HostLogService::start(&received, container.pid().unwrap());
+    let before = wait_for_ticks(&container, 3);
+    wait_until(
+        "the service to hear the container",
+        Duration::from_secs(10),
+        || service.lines_with(&before.0) > 0,
+    );
+
+    let said = migrate_refused(&lab, &dst, &container, &[]);
+    assert!(
+        said.contains("--ext-unix-sk"),
+        "CRIU's reason must reach the user: {said}"
+    );
+
+    let before = wait_for_ticks(&container, 2);
+    migrate_ok(&lab, &container, &["--ext-unix-sk"]);
+    assert_moved(&dst, &container, &before, &lab);
+    // The restored copy still talks to the service through its socket.
+    let heard = service.lines_with(&before.0);
+    wait_until(
+        "the restored copy to reach the service",
+        Duration::from_secs(10),
+        || service.lines_with(&before.0) > heard + 3,
+    );
+}
+
+/// A unix datagram socket bound outside the container's processes, in its
+/// namespaces; what it receives is appended to a file. Ended on drop.
+struct HostLogService {
+    child: std::process::Child,
+    received: std::path::PathBuf,
+}
+
+impl HostLogService {
+    /// Binds /ext/log.sock in the namespaces of process `pid`, writing to
+    /// /ext/received there, which is `received` here.
+    fn start(received: &std::path::Path, pid: u64) -> Self {
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+            .args([
+                "socat",
+                "-u",
+                "UNIX-RECV:/ext/log.sock",
+                "OPEN:/ext/received,creat,append",
+            ])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let socket = received.with_file_name("log.sock");
+        wait_until("the service socket", Duration::from_secs(5), || {
+            socket.exists()
+        });
+        Self {
+            child,
+            received: received.to_owned(),
+        }
+    }
+
+    fn lines_with(&self, token: &str) -> usize {
+        std::fs::read_to_string(&self.received)
+            .map(|t| t.lines().filter(|l| l.contains(token)).count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for HostLogService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
