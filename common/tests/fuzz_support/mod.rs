@@ -1,4 +1,4 @@
-//! What the fuzz targets (`fuzz_control.rs`, `fuzz_archive.rs`) share: a counting allocator,
+//! What the fuzz targets (`fuzz_control/`, `fuzz_archive/`) share: a counting allocator,
 //! a time budget for proptest, byte-level mutations, and the seed corpus kept in the
 //! repository under `common/fuzz/corpus/` (see `common/fuzz/README.md`).
 
