@@ -72,7 +72,10 @@ fn help_says_the_rule_and_gives_examples() {
             .expect("listed")
             .render_long_help()
             .to_string();
-        assert!(help.contains("Example"), "`migrate {sub} --help` has no example:\n{help}");
+        assert!(
+            help.contains("Example"),
+            "`migrate {sub} --help` has no example:\n{help}"
+        );
     }
 }
 
@@ -99,7 +102,10 @@ fn bash_completion_is_valid_bash() {
         .expect("piped")
         .write_all(text.as_bytes())
         .expect("writing to bash");
-    assert!(bash.wait().expect("bash ran").success(), "bash -n refused:\n{text}");
+    assert!(
+        bash.wait().expect("bash ran").success(),
+        "bash -n refused:\n{text}"
+    );
 }
 
 #[test]
@@ -109,7 +115,7 @@ fn man_page_names_every_subcommand() {
         .render(&mut page)
         .expect("renders");
     let page = String::from_utf8(page).expect("utf-8");
-    assert!(page.starts_with(".ie") || page.contains(".TH"), "not roff:\n{page}");
+    assert!(page.contains(".TH"), "not roff:\n{page}");
     for sub in subcommands() {
         assert!(page.contains(&sub), "the man page lacks {sub}");
     }

@@ -128,7 +128,10 @@ struct MigrateArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create and issue TLS certificates.
-    #[command(subcommand, after_help = "Example:\n  migrate certs ca --out /root/migrate-ca")]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  migrate certs ca --out /root/migrate-ca"
+    )]
     Certs(CertsCommand),
     /// Settle a migration that stopped before both hosts settled (in doubt,
     /// interrupted, or its `migrate` killed), from this host's record.
@@ -143,7 +146,9 @@ enum Command {
                             migrate resolve web1 --go-back")]
     Resolve(ResolveArgs),
     /// Print a completion script for SHELL to stdout.
-    #[command(after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate")]
+    #[command(
+        after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
+    )]
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout.
     #[command(after_help = "Example:\n  migrate man > /usr/share/man/man1/migrate.1")]
