@@ -4,7 +4,7 @@
 //! reported the same way, as an object with `error`.
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The version of the JSON reports' schema. Raised when a field changes
 /// meaning or goes; new fields are added without raising it.
@@ -21,14 +21,12 @@ pub enum JsonReportError {
 
 /// `report` (a struct or a map) as one line of JSON with `version` added.
 pub fn versioned<T: Serialize>(report: &T) -> Result<String, JsonReportError> {
-    let object = match serde_json::to_value(report)? {
+    let mut object = match serde_json::to_value(report)? {
         Value::Object(object) => object,
         other => return Err(JsonReportError::NotAnObject(kind(&other))),
     };
-    let mut with_version = Map::with_capacity(object.len() + 1);
-    with_version.insert("version".to_owned(), Value::from(JSON_VERSION));
-    with_version.extend(object);
-    Ok(Value::Object(with_version).to_string())
+    object.insert("version".to_owned(), Value::from(JSON_VERSION));
+    Ok(Value::Object(object).to_string())
 }
 
 /// The report of a command that failed before it had anything else to say.
