@@ -100,9 +100,16 @@ enum Command {
         after_help = "Example:\n  migrate-dst completions bash > /usr/share/bash-completion/completions/migrate-dst"
     )]
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) to stdout.
-    #[command(after_help = "Example:\n  migrate-dst man > /usr/share/man/man1/migrate-dst.1")]
-    Man,
+    /// Print the man page (roff) to stdout, or write it and one page per
+    /// subcommand into a directory.
+    #[command(
+        after_help = "Examples:\n  migrate-dst man > /usr/share/man/man1/migrate-dst.1\n  migrate-dst man --dir /usr/share/man/man1"
+    )]
+    Man {
+        /// Write migrate-dst.1 and migrate-dst-<subcommand>.1 into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// The containers this host received and still holds, or runs without
     /// its source's final word, with their phase.
     #[command(
@@ -135,9 +142,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "migrate-dst", &mut std::io::stdout());
             Ok(())
         }
-        Some(Command::Man) => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
-            .context("writing the man page"),
+        Some(Command::Man { dir }) => man_pages(dir.as_deref()),
         Some(Command::Status {
             state_dir,
             in_doubt_after,
@@ -254,6 +259,17 @@ fn policy(args: &DaemonArgs) -> anyhow::Result<Policy> {
         warn!("--allow-privileged: received containers may have every privilege their config asks for");
     }
     Ok(policy)
+}
+
+/// `migrate-dst man`: the page on stdout, or every page into `dir`.
+fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir)
+            .with_context(|| format!("writing the man pages into {}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+    }
 }
 
 #[cfg(test)]

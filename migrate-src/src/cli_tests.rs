@@ -116,7 +116,22 @@ fn man_page_names_every_subcommand() {
         .expect("renders");
     let page = String::from_utf8(page).expect("utf-8");
     assert!(page.contains(".TH"), "not roff:\n{page}");
-    for sub in subcommands() {
-        assert!(page.contains(&sub), "the man page lacks {sub}");
+    for sub in subcommands().iter().filter(|s| *s != "help") {
+        let reference = format!("migrate\\-{}(1)", sub.replace('-', "\\-"));
+        assert!(page.contains(&reference), "the man page lacks {reference}");
+    }
+}
+
+#[test]
+fn man_dir_has_a_page_for_every_subcommand() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    super::man_pages(Some(dir.path())).expect("writes the pages");
+    let main = std::fs::read_to_string(dir.path().join("migrate.1")).expect("migrate.1");
+    assert!(main.contains(".TH"), "not roff:\n{main}");
+    for sub in subcommands().iter().filter(|s| *s != "help") {
+        let page = dir.path().join(format!("migrate-{sub}.1"));
+        let text =
+            std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+        assert!(text.contains(".TH"), "{} is not roff", page.display());
     }
 }

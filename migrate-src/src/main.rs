@@ -150,9 +150,16 @@ enum Command {
         after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
     )]
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) to stdout.
-    #[command(after_help = "Example:\n  migrate man > /usr/share/man/man1/migrate.1")]
-    Man,
+    /// Print the man page (roff) to stdout, or write it and one page per
+    /// subcommand into a directory.
+    #[command(
+        after_help = "Examples:\n  migrate man > /usr/share/man/man1/migrate.1\n  migrate man --dir /usr/share/man/man1"
+    )]
+    Man {
+        /// Write migrate.1 and migrate-<subcommand>.1 into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Called by CRIU's action script during a checkpoint; not for users.
     #[command(hide = true)]
     CriuActionHook {
@@ -268,10 +275,7 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command, "migrate", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
-        Some(Command::Man) => {
-            let page = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
-            return report(page.context("writing the man page"), false);
-        }
+        Some(Command::Man { dir }) => return report(man_pages(dir.as_deref()), false),
         Some(Command::Resolve(args)) => {
             init_logging();
             return resolve(args);
@@ -445,6 +449,17 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `migrate man`: the page on stdout, or every page into `dir`.
+fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir)
+            .with_context(|| format!("writing the man pages into {}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+    }
 }
 
 #[cfg(test)]
