@@ -121,6 +121,8 @@ enum Command {
         /// Held longer than this (seconds) is reported in doubt.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         in_doubt_after: u64,
+        /// Print one JSON object on stdout, the entries under `containers`
+        /// (or the error), with `version`, the version of its schema.
         #[arg(long)]
         json: bool,
     },

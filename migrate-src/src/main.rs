@@ -120,7 +120,8 @@ struct MigrateArgs {
     /// `--ext-unix-sk`).
     #[arg(long)]
     ext_unix_sk: bool,
-    /// Print the summary as one JSON object.
+    /// Print the summary (or the error) as one JSON object on stdout, with
+    /// `version`, the version of its schema.
     #[arg(long)]
     json: bool,
 }
@@ -190,6 +191,8 @@ struct ResolveArgs {
     criu: PathBuf,
     #[arg(long, default_value = "/var/lib/migrate")]
     state_dir: PathBuf,
+    /// Print the outcome (or the error) as one JSON object on stdout, with
+    /// `version`, the version of its schema.
     #[arg(long)]
     json: bool,
 }
