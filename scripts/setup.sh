@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what migrate needs on a Debian 12 host: CRIU >= 4.2 (built from
 # Debian's sid source package when missing), runc, iptables (CRIU's network
-# lock), busybox-static (the demo's rootfs), iproute2 and util-linux (nsenter).
+# lock), busybox-static (the demo's rootfs), iproute2 and util-linux (nsenter),
+# and systemd (systemd-analyze, which checks the units in contrib/systemd/).
 # Idempotent: every step is skipped when what it provides is already there.
 set -euo pipefail
 
@@ -19,7 +20,7 @@ apt_update() {
 }
 
 missing=()
-for pkg in runc iptables busybox-static iproute2 util-linux ca-certificates xz-utils; do
+for pkg in runc iptables busybox-static iproute2 util-linux ca-certificates xz-utils systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod certs;
 pub mod criu;
 pub mod hook;
+pub mod json;
 pub mod mount;
 pub mod netns;
 pub mod policy;

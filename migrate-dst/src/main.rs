@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
 use migrate_common::policy::Policy;
@@ -20,6 +20,10 @@ use tracing::{info, warn};
     name = "migrate-dst",
     version,
     about = "Receive and restore live-migrated runc containers",
+    after_help = "Example:\n  \
+                  migrate-dst --listen 0.0.0.0:7070 --allow src.example --state-dir /var/lib/migrate-dst\n\n\
+                  Under systemd, see contrib/systemd/migrate-dst.service: KillMode=process, so that \
+                  stopping the daemon leaves held copies' restores and hooks to the next run.",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -91,14 +95,34 @@ enum Command {
     /// Called by CRIU's action script during a restore; not for users.
     #[command(hide = true)]
     CriuActionHook { socket: PathBuf },
+    /// Print a completion script for SHELL to stdout.
+    #[command(
+        after_help = "Example:\n  migrate-dst completions bash > /usr/share/bash-completion/completions/migrate-dst"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout, or write it and one page per
+    /// subcommand into a directory.
+    #[command(
+        after_help = "Examples:\n  migrate-dst man > /usr/share/man/man1/migrate-dst.1\n  migrate-dst man --dir /usr/share/man/man1"
+    )]
+    Man {
+        /// Write migrate-dst.1 and migrate-dst-<subcommand>.1 into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// The containers this host received and still holds, or runs without
     /// its source's final word, with their phase.
+    #[command(
+        after_help = "Examples:\n  migrate-dst status\n  migrate-dst status --in-doubt-after 300 --json"
+    )]
     Status {
         #[arg(long, default_value = "/var/lib/migrate-dst")]
         state_dir: PathBuf,
         /// Held longer than this (seconds) is reported in doubt.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         in_doubt_after: u64,
+        /// Print one JSON object on stdout, the entries under `containers`
+        /// (or the error), with `version`, the version of its schema.
         #[arg(long)]
         json: bool,
     },
@@ -115,11 +139,23 @@ fn main() -> ExitCode {
             let code = run_action_hook(&socket, &action, POST_RESTORE, &AgentGone::WaitForAgent);
             return ExitCode::from(u8::try_from(code).unwrap_or(1));
         }
+        Some(Command::Completions { shell }) => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "migrate-dst", &mut std::io::stdout());
+            Ok(())
+        }
+        Some(Command::Man { dir }) => man_pages(dir.as_deref()),
         Some(Command::Status {
             state_dir,
             in_doubt_after,
             json,
-        }) => status(&state_dir, Duration::from_secs(in_doubt_after), json),
+        }) => {
+            let result = status(&state_dir, Duration::from_secs(in_doubt_after), json);
+            if let (Err(e), true) = (&result, json) {
+                println!("{}", migrate_common::json::error(&format!("{e:#}")));
+            }
+            result
+        }
         None => run_daemon(cli.daemon),
     };
     match result {
@@ -152,7 +188,8 @@ fn log_shim(file: &PathBuf) -> anyhow::Result<()> {
 fn status(state_dir: &std::path::Path, in_doubt_after: Duration, json: bool) -> anyhow::Result<()> {
     let entries = migrate_dst::restart::status(state_dir, in_doubt_after)?;
     if json {
-        println!("{}", serde_json::to_string(&entries)?);
+        let report = serde_json::json!({ "containers": entries });
+        println!("{}", migrate_common::json::versioned(&report)?);
         return Ok(());
     }
     if entries.is_empty() {
@@ -225,3 +262,17 @@ fn policy(args: &DaemonArgs) -> anyhow::Result<Policy> {
     }
     Ok(policy)
 }
+
+/// `migrate-dst man`: the page on stdout, or every page into `dir`.
+fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir)
+            .with_context(|| format!("writing the man pages into {}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+    }
+}
+
+#[cfg(test)]
+mod cli_tests;

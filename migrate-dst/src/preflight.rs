@@ -10,6 +10,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use indicatif::HumanBytes;
 use migrate_common::bundle::BundleConfig;
 use migrate_common::criu::{ensure_pipe_max_size, PipeMaxSize, MIN_VERSION};
 use migrate_common::policy::Policy;
@@ -209,10 +210,10 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
             reply.free_bytes = free;
             if free < needed {
                 refusals.push(format!(
-                    "{} has {} MiB free, the migration needs about {} MiB",
+                    "{} has {} free, the migration needs about {}",
                     daemon.state_dir.display(),
-                    free >> 20,
-                    needed >> 20
+                    HumanBytes(free),
+                    HumanBytes(needed)
                 ));
             }
         }

@@ -167,11 +167,11 @@ impl StatusEntry {
             DestinationPhase::Released => "released, running; the source's commit not heard yet",
         };
         format!(
-            "{} ({}) from {}: {phase} for {}s{}{}",
+            "{} ({}) from {}: {phase} for {}{}{}",
             self.container,
             if self.lazy { "post-copy" } else { "eager" },
             self.source.as_deref().unwrap_or("?"),
-            self.since_s,
+            humantime::format_duration(Duration::from_secs(self.since_s)),
             if self.in_doubt {
                 " — IN DOUBT: run `migrate resolve` on the source"
             } else {

@@ -230,8 +230,8 @@ async fn release_eager(
                     )))
                 }
                 Err(e) => reporter.note(format!(
-                    "lost the destination before it confirmed the release ({e}); reconnecting for up to {}s",
-                    opts.resume_timeout.as_secs()
+                    "lost the destination before it confirmed the release ({e}); reconnecting for up to {}",
+                    humantime::format_duration(opts.resume_timeout)
                 )),
             }
         }

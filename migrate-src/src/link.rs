@@ -112,8 +112,8 @@ pub async fn resume(
     Err(last_error
         .unwrap_or_else(|| anyhow!("no time left"))
         .context(format!(
-            "the destination did not come back within {}s",
-            started.elapsed().as_secs()
+            "the destination did not come back within {}",
+            humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
         )))
 }
 

@@ -2,13 +2,14 @@
 //! certificates both hosts use. Parses arguments and hands over to the
 //! `migrate_src` library.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use migrate_common::criu::Criu;
 use migrate_common::runc::{CriuOptions, Runc};
 use migrate_src::mode::RequestedMode;
@@ -23,7 +24,13 @@ use migrate_src::{MigrateOptions, MigrationError};
     after_help = "Exit status: 0 the container runs on the destination only; 1 the migration failed and \
                   the container runs on the source as before; 2 usage error; 3 in doubt: the source decided \
                   but could not finish (a copy is held, nothing runs twice), see `migrate resolve`; 4 lost: \
-                  no copy runs (must never happen; said if it does).",
+                  no copy runs (must never happen; said if it does).\n\n\
+                  Subcommand names win over container ids: a container named like a subcommand \
+                  (resolve, certs, ...) is given after `--`.\n\n\
+                  Examples:\n  \
+                  migrate web1 --to dst.example:7070\n  \
+                  migrate web1 --to dst.example:7070 --mode post-copy --json\n  \
+                  migrate -- resolve --to dst.example:7070   (a container named `resolve`)",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -113,7 +120,8 @@ struct MigrateArgs {
     /// `--ext-unix-sk`).
     #[arg(long)]
     ext_unix_sk: bool,
-    /// Print the summary as one JSON object.
+    /// Print the summary (or the error) as one JSON object on stdout, with
+    /// `version`, the version of its schema.
     #[arg(long)]
     json: bool,
 }
@@ -121,7 +129,10 @@ struct MigrateArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create and issue TLS certificates.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  migrate certs ca --out /root/migrate-ca"
+    )]
     Certs(CertsCommand),
     /// Settle a migration that stopped before both hosts settled (in doubt,
     /// interrupted, or its `migrate` killed), from this host's record.
@@ -130,7 +141,26 @@ enum Command {
     /// container runs here. Decision recorded: the destination's copy is
     /// released (post-copy: only --go-back is possible). No record: says what
     /// each host holds. Exit status as for a migration.
+    #[command(after_help = "Examples:\n  \
+                            migrate resolve web1\n  \
+                            migrate resolve web1 --to dst.example:7070 --json\n  \
+                            migrate resolve web1 --go-back")]
     Resolve(ResolveArgs),
+    /// Print a completion script for SHELL to stdout.
+    #[command(
+        after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout, or write it and one page per
+    /// subcommand into a directory.
+    #[command(
+        after_help = "Examples:\n  migrate man > /usr/share/man/man1/migrate.1\n  migrate man --dir /usr/share/man/man1"
+    )]
+    Man {
+        /// Write migrate.1 and migrate-<subcommand>.1 into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Called by CRIU's action script during a checkpoint; not for users.
     #[command(hide = true)]
     CriuActionHook {
@@ -161,6 +191,8 @@ struct ResolveArgs {
     criu: PathBuf,
     #[arg(long, default_value = "/var/lib/migrate")]
     state_dir: PathBuf,
+    /// Print the outcome (or the error) as one JSON object on stdout, with
+    /// `version`, the version of its schema.
     #[arg(long)]
     json: bool,
 }
@@ -168,12 +200,16 @@ struct ResolveArgs {
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Create a certificate authority: ca.pem and ca-key.pem.
+    #[command(after_help = "Example:\n  migrate certs ca --out /root/migrate-ca")]
     Ca {
         /// Directory to write the CA into.
         #[arg(long)]
         out: PathBuf,
     },
     /// Issue one host's certificate into a tls dir (ca.pem, cert.pem, key.pem).
+    #[command(after_help = "Example:\n  \
+                            migrate certs issue --ca /root/migrate-ca --name src.example --role source \\\n    \
+                            --out /etc/migrate/tls")]
     Issue {
         /// Directory holding the CA (ca.pem, ca-key.pem).
         #[arg(long)]
@@ -211,8 +247,22 @@ impl From<CertRole> for migrate_common::certs::Role {
     }
 }
 
+/// The arguments with `migrate -- <id> [options]` read as `migrate [options]
+/// -- <id>`: subcommand names win over container ids, so a container named
+/// like one comes after `--`, and clap reads all that follows `--` as
+/// positionals, options included.
+fn container_id_after_options(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    if args.len() > 2 && args[1] == "--" {
+        let id = args.remove(2);
+        args.remove(1);
+        args.extend([OsString::from("--"), id]);
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(container_id_after_options(std::env::args_os()));
     match cli.command {
         Some(Command::CriuActionHook { socket, record }) => {
             use migrate_common::hook::{run_action_hook, AgentGone, ACTION_ENV, POST_DUMP};
@@ -222,7 +272,13 @@ fn main() -> ExitCode {
             let code = run_action_hook(&socket, &action, POST_DUMP, &gone);
             return ExitCode::from(u8::try_from(code).unwrap_or(1));
         }
-        Some(Command::Certs(cmd)) => return report(certs(cmd)),
+        Some(Command::Certs(cmd)) => return report(certs(cmd), false),
+        Some(Command::Completions { shell }) => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "migrate", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man { dir }) => return report(man_pages(dir.as_deref()), false),
         Some(Command::Resolve(args)) => {
             init_logging();
             return resolve(args);
@@ -230,7 +286,8 @@ fn main() -> ExitCode {
         None => {}
     }
     init_logging();
-    report(run_migration(cli.migrate))
+    let json = cli.migrate.json;
+    report(run_migration(cli.migrate), json)
 }
 
 fn init_logging() {
@@ -260,7 +317,7 @@ fn resolve(args: ResolveArgs) -> ExitCode {
     match result {
         Ok(resolution) => {
             if args.json {
-                match serde_json::to_string(&resolution) {
+                match migrate_common::json::versioned(&resolution) {
                     Ok(text) => println!("{text}"),
                     Err(e) => eprintln!("migrate: error: {e}"),
                 }
@@ -273,6 +330,9 @@ fn resolve(args: ResolveArgs) -> ExitCode {
             ExitCode::from(resolution.exit_code)
         }
         Err(e) => {
+            if args.json {
+                println!("{}", migrate_common::json::error(&format!("{e:#}")));
+            }
             eprintln!("migrate: error: {e:#}");
             eprintln!("migrate: nothing was settled; the case stays as it was");
             ExitCode::from(migrate_src::EXIT_IN_DOUBT)
@@ -280,7 +340,9 @@ fn resolve(args: ResolveArgs) -> ExitCode {
     }
 }
 
-fn report(result: anyhow::Result<()>) -> ExitCode {
+/// The exit status of `result`, its error said on stderr and, with `json`,
+/// as a JSON report on stdout (a migration's failure has printed its own).
+fn report(result: anyhow::Result<()>, json: bool) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -290,7 +352,12 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
                     eprintln!("migrate: {}", failure.outcome());
                     ExitCode::from(failure.exit_code())
                 }
-                None => ExitCode::FAILURE,
+                None => {
+                    if json {
+                        println!("{}", migrate_common::json::error(&format!("{e:#}")));
+                    }
+                    ExitCode::FAILURE
+                }
             }
         }
     }
@@ -359,7 +426,7 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(migrate_src::migrate(&opts, &reporter));
     reporter.finish();
     match result {
-        Ok(summary) if args.json => println!("{}", serde_json::to_string(&summary)?),
+        Ok(summary) if args.json => println!("{}", migrate_common::json::versioned(&summary)?),
         Ok(summary) => println!("{}", summary.human()),
         Err(failure) => {
             let (outcome, runs_on, exit_code, held_by) = (
@@ -379,10 +446,24 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
                     "exit_code": exit_code,
                     "held_by_pid": held_by,
                 });
-                println!("{object}");
+                println!("{}", migrate_common::json::versioned(&object)?);
             }
             return Err(error);
         }
     }
     Ok(())
 }
+
+/// `migrate man`: the page on stdout, or every page into `dir`.
+fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir)
+            .with_context(|| format!("writing the man pages into {}", dir.display())),
+        None => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .context("writing the man page"),
+    }
+}
+
+#[cfg(test)]
+mod cli_tests;

@@ -249,8 +249,8 @@ pub async fn follow(
             return wait_for_source(lazy, progress, reconnects, &tunnel).await;
         }
         reporter.note(format!(
-            "lost the destination after the decision ({lost}); reconnecting for up to {}s, both copies held",
-            bounds.resume_timeout.as_secs()
+            "lost the destination after the decision ({lost}); reconnecting for up to {}, both copies held",
+            humantime::format_duration(bounds.resume_timeout)
         ));
         if let Some(old) = link.take() {
             *retired_wire_bytes += wire_bytes(&old.conn);

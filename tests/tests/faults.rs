@@ -128,7 +128,9 @@ fn destination_status(lab: &Lab, dst: &Destination) -> serde_json::Value {
         .output()
         .unwrap();
     assert!(out.status.success(), "status: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["version"], 1, "{report}");
+    report["containers"].clone()
 }
 
 fn resolve(
@@ -138,8 +140,9 @@ fn resolve(
 ) -> (Option<i32>, serde_json::Value) {
     let out = lab.resolve_command(container, extra).output().unwrap();
     let said = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
-    let resolution = serde_json::from_slice(&out.stdout)
+    let resolution: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("no JSON from migrate resolve ({e}):\n{said}"));
+    assert_eq!(resolution["version"], 1, "{resolution}");
     (out.status.code(), resolution)
 }
 

@@ -23,6 +23,7 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
     assert!(out.status.success(), "migrate failed:\n{}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["container"], "game1");
+    assert_eq!(summary["version"], 1, "{summary}");
     assert!(summary["downtime_ms"].as_u64().unwrap() > 0, "{summary}");
     let (raw, compressed, wire) = (
         summary["bytes_raw"].as_u64().unwrap(),

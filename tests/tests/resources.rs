@@ -67,7 +67,7 @@ fn destination_without_room_refuses_in_preflight() {
         "{err}"
     );
     assert!(
-        err.contains("MiB free, the migration needs about"),
+        err.contains(" free, the migration needs about"),
         "the refusal must say the destination lacks disk space: {err}"
     );
     assert!(
