@@ -397,7 +397,7 @@ fn link_lost_as_the_destination_restores_never_runs_two_copies_and_resolve_settl
     // Without its record (say, the source's state dir was lost) resolve
     // settles nothing: it says what each host holds.
     let no_records = lab.path("no-records");
-    let out = lab
+    let without_record = lab
         .resolve_command_in(
             &container,
             &no_records,
@@ -405,7 +405,7 @@ fn link_lost_as_the_destination_restores_never_runs_two_copies_and_resolve_settl
         )
         .output()
         .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&without_record.stdout).unwrap();
     let actions = report["actions"].to_string();
     assert!(
         actions.contains("no record of a migration of f8"),
