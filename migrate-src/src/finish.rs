@@ -472,7 +472,8 @@ pub(crate) async fn in_doubt(
         let destination = if released {
             "the destination runs its copy, which waits on the pages it does not have yet"
         } else {
-            "the destination holds its copy, restored but not running"
+            "the destination's copy is held, or runs (waiting on the pages it lacks) if the release \
+             reached it before the link was lost"
         };
         format!(
             "nothing was resumed or killed: container {id} is frozen on the source with all of its memory{holder}; \
@@ -484,9 +485,10 @@ pub(crate) async fn in_doubt(
         )
     } else {
         format!(
-            "the decision was taken (recorded in {record}): the source copy of {id} is gone and the \
-             destination {} holds its copy, restored but not running, until told. Nothing runs twice.\n\
-             `migrate resolve {id}` releases it once the destination can be reached.",
+            "the decision was taken (recorded in {record}): the source copy of {id} is gone; on the \
+             destination {} its copy is held until told, or runs if the release reached it before the \
+             link was lost. Nothing runs twice.\n\
+             `migrate resolve {id}` releases it (or confirms it runs) once the destination can be reached.",
             opts.destination
         )
     };

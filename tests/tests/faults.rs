@@ -390,9 +390,13 @@ fn link_lost_as_the_destination_restores_never_runs_two_copies_and_resolve_settl
     let cut = lab.hosts.cut_link();
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
-    // The destination keeps its copy held whichever way it went: it cannot
-    // know whether the source decided.
-    assert_held_not_running(&dst, "f8");
+    if out.status.code() == Some(1) {
+        // The source went back: the destination, which cannot know that,
+        // keeps its copy held, not running.
+        assert_held_not_running(&dst, "f8");
+    }
+    // (Had the source decided, its Release may have arrived before the cut:
+    // the copy then runs there, the source copy being gone.)
     drop(cut);
     // Without its record (say, the source's state dir was lost) resolve
     // settles nothing: it says what each host holds.
@@ -411,11 +415,13 @@ fn link_lost_as_the_destination_restores_never_runs_two_copies_and_resolve_settl
         actions.contains("no record of a migration of f8"),
         "{report}"
     );
-    assert!(
-        actions.contains("a restored copy, held (not running)"),
-        "{report}"
-    );
-    assert_held_not_running(&dst, "f8");
+    if out.status.code() == Some(1) {
+        assert!(
+            actions.contains("a restored copy, held (not running)"),
+            "{report}"
+        );
+        assert_held_not_running(&dst, "f8");
+    }
     let (code, resolution) = resolve(&lab, &container, &[]);
     match out.status.code() {
         // Restored never reached the source: it went back, and said that
