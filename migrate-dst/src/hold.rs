@@ -370,10 +370,17 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
                     break String::new();
                 }
                 () = tokio::time::sleep(daemon.in_doubt_after), if lost_since.is_some() => {
-                    if let Some(since) = lost_since {
-                        warn!(container = id, lost_for_s = since.elapsed().as_secs(), phase = ?rec.phase,
-                            "in doubt: the source is gone and only it may decide; holding the copy until it \
-                             comes back (`migrate resolve` on the source)");
+                    match lost_since {
+                        Some(since) if status.released.is_some() => {
+                            warn!(container = id, lost_for_s = since.elapsed().as_secs(),
+                                "the source is gone before its commit; the container runs here");
+                        }
+                        Some(since) => {
+                            warn!(container = id, lost_for_s = since.elapsed().as_secs(), phase = ?rec.phase,
+                                "in doubt: the source is gone and only it may decide; holding the copy until it \
+                                 comes back (`migrate resolve` on the source)");
+                        }
+                        None => {}
                     }
                 }
             }
@@ -384,13 +391,12 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
         session.control = None;
         let needs_source = status.released.is_none() || lazy.as_ref().is_some_and(|l| !l.done);
         if !needs_source && !releasing {
-            // Released with every page here: only the commit's
-            // confirmation is missing, and nothing depends on it.
-            warn!(container = id, error = %lost, "lost the source before its commit; the container runs here");
-            if let Err(e) = record::remove(&dir.record()) {
-                warn!(container = id, error = %e, "removing the record");
-            }
-            return Ok(());
+            // Released with every page here: the container runs, and the
+            // record stays until the source's commit, so that the source
+            // (or `migrate resolve`) can still learn that it runs here.
+            warn!(container = id, error = %lost, "lost the source before its commit; the container runs here, waiting for the commit");
+            lost_since = Some(Instant::now());
+            continue;
         }
         warn!(container = id, error = %lost, phase = ?rec.phase, "lost the source; holding the copy and waiting for it");
         lost_since = Some(Instant::now());
