@@ -2,7 +2,8 @@
 # Installs what migrate needs on a Debian 12 host: CRIU >= 4.2 (built from
 # Debian's sid source package when missing), runc, iptables (CRIU's network
 # lock), busybox-static (the demo's rootfs), iproute2 and util-linux (nsenter),
-# and systemd (systemd-analyze, which checks the units in contrib/systemd/).
+# systemd (systemd-analyze, which checks the units in contrib/systemd/), and
+# socat (the workload tests copy it into their containers).
 # Idempotent: every step is skipped when what it provides is already there.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ apt_update() {
 }
 
 missing=()
-for pkg in runc iptables busybox-static iproute2 util-linux ca-certificates xz-utils systemd; do
+for pkg in runc iptables busybox-static iproute2 util-linux socat ca-certificates xz-utils systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
