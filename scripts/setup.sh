@@ -101,6 +101,8 @@ tar -xf "$tarball" -C "$srcdir" --strip-components=1
 log "building CRIU from $tarball"
 make -C "$srcdir" -j"$(nproc)" criu >"$workdir/build.log" 2>&1 || { tail -n 40 "$workdir/build.log" >&2; exit 1; }
 install -m 0755 "$srcdir/criu/criu" /usr/local/sbin/criu
+# The build tree is a few hundred MB that nothing reads again.
+rm -rf "$srcdir"
 hash -r
 criu_ok || { criu check >&2 || true; echo "built CRIU does not pass criu check" >&2; exit 1; }
 log "installed criu $(criu --version | sed -n 's/^Version: *//p') to /usr/local/sbin/criu"
