@@ -256,7 +256,9 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                 let peer = transport::peer_name(&conn);
                 info!(name = peer.clone().unwrap_or_default(), "connected");
                 match preflight::admit(&daemon, &conn).await {
-                    Ok((mut control, Some(Body::Hello(hello)))) if permit.is_none() => {
+                    Ok((mut control, Some(Body::Hello(hello))))
+                        if permit.is_none() && !hello.preflight_only =>
+                    {
                         warn!(
                             container = hello.container_id,
                             limit = daemon.max_migrations,

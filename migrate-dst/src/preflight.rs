@@ -223,10 +223,25 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
         )),
     }
 
+    match mem_available() {
+        Ok(available) => {
+            reply.mem_available_bytes = available;
+            if hello.memory_bytes > available {
+                refusals.push(format!(
+                    "the container uses {} of memory and this host has {} available",
+                    HumanBytes(hello.memory_bytes),
+                    HumanBytes(available)
+                ));
+            }
+        }
+        Err(e) => refusals.push(format!("cannot read this host's available memory: {e:#}")),
+    }
+
     // Claiming the directory is the lock against a second migration of the
-    // same id, so it comes last, and only when everything else passed.
+    // same id, so it comes last, and only when everything else passed; a
+    // preflight alone claims nothing.
     let mut claimed = None;
-    if refusals.is_empty() {
+    if refusals.is_empty() && !hello.preflight_only {
         match ContainerDir::claim(&daemon.state_dir, id) {
             Ok(dir) => claimed = Some(dir),
             Err(e) => refusals.push(format!("{e:#}")),
@@ -290,7 +305,43 @@ fn lazy_pages(daemon: &Daemon) -> Result<(), String> {
     }
 }
 
+fn mem_available() -> Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    parse_mem_available(&meminfo).context("no MemAvailable line in /proc/meminfo")
+}
+
+/// `MemAvailable` of a /proc/meminfo text, in bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line
+        .trim_start_matches("MemAvailable:")
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 fn free_bytes(daemon: &Daemon) -> nix::Result<u64> {
     let st = nix::sys::statvfs::statvfs(&daemon.state_dir)?;
     Ok(st.blocks_available() * st.fragment_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mem_available;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let meminfo =
+            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots\n"), None);
+        assert_eq!(
+            parse_mem_available("MemAvailable: 18446744073709551615 kB\n"),
+            None
+        );
+    }
 }

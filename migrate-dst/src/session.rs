@@ -94,6 +94,16 @@ pub async fn serve(
         }
         return Err(e);
     }
+    if hello.preflight_only {
+        info!(
+            container = hello.container_id,
+            accepted,
+            ?refusals,
+            "preflight only"
+        );
+        session.finish();
+        return Ok(());
+    }
     let Some(dir) = checked.claimed.filter(|_| accepted) else {
         info!(container = hello.container_id, ?refusals, "refused");
         session.finish();

@@ -88,6 +88,69 @@ async fn only_a_valid_id_is_claimed() {
     daemon.abort();
 }
 
+/// A preflight alone gets the verdict and the host's room, and claims
+/// nothing: the same id is then accepted, and claimed, by a migration.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preflight_alone_claims_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        working_tools: true,
+        ..Setup::default()
+    };
+    let (port, daemon) = start_daemon(dir.path(), setup).await;
+    let config = runc_spec().to_string();
+
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let question = Hello {
+        preflight_only: true,
+        ..hello("web1", &config)
+    };
+    let reply = preflight(&mut control, question).await;
+    assert!(reply.accepted, "{reply:?}");
+    assert!(reply.mem_available_bytes > 0, "{reply:?}");
+    assert!(reply.free_bytes > 0, "{reply:?}");
+    // The exchange is over: the destination closes its side.
+    assert!(control.recv().await.is_err(), "the exchange went on");
+    assert!(!dir.path().join("state/containers/web1").exists());
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let reply = preflight(&mut control, hello("web1", &config)).await;
+    assert!(reply.accepted, "{reply:?}");
+    assert!(dir.path().join("state/containers/web1").is_dir());
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    daemon.abort();
+}
+
+/// A container bigger than the memory the destination has available is
+/// refused before anything moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_bigger_than_available_memory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        working_tools: true,
+        ..Setup::default()
+    };
+    let (port, daemon) = start_daemon(dir.path(), setup).await;
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let question = Hello {
+        memory_bytes: u64::MAX / 4,
+        preflight_only: true,
+        ..hello("web1", &runc_spec().to_string())
+    };
+    let reply = preflight(&mut control, question).await;
+    assert!(!reply.accepted);
+    assert!(
+        reply.refusals.iter().any(|r| r.contains("available")),
+        "{reply:?}"
+    );
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    daemon.abort();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_order_message_ends_the_session_without_an_answer() {
     let dir = tempfile::tempdir().unwrap();

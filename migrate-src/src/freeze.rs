@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use migrate_common::criu::stats::DumpStats;
-use migrate_common::criu::{ensure_pipe_max_size, Criu, PipeMaxSize};
+use migrate_common::criu::{ensure_pipe_max_size, Criu, CriuVersion, PipeMaxSize};
 use migrate_common::protocol::{
     Body, CheckpointSent, Hello, LayersSent, MemoryMode, SourcePhase, SourceState, PROTOCOL_VERSION,
 };
@@ -67,27 +67,12 @@ pub(crate) async fn freeze_and_send(
     let id = opts.container_id.as_str();
 
     reporter.phase(format!("inspecting {id}"));
-    // Hashing layers and running criu block; off the async threads, so that
-    // Ctrl-C is still heard meanwhile.
-    let (container, criu_version, caps, pipe_note) = {
-        let (runc, criu, id, requested) = (
-            opts.runc.clone(),
-            opts.criu.clone(),
-            id.to_owned(),
-            opts.mode,
-        );
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let container = inspect::inspect(&runc, &id)?;
-            let version = criu.version().context("checking the source's CRIU")?;
-            let (caps, note) = capabilities(&criu, requested);
-            Ok((container, version, caps, note))
-        })
-        .await
-        .context("inspecting the container")
-        .map_err(Failure::Source)?
-        .map_err(Failure::Source)?
-    };
-    let choice = mode::choose(opts.mode, &caps).map_err(|e| Failure::Source(anyhow!(e)))?;
+    let Inspected {
+        container,
+        criu_version,
+        choice,
+        pipe_note,
+    } = inspect_and_choose(opts).await.map_err(Failure::Source)?;
     session.state = SourceState::new(choice.mode);
     if let Some(note) = pipe_note {
         reporter.note(note);
@@ -117,23 +102,14 @@ pub(crate) async fn freeze_and_send(
     advance(session, SourcePhase::Preflight)?;
     reporter.phase("preflight on the destination");
     let link = session.link.as_mut().ok_or_else(no_link)?;
-    let reply = link::preflight(
-        link,
-        Hello {
-            protocol_version: PROTOCOL_VERSION,
-            container_id: id.to_owned(),
-            config_json: container.config_json.clone(),
-            layers: container.layers.iter().map(|l| l.info.clone()).collect(),
-            upper_bytes: container.upper_bytes,
-            memory_bytes: container.memory_bytes,
-            source_criu_version: criu_version.to_string(),
-            tcp_established: opts.criu_options.tcp_established,
-            mode: choice.mode as i32,
-            migration_id: session.migration_id.clone(),
-            criu_options: opts.criu_options.names(),
-        },
-    )
-    .await?;
+    let hello = hello(
+        opts,
+        &container,
+        &criu_version,
+        choice.mode,
+        &session.migration_id,
+    );
+    let reply = link::preflight(link, hello).await?;
     if !reply.accepted {
         return Err(Failure::Refused(reply.refusals));
     }
@@ -313,6 +289,67 @@ pub(crate) async fn freeze_and_send(
         layers_sent,
         layers_reused,
     })
+}
+
+/// The container as inspected, and how its memory will move.
+#[derive(Debug)]
+pub(crate) struct Inspected {
+    pub container: inspect::Container,
+    pub criu_version: CriuVersion,
+    pub choice: ModeChoice,
+    /// Said when this host's settings were changed for the mode.
+    pub pipe_note: Option<String>,
+}
+
+/// Inspects the container and chooses the mode, off the async threads:
+/// hashing layers and running criu block, and Ctrl-C must still be heard.
+pub(crate) async fn inspect_and_choose(opts: &MigrateOptions) -> anyhow::Result<Inspected> {
+    let (runc, criu, id, requested) = (
+        opts.runc.clone(),
+        opts.criu.clone(),
+        opts.container_id.clone(),
+        opts.mode,
+    );
+    let (container, criu_version, caps, pipe_note) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let container = inspect::inspect(&runc, &id)?;
+            let version = criu.version().context("checking the source's CRIU")?;
+            let (caps, note) = capabilities(&criu, requested);
+            Ok((container, version, caps, note))
+        })
+        .await
+        .context("inspecting the container")??;
+    let choice = mode::choose(opts.mode, &caps).map_err(|e| anyhow!(e))?;
+    Ok(Inspected {
+        container,
+        criu_version,
+        choice,
+        pipe_note,
+    })
+}
+
+/// The preflight's question: this container, moved this way.
+pub(crate) fn hello(
+    opts: &MigrateOptions,
+    container: &inspect::Container,
+    criu_version: &CriuVersion,
+    mode: MemoryMode,
+    migration_id: &str,
+) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        container_id: opts.container_id.clone(),
+        config_json: container.config_json.clone(),
+        layers: container.layers.iter().map(|l| l.info.clone()).collect(),
+        upper_bytes: container.upper_bytes,
+        memory_bytes: container.memory_bytes,
+        source_criu_version: criu_version.to_string(),
+        tcp_established: opts.criu_options.tcp_established,
+        mode: mode as i32,
+        migration_id: migration_id.to_owned(),
+        criu_options: opts.criu_options.names(),
+        preflight_only: false,
+    }
 }
 
 /// Notes in the record which process holds the source copy, for `migrate

@@ -20,6 +20,7 @@
 //!    container is resumed here, or the case is in doubt ([`resolve`]
 //!    settles it later).
 
+pub mod check;
 pub mod checkpoint;
 pub mod conclude;
 pub mod convergence;

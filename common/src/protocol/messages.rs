@@ -142,6 +142,11 @@ pub struct Hello {
     /// refuses names it does not know.
     #[prost(string, repeated, tag = "11")]
     pub criu_options: Vec<String>,
+    /// Only the verdict is wanted (`migrate check`, `migrate drain
+    /// --dry-run`): the destination claims nothing and the exchange ends
+    /// with its `PreflightReply`.
+    #[prost(bool, tag = "12")]
+    pub preflight_only: bool,
 }
 
 /// How the container's memory moves.
@@ -202,6 +207,10 @@ pub struct PreflightReply {
     pub lazy_pages: bool,
     #[prost(string, tag = "9")]
     pub lazy_pages_problem: String,
+    /// `MemAvailable` of the destination's /proc/meminfo: with
+    /// `free_bytes`, what a drain spreads containers by.
+    #[prost(uint64, tag = "10")]
+    pub mem_available_bytes: u64,
 }
 
 /// Source → destination: every missing layer has been sent on its own data

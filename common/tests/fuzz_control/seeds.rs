@@ -64,6 +64,7 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 migration_id: "0123456789abcdef".into(),
                 // Empty, so the corpus seed keeps its bytes.
                 criu_options: Vec::new(),
+                preflight_only: false,
             }
             .into(),
         ),
@@ -79,6 +80,8 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 hostname: "dst".into(),
                 lazy_pages: false,
                 lazy_pages_problem: "no userfaultfd".into(),
+                // Zero, so the corpus seed keeps its bytes.
+                mem_available_bytes: 0,
             }
             .into(),
         ),

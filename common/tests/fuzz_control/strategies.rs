@@ -64,7 +64,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         any::<bool>(),
         enumeration(4),
         text(),
-        vec(text(), 0..3),
+        (vec(text(), 0..3), any::<bool>()),
     )
         .prop_map(
             |(
@@ -77,7 +77,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                 tcp,
                 mode,
                 id,
-                criu_options,
+                (criu_options, preflight_only),
             )| {
                 ControlMessage::from(Hello {
                     protocol_version,
@@ -91,6 +91,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                     mode,
                     migration_id: id,
                     criu_options,
+                    preflight_only,
                 })
             },
         );
@@ -98,24 +99,25 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         any::<bool>(),
         vec(text(), 0..4),
         (text(), text()),
-        any::<u64>(),
+        (any::<u64>(), any::<u64>()),
         vec(text(), 0..4),
         text(),
         any::<bool>(),
         text(),
     )
         .prop_map(
-            |(accepted, refusals, versions, free_bytes, missing_layers, hostname, lazy, why)| {
+            |(accepted, refusals, versions, room, missing_layers, hostname, lazy, why)| {
                 ControlMessage::from(PreflightReply {
                     accepted,
                     refusals,
                     criu_version: versions.0,
                     runc_version: versions.1,
-                    free_bytes,
+                    free_bytes: room.0,
                     missing_layers,
                     hostname,
                     lazy_pages: lazy,
                     lazy_pages_problem: why,
+                    mem_available_bytes: room.1,
                 })
             },
         );
