@@ -25,6 +25,12 @@ pub enum RuncError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot parse `runc list` output of root {root}")]
+    List {
+        root: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("`runc restore` of {id} failed ({status})\nrunc: {runc_log}\nCRIU {criu_log}")]
     Restore {
         id: String,
@@ -54,6 +60,11 @@ impl ContainerState {
     pub fn is_running(&self) -> bool {
         self.status == "running"
     }
+}
+
+fn parse_list(out: &str) -> Result<Vec<ContainerState>, serde_json::Error> {
+    let listed: Option<Vec<ContainerState>> = serde_json::from_str(out)?;
+    Ok(listed.unwrap_or_default())
 }
 
 /// Options that must be the same at checkpoint and at restore.
@@ -267,6 +278,19 @@ impl Runc {
         })
     }
 
+    /// Every container of the root, in `runc list` order. A root that does
+    /// not exist yet holds none (runc prints `null` for it).
+    pub fn list(&self) -> Result<Vec<ContainerState>, RuncError> {
+        if !self.root.exists() {
+            return Ok(Vec::new());
+        }
+        let out = run(self.command().args(["list", "--format", "json"]))?;
+        parse_list(&out).map_err(|source| RuncError::List {
+            root: self.root.clone(),
+            source,
+        })
+    }
+
     pub fn exists(&self, id: &str) -> bool {
         self.root.join(id).join("state.json").exists()
     }
@@ -396,6 +420,26 @@ fn error_lines(log: &str) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runc_list_output_is_read() {
+        assert!(parse_list("null").unwrap().is_empty());
+        let listed = parse_list(
+            r#"[{"ociVersion":"1.0.2","id":"web1","pid":42,"status":"running",
+                "bundle":"/b/web1","rootfs":"/b/web1/rootfs","created":"2026-12-02T06:00:00Z",
+                "owner":"root"},
+               {"ociVersion":"1.0.2","id":"db","pid":0,"status":"stopped",
+                "bundle":"/b/db","rootfs":"/b/db/rootfs","created":"2026-12-02T06:00:00Z",
+                "owner":"root"}]"#,
+        )
+        .unwrap();
+        let ids: Vec<_> = listed
+            .iter()
+            .map(|c| (c.id.as_str(), c.is_running()))
+            .collect();
+        assert_eq!(ids, [("web1", true), ("db", false)]);
+        assert!(parse_list("[{\"id\": 1}]").is_err());
+    }
 
     #[test]
     fn parses_runc_state() {
