@@ -147,7 +147,17 @@ pub struct Hello {
     /// with its `PreflightReply`.
     #[prost(bool, tag = "12")]
     pub preflight_only: bool,
+    /// The source's `criu cpuinfo dump` image (`cpuinfo.img`), for the
+    /// destination's `criu cpuinfo check`: a CPU without the source's
+    /// features is refused before anything is frozen. Empty from a source
+    /// that sends none; at most [`MAX_CPUINFO_BYTES`].
+    #[prost(bytes = "vec", tag = "13")]
+    pub cpuinfo: Vec<u8>,
 }
+
+/// Largest `Hello.cpuinfo` a destination takes: CRIU's x86 image is about
+/// 130 bytes, and the image is written to disk before CRIU reads it.
+pub const MAX_CPUINFO_BYTES: usize = 64 << 10;
 
 /// How the container's memory moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -211,6 +221,23 @@ pub struct PreflightReply {
     /// `free_bytes`, what a drain spreads containers by.
     #[prost(uint64, tag = "10")]
     pub mem_available_bytes: u64,
+    /// Every check the destination ran, in a fixed order, passed or not;
+    /// `refusals` repeats the failed ones' reasons.
+    #[prost(message, repeated, tag = "11")]
+    pub checks: Vec<PreflightCheck>,
+}
+
+/// One preflight check's verdict: `migrate check` prints one line per item.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PreflightCheck {
+    /// What was checked ("cpu", "disk", ...).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(bool, tag = "2")]
+    pub ok: bool,
+    /// What was found; for a failed check, why it failed.
+    #[prost(string, tag = "3")]
+    pub detail: String,
 }
 
 /// Source → destination: every missing layer has been sent on its own data

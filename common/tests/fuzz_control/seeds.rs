@@ -65,6 +65,8 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 // Empty, so the corpus seed keeps its bytes.
                 criu_options: Vec::new(),
                 preflight_only: false,
+                // Empty, so the corpus seed keeps its bytes.
+                cpuinfo: Vec::new(),
             }
             .into(),
         ),
@@ -82,6 +84,8 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 lazy_pages_problem: "no userfaultfd".into(),
                 // Zero, so the corpus seed keeps its bytes.
                 mem_available_bytes: 0,
+                // Empty, so the corpus seed keeps its bytes.
+                checks: Vec::new(),
             }
             .into(),
         ),

@@ -48,6 +48,15 @@ pub(crate) fn failed() -> impl Strategy<Value = Failed> {
     })
 }
 
+pub(crate) fn preflight_checks() -> impl Strategy<Value = Vec<PreflightCheck>> {
+    let one = (text(), any::<bool>(), text()).prop_map(|(name, ok, detail)| PreflightCheck {
+        name,
+        ok,
+        detail,
+    });
+    vec(one, 0..16)
+}
+
 /// Any control message, every field any value.
 pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
     let layers = vec(
@@ -64,7 +73,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         any::<bool>(),
         enumeration(4),
         text(),
-        (vec(text(), 0..3), any::<bool>()),
+        (vec(text(), 0..3), any::<bool>(), vec(any::<u8>(), 0..256)),
     )
         .prop_map(
             |(
@@ -77,7 +86,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                 tcp,
                 mode,
                 id,
-                (criu_options, preflight_only),
+                (criu_options, preflight_only, cpuinfo),
             )| {
                 ControlMessage::from(Hello {
                     protocol_version,
@@ -92,6 +101,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                     migration_id: id,
                     criu_options,
                     preflight_only,
+                    cpuinfo,
                 })
             },
         );
@@ -102,11 +112,20 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         (any::<u64>(), any::<u64>()),
         vec(text(), 0..4),
         text(),
-        any::<bool>(),
-        text(),
+        (any::<bool>(), text()),
+        preflight_checks(),
     )
         .prop_map(
-            |(accepted, refusals, versions, room, missing_layers, hostname, lazy, why)| {
+            |(
+                accepted,
+                refusals,
+                versions,
+                room,
+                missing_layers,
+                hostname,
+                (lazy, why),
+                checks,
+            )| {
                 ControlMessage::from(PreflightReply {
                     accepted,
                     refusals,
@@ -118,6 +137,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                     lazy_pages: lazy,
                     lazy_pages_problem: why,
                     mem_available_bytes: room.1,
+                    checks,
                 })
             },
         );
