@@ -1,6 +1,6 @@
-//! The `criu` binary: version, `criu check` and feature probes, the kernel
-//! setting its page pipes need, and reading the tail of its logs for error
-//! messages. Submodules: the per-migration configuration file ([`config`]),
+//! The `criu` binary: version, `criu check` and feature probes, the CPU
+//! check between two hosts (`criu cpuinfo`), the kernel setting its page
+//! pipes need, and reading the tail of its logs for error messages. Submodules: the per-migration configuration file ([`config`]),
 //! its page-server protocol ([`page_server`]), its dump statistics
 //! ([`stats`]) and the destination's lazy-pages daemon ([`lazy`]).
 
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::process::{run, ToolError};
+use crate::protocol::MAX_CPUINFO_BYTES;
 
 pub mod config;
 pub mod lazy;
@@ -50,6 +51,18 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating a temporary directory for CRIU's cpuinfo image")]
+    TempDir(#[source] std::io::Error),
+    #[error("a cpuinfo image of {len} bytes is more than the {max} bytes one may have")]
+    CpuinfoTooLarge { len: u64, max: usize },
+    #[error("this host's CPU lacks what the source's CPU offers its processes (criu cpuinfo check):\n{output}")]
+    CpuMismatch { output: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -124,10 +137,66 @@ impl Criu {
         self.has_feature("uffd-noncoop")
     }
 
+    /// `criu cpuinfo dump`: this host's CPU as CRIU records it in a dump
+    /// (the bytes of `cpuinfo.img`), for a destination to check against
+    /// its own with [`Criu::cpuinfo_check`]; empty where CRIU writes none.
+    pub fn cpuinfo_dump(&self) -> Result<Vec<u8>, CriuError> {
+        let dir = tempfile::tempdir().map_err(CriuError::TempDir)?;
+        run(Command::new(&self.binary)
+            .args(["cpuinfo", "dump", "-D"])
+            .arg(dir.path()))?;
+        let path = dir.path().join(CPUINFO_IMAGE);
+        let read = |source| CriuError::Read {
+            path: path.clone(),
+            source,
+        };
+        let len = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            // Only x86 CRIU records the CPU; elsewhere the destination hears
+            // no image and says its CPU was not checked.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(read(e)),
+        };
+        if len > MAX_CPUINFO_BYTES as u64 {
+            return Err(CriuError::CpuinfoTooLarge {
+                len,
+                max: MAX_CPUINFO_BYTES,
+            });
+        }
+        std::fs::read(&path).map_err(read)
+    }
+
+    /// `criu cpuinfo check` of another host's `cpuinfo.img` (as
+    /// [`Criu::cpuinfo_dump`] made it): whether processes dumped there can
+    /// be restored on this CPU. CRIU's default, as for a restore: the FPU
+    /// state must fit and every instruction set the image has must be here.
+    pub fn cpuinfo_check(&self, image: &[u8]) -> Result<(), CriuError> {
+        if image.len() > MAX_CPUINFO_BYTES {
+            return Err(CriuError::CpuinfoTooLarge {
+                len: image.len() as u64,
+                max: MAX_CPUINFO_BYTES,
+            });
+        }
+        let dir = tempfile::tempdir().map_err(CriuError::TempDir)?;
+        let path = dir.path().join(CPUINFO_IMAGE);
+        std::fs::write(&path, image).map_err(|source| CriuError::Write { path, source })?;
+        match run(Command::new(&self.binary)
+            .args(["cpuinfo", "check", "-D"])
+            .arg(dir.path()))
+        {
+            Ok(_) => Ok(()),
+            Err(ToolError::Failed { output, .. }) => Err(CriuError::CpuMismatch { output }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn has_feature(&self, feature: &str) -> bool {
         run(Command::new(&self.binary).args(["check", "--feature", feature])).is_ok()
     }
 }
+
+/// The file `criu cpuinfo dump` writes into its directory.
+const CPUINFO_IMAGE: &str = "cpuinfo.img";
 
 /// Smallest `fs.pipe-max-size` with which CRIU's page server works: below it
 /// (the default is 1 MiB) a lazy dump fails with `page-pipe: splice: Bad file
@@ -211,6 +280,33 @@ mod tests {
         assert!(v < MIN_VERSION);
         assert!(CriuVersion::parse("Version: 4.2.1").unwrap() >= MIN_VERSION);
         assert!(CriuVersion::parse("criu: command not found").is_none());
+    }
+
+    #[test]
+    fn cpuinfo_beyond_the_bound_is_refused_before_criu_runs() {
+        let criu = Criu::new("/nonexistent/criu");
+        let err = criu
+            .cpuinfo_check(&vec![0; MAX_CPUINFO_BYTES + 1])
+            .unwrap_err();
+        assert!(matches!(err, CriuError::CpuinfoTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_refused_cpuinfo_says_what_criu_said() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("criu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\ntest -s \"$4/cpuinfo.img\" || exit 2\n\
+             echo 'Error (criu/arch/x86/cpu.c:262): cpu: CPU xfeatures has unsupported bits' >&2\n\
+             exit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Criu::new(&fake).cpuinfo_check(b"image").unwrap_err();
+        assert!(matches!(err, CriuError::CpuMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("unsupported bits"), "{err}");
     }
 
     #[test]
