@@ -4,19 +4,20 @@
 //! about this host. [`run`]: can this host take the container, and does the
 //! destination's policy let it do what its config asks (`--allow-bind`,
 //! `--allow-privileged`)? Every check runs, so the source hears all the
-//! reasons at once, and none of them changes anything but the claim on the
-//! container's id.
+//! reasons at once, and each leaves an item in the reply, passed or not,
+//! which `migrate check` prints; none of them changes anything but the
+//! claim on the container's id. The checks that read this host are in
+//! [`checks`].
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use indicatif::HumanBytes;
 use migrate_common::bundle::BundleConfig;
-use migrate_common::criu::{ensure_pipe_max_size, PipeMaxSize, MIN_VERSION};
-use migrate_common::policy::Policy;
+use migrate_common::criu::MIN_VERSION;
 use migrate_common::protocol::{
     read_frame_within, write_frame, Body, ControlChannel, ControlMessage, Failed, Hello,
-    MemoryMode, PreflightReply, PROTOCOL_VERSION,
+    MemoryMode, PreflightReply, MAX_CPUINFO_BYTES, PROTOCOL_VERSION,
 };
 use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::runc::CriuOptions;
@@ -25,6 +26,10 @@ use migrate_common::transport;
 use crate::restore::ContainerDir;
 use crate::session::Control;
 use crate::Daemon;
+
+mod checks;
+
+use checks::Verdict;
 
 /// A source the destination's `--allow` list does not name; the message is
 /// the one the source was sent.
@@ -118,8 +123,29 @@ fn busy_refusal(limit: usize) -> String {
     )
 }
 
+// The items' names, in the order they run.
+const PROTOCOL: &str = "protocol";
+const CONTAINER_ID: &str = "container id";
+const CRIU_VERSION: &str = "criu version";
+const CRIU_FEATURES: &str = "criu features";
+const CRIU_OPTIONS: &str = "criu options";
+const CPU: &str = "cpu";
+const RUNC: &str = "runc";
+const EXISTING: &str = "existing container";
+const POLICY: &str = "policy";
+const BIND_SOURCES: &str = "bind sources";
+const CGROUP: &str = "cgroup";
+const LAYERS: &str = "layers";
+const DISK: &str = "disk";
+const MEMORY: &str = "memory";
+const CLAIM: &str = "claim";
+
+/// Runs every check, each leaving an item in the reply; a check that
+/// depends on one that failed (the container's runc state on a valid id,
+/// CRIU's features on a usable CRIU, bind sources and cgroup on a readable
+/// config) does not run and leaves none.
 pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
-    let mut refusals = Vec::new();
+    let mut verdict = Verdict::default();
     let mut reply = PreflightReply {
         hostname: nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
@@ -127,221 +153,296 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
         ..Default::default()
     };
 
-    if hello.protocol_version != PROTOCOL_VERSION {
-        refusals.push(format!(
-            "protocol version {} is not this destination's {PROTOCOL_VERSION}: upgrade the older side",
-            hello.protocol_version
-        ));
+    if hello.protocol_version == PROTOCOL_VERSION {
+        verdict.pass(PROTOCOL, format!("version {PROTOCOL_VERSION}"));
+    } else {
+        verdict.fail(
+            PROTOCOL,
+            format!(
+                "protocol version {} is not this destination's {PROTOCOL_VERSION}: upgrade the \
+                 older side",
+                hello.protocol_version
+            ),
+        );
     }
     let id = hello.container_id.as_str();
     let id_ok = migrate_common::valid_container_id(id);
-    if !id_ok {
-        refusals.push(format!("{id:?} is not a valid container id"));
+    if id_ok {
+        verdict.pass(CONTAINER_ID, format!("{id} is a valid container id"));
+    } else {
+        verdict.fail(CONTAINER_ID, format!("{id:?} is not a valid container id"));
     }
 
-    match daemon.criu.version() {
+    let criu_usable = match daemon.criu.version() {
         Ok(v) => {
             reply.criu_version = v.to_string();
             if v < MIN_VERSION {
-                refusals.push(format!(
-                    "CRIU {v} is older than {MIN_VERSION}, which restore here needs"
-                ));
+                verdict.fail(
+                    CRIU_VERSION,
+                    format!("CRIU {v} is older than {MIN_VERSION}, which restore here needs"),
+                );
+            } else {
+                verdict.pass(CRIU_VERSION, format!("CRIU {v} (at least {MIN_VERSION})"));
             }
-            if let Err(e) = daemon.criu.check() {
-                refusals.push(format!("{e}"));
-            }
+            true
         }
-        Err(e) => refusals.push(format!("CRIU is not usable: {e}")),
+        Err(e) => {
+            verdict.fail(CRIU_VERSION, format!("CRIU is not usable: {e}"));
+            false
+        }
+    };
+    if let Some(outcome) = criu_features(daemon, hello, criu_usable, &mut reply) {
+        verdict.record(CRIU_FEATURES, outcome);
     }
-    if let Err(e) = CriuOptions::from_names(hello.tcp_established, &hello.criu_options) {
-        refusals.push(e.to_string());
-    }
-    match MemoryMode::try_from(hello.mode) {
-        Ok(mode) if mode.is_lazy() => match lazy_pages(daemon) {
-            Ok(()) => reply.lazy_pages = true,
-            Err(problem) => {
-                refusals.push(format!(
-                    "this host cannot restore with lazy pages, which {mode:?} needs: {problem}"
-                ));
-                reply.lazy_pages_problem = problem;
+    match CriuOptions::from_names(hello.tcp_established, &hello.criu_options) {
+        Ok(options) if options.names().is_empty() && !options.tcp_established => {
+            verdict.pass(CRIU_OPTIONS, "none beyond the defaults")
+        }
+        Ok(options) => {
+            let mut names = options.names();
+            if options.tcp_established {
+                names.insert(0, "tcp-established".into());
             }
-        },
-        Ok(mode) if mode != MemoryMode::Invalid => {}
-        _ => refusals.push(format!(
-            "memory mode {} is not one this destination knows",
-            hello.mode
-        )),
+            verdict.pass(CRIU_OPTIONS, format!("known here: {}", names.join(", ")))
+        }
+        Err(e) => verdict.fail(CRIU_OPTIONS, e.to_string()),
+    }
+    if let Some(outcome) = cpu(daemon, hello, criu_usable) {
+        verdict.record(CPU, outcome);
     }
     match daemon.runc.version() {
-        Ok(v) => reply.runc_version = v,
-        Err(e) => refusals.push(format!("runc is not usable: {e}")),
+        Ok(v) => {
+            verdict.pass(RUNC, v.clone());
+            reply.runc_version = v;
+        }
+        Err(e) => verdict.fail(RUNC, format!("runc is not usable: {e}")),
     }
-    if id_ok && daemon.runc.exists(id) {
-        refusals.push(format!(
-            "a container named {id} already exists in runc root {}",
-            daemon.runc.root.display()
-        ));
+    if id_ok {
+        if daemon.runc.exists(id) {
+            verdict.fail(
+                EXISTING,
+                format!(
+                    "a container named {id} already exists in runc root {}",
+                    daemon.runc.root.display()
+                ),
+            );
+        } else {
+            verdict.pass(
+                EXISTING,
+                format!(
+                    "none named {id} in runc root {}",
+                    daemon.runc.root.display()
+                ),
+            );
+        }
     }
 
     match BundleConfig::parse(&hello.config_json) {
         Ok(config) => {
-            refusals.extend(daemon.policy.check(&config).iter().map(ToString::to_string));
-            refusals.extend(unusable_bind_sources(&daemon.policy, &config));
+            let violations: Vec<String> = daemon
+                .policy
+                .check(&config)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            verdict.record(
+                POLICY,
+                reasons_or(violations, || {
+                    "the config asks for nothing beyond this destination's policy".into()
+                }),
+            );
+            let sources = config.bind_mount_sources().len();
+            verdict.record(
+                BIND_SOURCES,
+                reasons_or(
+                    checks::unusable_bind_sources(&daemon.policy, &config),
+                    || match sources {
+                        0 => "no bind mount".into(),
+                        n => format!("{n} bind mount source(s), all here"),
+                    },
+                ),
+            );
+            verdict.record(CGROUP, cgroup(daemon, &config, id).map_err(|r| vec![r]));
         }
-        Err(e) => refusals.push(format!(
-            "the container's config.json: {:#}",
-            anyhow::Error::from(e)
-        )),
+        Err(e) => verdict.fail(
+            POLICY,
+            format!("the container's config.json: {:#}", anyhow::Error::from(e)),
+        ),
     }
 
     let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
+    let mut bad_digests = Vec::new();
+    let mut missing_bytes = 0;
     for layer in &hello.layers {
         match LayerDigest::parse(&layer.digest) {
             Ok(digest) if daemon.store.has(&digest) => {}
             Ok(_) => {
                 reply.missing_layers.push(layer.digest.clone());
-                needed += layer.size_bytes;
+                missing_bytes += layer.size_bytes;
             }
-            Err(e) => refusals.push(format!("layer digest {:?}: {e}", layer.digest)),
+            Err(e) => bad_digests.push(format!("layer digest {:?}: {e}", layer.digest)),
         }
     }
-    match free_bytes(daemon) {
+    needed += missing_bytes;
+    verdict.record(
+        LAYERS,
+        reasons_or(bad_digests, || match reply.missing_layers.len() {
+            0 => format!("all {} in the store here", hello.layers.len()),
+            n => format!(
+                "{n} of {} missing here, {} to send",
+                hello.layers.len(),
+                HumanBytes(missing_bytes)
+            ),
+        }),
+    );
+    match checks::free_bytes(daemon) {
         Ok(free) => {
             reply.free_bytes = free;
+            let room = format!(
+                "{} has {} free, the migration needs about {}",
+                daemon.state_dir.display(),
+                HumanBytes(free),
+                HumanBytes(needed)
+            );
             if free < needed {
-                refusals.push(format!(
-                    "{} has {} free, the migration needs about {}",
-                    daemon.state_dir.display(),
-                    HumanBytes(free),
-                    HumanBytes(needed)
-                ));
+                verdict.fail(DISK, room);
+            } else {
+                verdict.pass(DISK, room);
             }
         }
-        Err(e) => refusals.push(format!(
-            "cannot measure free space in {}: {e}",
-            daemon.state_dir.display()
-        )),
+        Err(e) => verdict.fail(
+            DISK,
+            format!(
+                "cannot measure free space in {}: {e}",
+                daemon.state_dir.display()
+            ),
+        ),
     }
 
-    match mem_available() {
+    match checks::mem_available() {
         Ok(available) => {
             reply.mem_available_bytes = available;
+            let room = format!(
+                "the container uses {} of memory and this host has {} available",
+                HumanBytes(hello.memory_bytes),
+                HumanBytes(available)
+            );
             if hello.memory_bytes > available {
-                refusals.push(format!(
-                    "the container uses {} of memory and this host has {} available",
-                    HumanBytes(hello.memory_bytes),
-                    HumanBytes(available)
-                ));
+                verdict.fail(MEMORY, room);
+            } else {
+                verdict.pass(MEMORY, room);
             }
         }
-        Err(e) => refusals.push(format!("cannot read this host's available memory: {e:#}")),
+        Err(e) => verdict.fail(
+            MEMORY,
+            format!("cannot read this host's available memory: {e:#}"),
+        ),
     }
 
     // Claiming the directory is the lock against a second migration of the
     // same id, so it comes last, and only when everything else passed; a
     // preflight alone claims nothing.
     let mut claimed = None;
-    if refusals.is_empty() && !hello.preflight_only {
+    if verdict.accepted() && !hello.preflight_only {
         match ContainerDir::claim(&daemon.state_dir, id) {
-            Ok(dir) => claimed = Some(dir),
-            Err(e) => refusals.push(format!("{e:#}")),
+            Ok(dir) => {
+                verdict.pass(CLAIM, format!("{} is this migration's", dir.root.display()));
+                claimed = Some(dir);
+            }
+            Err(e) => verdict.fail(CLAIM, format!("{e:#}")),
         }
     }
-    reply.accepted = refusals.is_empty();
-    reply.refusals = refusals;
+    reply.accepted = verdict.accepted();
+    (reply.checks, reply.refusals) = verdict.into_parts();
     Preflight { reply, claimed }
 }
 
-/// Bind sources the policy allows by their text that this host cannot
-/// give: missing, or resolving through a symlink outside the allowance.
-/// Both get one message, so that no answer tells a source whether a path
-/// outside the allowance exists; paths outside it are never looked up
-/// ([`Policy::check`] refuses them by their text). With
-/// `--allow-privileged` every path is allowed, and only existence counts.
-fn unusable_bind_sources(policy: &Policy, config: &BundleConfig) -> Vec<String> {
-    let mut unusable = Vec::new();
-    for source in config.bind_mount_sources() {
-        let usable = if policy.privileged() {
-            source.exists()
-        } else if policy.bind_allowed(&source) {
-            resolves_inside(policy, &source)
-        } else {
-            continue;
-        };
-        if !usable {
-            unusable.push(format!(
-                "bind mount source {} does not exist on this host or leads outside the host \
-                 paths containers may use ({})",
-                source.display(),
-                policy.bind_roots_text()
-            ));
+/// Passed with `detail()` when nothing is wrong, else failed for every
+/// reason.
+fn reasons_or(
+    reasons: Vec<String>,
+    detail: impl FnOnce() -> String,
+) -> Result<String, Vec<String>> {
+    if reasons.is_empty() {
+        Ok(detail())
+    } else {
+        Err(reasons)
+    }
+}
+
+/// `criu check`, and lazy pages for a lazy mode; `None` when CRIU is not
+/// usable and the mode is known, as nothing could be checked. An unknown
+/// mode is said even then.
+fn criu_features(
+    daemon: &Daemon,
+    hello: &Hello,
+    criu_usable: bool,
+    reply: &mut PreflightReply,
+) -> Option<Result<String, Vec<String>>> {
+    let mut reasons = Vec::new();
+    let mode = MemoryMode::try_from(hello.mode)
+        .ok()
+        .filter(|m| *m != MemoryMode::Invalid);
+    if mode.is_none() {
+        reasons.push(format!(
+            "memory mode {} is not one this destination knows",
+            hello.mode
+        ));
+    }
+    if !criu_usable {
+        return (!reasons.is_empty()).then_some(Err(reasons));
+    }
+    if let Err(e) = daemon.criu.check() {
+        reasons.push(e.to_string());
+    }
+    let mut detail = "criu check passes".to_owned();
+    if let Some(mode) = mode.filter(|m| m.is_lazy()) {
+        match checks::lazy_pages(daemon) {
+            Ok(()) => {
+                reply.lazy_pages = true;
+                detail.push_str(&format!(", and lazy pages work, which {mode:?} needs"));
+            }
+            Err(problem) => {
+                reasons.push(format!(
+                    "this host cannot restore with lazy pages, which {mode:?} needs: {problem}"
+                ));
+                reply.lazy_pages_problem = problem;
+            }
         }
     }
-    unusable
+    Some(reasons_or(reasons, || detail))
 }
 
-fn resolves_inside(policy: &Policy, source: &Path) -> bool {
-    std::fs::canonicalize(source).is_ok_and(|real| policy.bind_allowed(&real))
-}
-
-/// Whether a lazy restore can work here: userfaultfd with the events CRIU
-/// needs, and pipes large enough for its page transfer (raised when they are
-/// not, which needs root).
-fn lazy_pages(daemon: &Daemon) -> Result<(), String> {
-    if !daemon.criu.supports_lazy_pages() {
-        return Err("criu check --feature uffd-noncoop fails (no userfaultfd)".into());
+/// `criu cpuinfo check` of the source's image: can processes dumped on its
+/// CPU run on this one? `None` when CRIU is not usable to check an image.
+fn cpu(daemon: &Daemon, hello: &Hello, criu_usable: bool) -> Option<Result<String, Vec<String>>> {
+    if hello.cpuinfo.is_empty() {
+        return Some(Ok("not checked (the source sent no cpuinfo image)".into()));
     }
-    match ensure_pipe_max_size() {
-        Ok(PipeMaxSize::Enough(_)) => Ok(()),
-        Ok(PipeMaxSize::Raised { from, to }) => {
-            tracing::info!(
-                from,
-                to,
-                "raised fs.pipe-max-size: CRIU's lazy page transfer needs it"
-            );
-            Ok(())
-        }
-        Err(e) => Err(format!("{e:#}")),
+    if hello.cpuinfo.len() > MAX_CPUINFO_BYTES {
+        return Some(Err(vec![format!(
+            "the source's cpuinfo image is {} bytes, more than the {MAX_CPUINFO_BYTES} a \
+             destination takes",
+            hello.cpuinfo.len()
+        )]));
     }
+    if !criu_usable {
+        return None;
+    }
+    Some(match daemon.criu.cpuinfo_check(&hello.cpuinfo) {
+        Ok(()) => Ok("criu cpuinfo check accepts the source's CPU".into()),
+        Err(e) => Err(vec![e.to_string()]),
+    })
 }
 
-fn mem_available() -> Result<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-    parse_mem_available(&meminfo).context("no MemAvailable line in /proc/meminfo")
-}
-
-/// `MemAvailable` of a /proc/meminfo text, in bytes.
-fn parse_mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line
-        .trim_start_matches("MemAvailable:")
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
-}
-
-fn free_bytes(daemon: &Daemon) -> nix::Result<u64> {
-    let st = nix::sys::statvfs::statvfs(&daemon.state_dir)?;
-    Ok(st.blocks_available() * st.fragment_size())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_mem_available;
-
-    #[test]
-    fn mem_available_is_read_in_bytes() {
-        let meminfo =
-            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
-        assert_eq!(parse_mem_available(meminfo), Some(20_000_000 * 1024));
-        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
-        assert_eq!(parse_mem_available("MemAvailable: lots\n"), None);
-        assert_eq!(
-            parse_mem_available("MemAvailable: 18446744073709551615 kB\n"),
-            None
-        );
+/// Whether runc can create the container's cgroup here.
+fn cgroup(daemon: &Daemon, config: &BundleConfig, id: &str) -> Result<String, String> {
+    match checks::container_cgroup(daemon.cgroup_parent.as_deref(), config, id)? {
+        Some(cgroup) => checks::cgroup_setup(
+            Path::new(checks::CGROUP_ROOT),
+            &cgroup,
+            &checks::needed_controllers(config),
+        ),
+        None => Ok("not checked: the systemd cgroup driver places the container".into()),
     }
 }
