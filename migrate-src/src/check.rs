@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use migrate_common::certs::TlsDir;
-use migrate_common::protocol::{Body, ControlMessage, PreflightReply};
+use migrate_common::protocol::{Body, ControlMessage, PreflightCheck, PreflightReply};
 use serde::Serialize;
 
 use crate::freeze::{hello, inspect_and_choose};
@@ -31,6 +31,27 @@ pub struct Verdict {
     pub criu_version: String,
     pub runc_version: String,
     pub missing_layers: usize,
+    /// Every check the destination ran, in its order; empty from a
+    /// destination older than the items (its refusals say why it refused).
+    pub items: Vec<Item>,
+}
+
+/// One check the destination ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Item {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl From<PreflightCheck> for Item {
+    fn from(check: PreflightCheck) -> Self {
+        Self {
+            name: check.name,
+            ok: check.ok,
+            detail: check.detail,
+        }
+    }
 }
 
 /// Asks `opts.destination` about `opts.container_id`.
@@ -46,6 +67,7 @@ pub async fn preflight_only(opts: &MigrateOptions, tls: &TlsDir) -> Result<Verdi
         opts,
         &inspected.container,
         &inspected.criu_version,
+        inspected.cpuinfo.clone(),
         inspected.choice.mode,
         "",
     );
@@ -89,5 +111,6 @@ fn verdict(
         criu_version: reply.criu_version,
         runc_version: reply.runc_version,
         missing_layers: reply.missing_layers.len(),
+        items: reply.checks.into_iter().map(Item::from).collect(),
     }
 }

@@ -70,6 +70,7 @@ pub(crate) async fn freeze_and_send(
     let Inspected {
         container,
         criu_version,
+        cpuinfo,
         choice,
         pipe_note,
     } = inspect_and_choose(opts).await.map_err(Failure::Source)?;
@@ -106,6 +107,7 @@ pub(crate) async fn freeze_and_send(
         opts,
         &container,
         &criu_version,
+        cpuinfo,
         choice.mode,
         &session.migration_id,
     );
@@ -296,6 +298,9 @@ pub(crate) async fn freeze_and_send(
 pub(crate) struct Inspected {
     pub container: inspect::Container,
     pub criu_version: CriuVersion,
+    /// This host's `criu cpuinfo dump` image, for the destination's CPU
+    /// check.
+    pub cpuinfo: Vec<u8>,
     pub choice: ModeChoice,
     /// Said when this host's settings were changed for the mode.
     pub pipe_note: Option<String>,
@@ -310,12 +315,15 @@ pub(crate) async fn inspect_and_choose(opts: &MigrateOptions) -> anyhow::Result<
         opts.container_id.clone(),
         opts.mode,
     );
-    let (container, criu_version, caps, pipe_note) =
+    let (container, criu_version, cpuinfo, caps, pipe_note) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let container = inspect::inspect(&runc, &id)?;
             let version = criu.version().context("checking the source's CRIU")?;
+            let cpuinfo = criu
+                .cpuinfo_dump()
+                .context("recording this host's CPU for the destination's check")?;
             let (caps, note) = capabilities(&criu, requested);
-            Ok((container, version, caps, note))
+            Ok((container, version, cpuinfo, caps, note))
         })
         .await
         .context("inspecting the container")??;
@@ -323,6 +331,7 @@ pub(crate) async fn inspect_and_choose(opts: &MigrateOptions) -> anyhow::Result<
     Ok(Inspected {
         container,
         criu_version,
+        cpuinfo,
         choice,
         pipe_note,
     })
@@ -333,6 +342,7 @@ pub(crate) fn hello(
     opts: &MigrateOptions,
     container: &inspect::Container,
     criu_version: &CriuVersion,
+    cpuinfo: Vec<u8>,
     mode: MemoryMode,
     migration_id: &str,
 ) -> Hello {
@@ -349,6 +359,7 @@ pub(crate) fn hello(
         migration_id: migration_id.to_owned(),
         criu_options: opts.criu_options.names(),
         preflight_only: false,
+        cpuinfo,
     }
 }
 
