@@ -5,7 +5,9 @@
 
 mod support;
 
-use migrate_common::protocol::{CheckpointSent, Hello, LayerInfo, PROTOCOL_VERSION};
+use migrate_common::protocol::{
+    CheckpointSent, Hello, LayerInfo, MAX_CPUINFO_BYTES, PROTOCOL_VERSION,
+};
 use support::{connect, hello, preflight, runc_spec, start_daemon, Setup};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,6 +148,85 @@ async fn a_container_bigger_than_available_memory_is_refused() {
         reply.refusals.iter().any(|r| r.contains("available")),
         "{reply:?}"
     );
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    daemon.abort();
+}
+
+/// Every check leaves an item, in a fixed order; a check that passed says
+/// what it found.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_check_leaves_an_item_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        working_tools: true,
+        ..Setup::default()
+    };
+    let (port, daemon) = start_daemon(dir.path(), setup).await;
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let question = Hello {
+        preflight_only: true,
+        ..hello("web1", &runc_spec().to_string())
+    };
+    let reply = preflight(&mut control, question).await;
+    assert!(reply.accepted, "{reply:#?}");
+    let names: Vec<&str> = reply.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "protocol",
+            "container id",
+            "criu version",
+            "criu features",
+            "criu options",
+            "cpu",
+            "runc",
+            "existing container",
+            "policy",
+            "bind sources",
+            "cgroup",
+            "layers",
+            "disk",
+            "memory",
+        ]
+    );
+    assert!(
+        reply.checks.iter().all(|c| c.ok && !c.detail.is_empty()),
+        "{reply:#?}"
+    );
+    let cpu = &reply.checks[5];
+    assert_eq!(
+        cpu.detail, "not checked (the source sent no cpuinfo image)",
+        "an old source sends none"
+    );
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+    daemon.abort();
+}
+
+/// A cpuinfo image beyond the bound is refused without being written.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_cpuinfo_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        working_tools: true,
+        ..Setup::default()
+    };
+    let (port, daemon) = start_daemon(dir.path(), setup).await;
+    let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
+    let question = Hello {
+        cpuinfo: vec![0; MAX_CPUINFO_BYTES + 1],
+        preflight_only: true,
+        ..hello("web1", &runc_spec().to_string())
+    };
+    let reply = preflight(&mut control, question).await;
+    assert!(!reply.accepted);
+    let cpu = reply.checks.iter().find(|c| c.name == "cpu").unwrap();
+    assert!(
+        !cpu.ok && cpu.detail.contains("more than the 65536"),
+        "{cpu:?}"
+    );
+    assert_eq!(reply.refusals, [cpu.detail.clone()]);
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     daemon.abort();

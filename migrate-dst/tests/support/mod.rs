@@ -1,5 +1,6 @@
 //! The destination daemon and a source-side client together, in-process on
-//! loopback with freshly generated certificates; no root, CRIU or runc.
+//! loopback with freshly generated certificates; no root, CRIU or runc,
+//! unless a test asks for the real CRIU ([`Setup::real_criu`]).
 
 // Each test binary uses its own part of these helpers.
 #![allow(clippy::unwrap_used, dead_code)]
@@ -33,6 +34,9 @@ pub struct Setup {
     /// the policy's refusals are the only ones; otherwise tools that do not
     /// exist, and this destination can restore nothing.
     pub working_tools: bool,
+    /// With `working_tools`: the installed `criu` instead of its stand-in,
+    /// for the checks only CRIU itself can answer (the CPU's); needs root.
+    pub real_criu: bool,
 }
 
 impl Default for Setup {
@@ -42,6 +46,7 @@ impl Default for Setup {
             src_role: Role::Source,
             policy: allowing(&[SOURCE]),
             working_tools: false,
+            real_criu: false,
         }
     }
 }
@@ -72,7 +77,12 @@ pub async fn start_daemon(
     .unwrap();
     let port = endpoint.local_addr().unwrap().port();
     let (runc, criu) = if setup.working_tools {
-        (fake_tool(dir, "runc", RUNC), fake_tool(dir, "criu", CRIU))
+        let criu = if setup.real_criu {
+            "criu".into()
+        } else {
+            fake_tool(dir, "criu", CRIU)
+        };
+        (fake_tool(dir, "runc", RUNC), criu)
     } else {
         ("/nonexistent/runc".into(), "/nonexistent/criu".into())
     };
