@@ -146,6 +146,19 @@ enum Command {
                             migrate resolve web1 --to dst.example:7070 --json\n  \
                             migrate resolve web1 --go-back")]
     Resolve(ResolveArgs),
+    /// Ask destinations whether they would take containers, and why not:
+    /// the preflight alone, a verdict per item (versions, CRIU features,
+    /// CPU, disk, memory, layers, bind sources, cgroup, policy). Nothing is
+    /// frozen or claimed.
+    #[command(
+        after_help = "Exit status: 0 every container would move to every destination; 1 \
+                            some would not, or could not be checked.\n\n\
+                            Examples:\n  \
+                            migrate check web1 --to dst.example:7070\n  \
+                            migrate check --to dst1.example:7070 --to dst2.example:7070 --json   \
+                            (every running container)"
+    )]
+    Check(cli_check::CheckArgs),
     /// Print a completion script for SHELL to stdout.
     #[command(
         after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
@@ -282,6 +295,10 @@ fn main() -> ExitCode {
         Some(Command::Resolve(args)) => {
             init_logging();
             return resolve(args);
+        }
+        Some(Command::Check(args)) => {
+            init_logging();
+            return cli_check::run(args);
         }
         None => {}
     }
@@ -465,5 +482,6 @@ fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     }
 }
 
+mod cli_check;
 #[cfg(test)]
 mod cli_tests;
