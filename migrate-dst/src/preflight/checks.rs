@@ -104,10 +104,13 @@ pub(crate) fn container_cgroup(
     Ok(Some(format!("{}/{path}", own.trim_end_matches('/'))))
 }
 
-/// The cgroup v2 path in a /proc/self/cgroup text.
+/// The cgroup v2 path in a /proc/self/cgroup text; on a v1-only host, the
+/// first hierarchy's (a daemon is in the same path in each, as systemd
+/// places it).
 fn own_cgroup(text: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
+        .or_else(|| text.lines().next()?.splitn(3, ':').nth(2))
         .map(str::to_owned)
 }
 
@@ -169,31 +172,39 @@ pub(crate) fn needed_controllers(config: &BundleConfig) -> Vec<String> {
     needed
 }
 
-/// Whether runc can create `cgroup` (a path under the cgroup v2 mount
-/// `root`) with the `needed` controllers: the parent exists with them
-/// enabled for its children or available to enable, or the nearest
-/// existing ancestor is writable and has them available (runc creates the
-/// rest and enables them on the way); and no process already runs in it.
+/// Whether runc can create `cgroup` with the `needed` controllers under
+/// `root`, where cgroup v2 or the v1 hierarchies are mounted, and no
+/// process already runs in it.
 pub(crate) fn cgroup_setup(root: &Path, cgroup: &str, needed: &[String]) -> Result<String, String> {
-    if !root.join("cgroup.controllers").exists() {
-        return Ok(format!(
-            "not checked: no cgroup v2 hierarchy at {} (on cgroup v1 runc sets the cgroups up)",
+    let relative = cgroup.trim_start_matches('/');
+    if root.join("cgroup.controllers").exists() {
+        return v2_setup(root, relative, needed);
+    }
+    let hierarchies: Vec<PathBuf> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect();
+    if hierarchies.is_empty() {
+        return Err(format!(
+            "no cgroup hierarchy is mounted at {}: runc cannot create the container's cgroup",
             root.display()
         ));
     }
-    let relative = cgroup.trim_start_matches('/');
+    v1_setup(root, relative, needed)
+}
+
+/// cgroup v2: the parent exists with the controllers enabled for its
+/// children or available to enable, or the nearest existing ancestor is
+/// writable and has them available (runc creates the rest and enables them
+/// on the way).
+fn v2_setup(root: &Path, relative: &str, needed: &[String]) -> Result<String, String> {
     let own = root.join(relative);
-    if std::fs::read_to_string(own.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()) {
-        return Err(format!(
-            "cgroup {} already exists on this host with processes in it",
-            own.display()
-        ));
-    }
+    busy(&own)?;
     let parent = own.parent().unwrap_or(root).to_owned();
-    let mut existing: PathBuf = parent.clone();
-    while !existing.is_dir() && existing != root {
-        existing = existing.parent().unwrap_or(root).to_owned();
-    }
+    let existing = nearest_existing(&parent, root);
     let listed = |file: &str| -> Vec<String> {
         std::fs::read_to_string(existing.join(file))
             .unwrap_or_default()
@@ -222,14 +233,7 @@ pub(crate) fn cgroup_setup(root: &Path, cgroup: &str, needed: &[String]) -> Resu
             }
         ));
     }
-    let creates = existing != parent;
-    if creates && nix::unistd::access(&existing, nix::unistd::AccessFlags::W_OK).is_err() {
-        reasons.push(format!(
-            "{} does not exist and {} is not writable, so runc cannot create it",
-            parent.display(),
-            existing.display()
-        ));
-    }
+    reasons.extend(unwritable(&parent, &existing));
     if !reasons.is_empty() {
         return Err(reasons.join("; "));
     }
@@ -238,15 +242,85 @@ pub(crate) fn cgroup_setup(root: &Path, cgroup: &str, needed: &[String]) -> Resu
     } else {
         format!("controllers {} available", needed.join(", "))
     };
-    Ok(if creates {
+    Ok(if existing != parent {
         format!(
-            "{} can be created under {} ({controllers})",
+            "cgroup v2: {} can be created under {} ({controllers})",
             own.display(),
             existing.display()
         )
     } else {
-        format!("{} can be created ({controllers})", own.display())
+        format!(
+            "cgroup v2: {} can be created ({controllers})",
+            own.display()
+        )
     })
+}
+
+/// cgroup v1: every needed controller has its hierarchy mounted, where the
+/// cgroup is free and its parent exists or can be created.
+fn v1_setup(root: &Path, relative: &str, needed: &[String]) -> Result<String, String> {
+    let mut reasons = Vec::new();
+    for controller in needed {
+        let hierarchy = root.join(controller);
+        if !hierarchy.join("cgroup.procs").exists() {
+            reasons.push(format!(
+                "the container's resources need the {controller} controller, and no cgroup v1 \
+                 hierarchy of it is mounted at {}",
+                hierarchy.display()
+            ));
+            continue;
+        }
+        let own = hierarchy.join(relative);
+        if let Err(reason) = busy(&own) {
+            reasons.push(reason);
+        }
+        let parent = own.parent().unwrap_or(&hierarchy).to_owned();
+        reasons.extend(unwritable(&parent, &nearest_existing(&parent, &hierarchy)));
+    }
+    if !reasons.is_empty() {
+        return Err(reasons.join("; "));
+    }
+    Ok(if needed.is_empty() {
+        format!("cgroup v1: /{relative} needs no controller")
+    } else {
+        format!(
+            "cgroup v1: /{relative} can be created in the {} hierarchies",
+            needed.join(", ")
+        )
+    })
+}
+
+/// Refuses a cgroup that exists with processes in it: the restored
+/// container would share it.
+fn busy(cgroup: &Path) -> Result<(), String> {
+    if std::fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()) {
+        return Err(format!(
+            "cgroup {} already exists on this host with processes in it",
+            cgroup.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `dir` or its nearest ancestor that exists, no higher than `root`.
+fn nearest_existing(dir: &Path, root: &Path) -> PathBuf {
+    let mut existing = dir.to_owned();
+    while !existing.is_dir() && existing != root {
+        existing = existing.parent().unwrap_or(root).to_owned();
+    }
+    existing
+}
+
+/// Why runc could not create `parent` below `existing`, if it could not.
+fn unwritable(parent: &Path, existing: &Path) -> Option<String> {
+    (existing != parent && nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK).is_err())
+        .then(|| {
+            format!(
+                "{} does not exist and {} is not writable, so runc cannot create it",
+                parent.display(),
+                existing.display()
+            )
+        })
 }
 
 /// Bind sources the policy allows by their text that this host cannot
@@ -275,6 +349,24 @@ pub(crate) fn unusable_bind_sources(policy: &Policy, config: &BundleConfig) -> V
         }
     }
     unusable
+}
+
+/// What the bind sources check found when every source it looked up is
+/// usable.
+pub(crate) fn bind_sources_found(policy: &Policy, config: &BundleConfig) -> String {
+    let sources = config.bind_mount_sources();
+    let outside = sources
+        .iter()
+        .filter(|s| !policy.privileged() && !policy.bind_allowed(s))
+        .count();
+    match (sources.len() - outside, outside) {
+        (0, 0) => "no bind mount".into(),
+        (here, 0) => format!("{here} bind mount source(s), all here"),
+        (here, outside) => format!(
+            "{here} bind mount source(s) here; {outside} outside the allowance, not looked up \
+             (see policy)"
+        ),
+    }
 }
 
 fn resolves_inside(policy: &Policy, source: &Path) -> bool {
@@ -415,17 +507,21 @@ mod tests {
         assert_eq!(container_cgroup(None, &systemd, "web1").unwrap(), None);
         assert!(container_cgroup(Some("/migrate"), &systemd, "web1").is_err());
         assert_eq!(
+            own_cgroup("2:cpu:/a\n1:name=systemd:/a\n").as_deref(),
+            Some("/a")
+        );
+        assert_eq!(
             own_cgroup("0::/system.slice/migrate-dst.service\n").as_deref(),
             Some("/system.slice/migrate-dst.service")
         );
     }
 
     #[test]
-    fn cgroup_setup_needs_v2_the_controllers_and_a_free_cgroup() {
+    fn cgroup_setup_on_v2_needs_the_controllers_and_a_free_cgroup() {
         let root = tempfile::tempdir().unwrap();
         let root = root.path();
-        let v1 = cgroup_setup(root, "/migrate/web1", &["memory".into()]).unwrap();
-        assert!(v1.starts_with("not checked"), "{v1}");
+        let nothing = cgroup_setup(root, "/migrate/web1", &[]).unwrap_err();
+        assert!(nothing.contains("no cgroup hierarchy"), "{nothing}");
 
         std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
         std::fs::write(root.join("cgroup.subtree_control"), "memory\n").unwrap();
@@ -449,6 +545,26 @@ mod tests {
 
         std::fs::write(root.join("migrate/web1/cgroup.procs"), "4242\n").unwrap();
         let busy = cgroup_setup(root, "/migrate/web1", &[]).unwrap_err();
+        assert!(busy.contains("with processes in it"), "{busy}");
+    }
+
+    #[test]
+    fn cgroup_setup_on_v1_needs_the_hierarchies() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        for hierarchy in ["memory", "freezer"] {
+            std::fs::create_dir_all(root.join(hierarchy)).unwrap();
+            std::fs::write(root.join(hierarchy).join("cgroup.procs"), "1\n").unwrap();
+        }
+        let none = cgroup_setup(root, "/migrate/web1", &[]).unwrap();
+        assert!(none.contains("needs no controller"), "{none}");
+        let memory = cgroup_setup(root, "/migrate/web1", &["memory".into()]).unwrap();
+        assert!(memory.contains("memory hierarchies"), "{memory}");
+        let pids = cgroup_setup(root, "/migrate/web1", &["pids".into()]).unwrap_err();
+        assert!(pids.contains("pids controller"), "{pids}");
+        std::fs::create_dir_all(root.join("memory/migrate/web1")).unwrap();
+        std::fs::write(root.join("memory/migrate/web1/cgroup.procs"), "4242\n").unwrap();
+        let busy = cgroup_setup(root, "/migrate/web1", &["memory".into()]).unwrap_err();
         assert!(busy.contains("with processes in it"), "{busy}");
     }
 }
