@@ -1,0 +1,178 @@
+//! `migrate check` between the two namespace hosts: the preflight alone,
+//! a verdict per item, and nothing frozen, claimed or recorded.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use migrate_e2e::checks::{
+    assert_running_on_source_unchanged, assert_work_dir_clean, stderr, wait_for_ticks, GAME,
+};
+use migrate_e2e::{bin, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT};
+
+/// The items a destination reports, in its order.
+const ITEMS: [&str; 14] = [
+    "protocol",
+    "container id",
+    "criu version",
+    "criu features",
+    "criu options",
+    "cpu",
+    "runc",
+    "existing container",
+    "policy",
+    "bind sources",
+    "cgroup",
+    "layers",
+    "disk",
+    "memory",
+];
+
+/// `migrate check` of `container` against the lab's destination, run on
+/// the source host, while a watcher looks for the container's cgroup
+/// frozen at any moment (cgroup v2's `cgroup.events`, or the v1 freezer's
+/// state); returns the output and whether it ever was.
+fn check(lab: &Lab, container: &SourceContainer, extra: &[&str]) -> (Output, bool) {
+    let cgroup = format!("migrate-e2e-{}-src/{}", lab.n, container.id);
+    let v2 = Path::new("/sys/fs/cgroup")
+        .join(&cgroup)
+        .join("cgroup.events");
+    let v1 = Path::new("/sys/fs/cgroup/freezer")
+        .join(&cgroup)
+        .join("freezer.state");
+    let (state, frozen_line) = if v2.exists() {
+        (v2, "frozen 1")
+    } else {
+        (v1, "FROZEN")
+    };
+    assert!(state.exists(), "no {}", state.display());
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut frozen = false;
+            while !done.load(Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&state).unwrap_or_default();
+                // FREEZING too: on its way to frozen.
+                frozen |= text.lines().any(|l| l == frozen_line || l == "FREEZING");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            frozen
+        })
+    };
+    let out = lab
+        .hosts
+        .on(&lab.hosts.src, &bin("migrate"))
+        .arg("check")
+        .arg(&container.id)
+        .arg("--to")
+        .arg(format!("{DST_ADDR}:{DST_PORT}"))
+        .arg("--tls-dir")
+        .arg(&lab.tls_src)
+        .arg("--runc-root")
+        .arg(&container.runc_root)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    done.store(true, Ordering::Relaxed);
+    stderr(&out);
+    (out, watcher.join().unwrap())
+}
+
+/// Nothing of a check is left anywhere: the container runs on the source
+/// as it did, and neither host has a record, a work dir or a claim of it.
+fn assert_untouched(lab: &Lab, dst: &Destination, container: &SourceContainer, pid: u64) {
+    let before = wait_for_ticks(container, 1);
+    assert_eq!(container.state().unwrap()["status"], "running");
+    assert_running_on_source_unchanged(container, pid, &before);
+    assert!(
+        !dst.container_dir(&container.id).exists(),
+        "the destination claimed {}",
+        container.id
+    );
+    assert!(dst.runc(&["state", &container.id]).stdout.is_empty());
+    assert!(
+        lab.source_phase(&container.id).is_none(),
+        "the source recorded a migration"
+    );
+    assert_work_dir_clean(lab);
+}
+
+#[test]
+fn check_reports_every_item_and_moves_nothing() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("check1", GAME);
+    wait_for_ticks(&container, 2);
+    let pid = container.pid().unwrap();
+
+    let (out, frozen) = check(&lab, &container, &["--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["version"], 1);
+    assert_eq!(report["accepted"], true, "{report:#}");
+    let verdicts = report["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 1, "{report:#}");
+    let verdict = &verdicts[0];
+    assert_eq!(verdict["container"], "check1");
+    assert_eq!(verdict["destination"], format!("{DST_ADDR}:{DST_PORT}"));
+    let items = verdict["items"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ITEMS, "{report:#}");
+    for item in items {
+        assert_eq!(item["ok"], true, "{item}");
+        assert!(!item["detail"].as_str().unwrap().is_empty(), "{item}");
+    }
+    // The source sent its CPU, and this host's CRIU took it.
+    let cpu = &items[5]["detail"];
+    assert!(cpu.as_str().unwrap().contains("accepts"), "{cpu}");
+
+    assert!(!frozen, "the container was frozen during the check");
+    assert_untouched(&lab, &dst, &container, pid);
+}
+
+#[test]
+fn a_bind_source_the_policy_refuses_fails_its_item() {
+    let lab = Lab::new();
+    let shared = lab.path("shared");
+    let other = lab.path("other");
+    for dir in [&shared, &other] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let dst = lab.start_destination(&["--allow-bind", other.to_str().unwrap()]);
+    let container = lab.start_container_binding("check2", GAME, &[(&shared, "/shared")]);
+    wait_for_ticks(&container, 2);
+    let pid = container.pid().unwrap();
+
+    let (out, frozen) = check(&lab, &container, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("--- stdout:\n{stdout}---");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let policy = stdout
+        .lines()
+        .find(|l| l.contains(" policy: "))
+        .unwrap_or_else(|| panic!("no policy item:\n{stdout}"));
+    assert!(policy.starts_with("  ✗ policy: "), "{policy}");
+    assert!(
+        policy.contains(&format!("bind mount source {}", shared.display())),
+        "{policy}"
+    );
+    assert!(policy.contains("--allow-bind"), "{policy}");
+    // Every other item passed, and the verdict says why it would not move.
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("  ✗")).collect();
+    assert_eq!(failed, [policy], "{stdout}");
+    assert!(stdout.contains("✓ cpu: "), "{stdout}");
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("  would not move: bind mount source"),
+        "{last}"
+    );
+
+    assert!(!frozen, "the container was frozen during the check");
+    assert_untouched(&lab, &dst, &container, pid);
+}
