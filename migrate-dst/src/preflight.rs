@@ -251,15 +251,11 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
                     "the config asks for nothing beyond this destination's policy".into()
                 }),
             );
-            let sources = config.bind_mount_sources().len();
             verdict.record(
                 BIND_SOURCES,
                 reasons_or(
                     checks::unusable_bind_sources(&daemon.policy, &config),
-                    || match sources {
-                        0 => "no bind mount".into(),
-                        n => format!("{n} bind mount source(s), all here"),
-                    },
+                    || checks::bind_sources_found(&daemon.policy, &config),
                 ),
             );
             verdict.record(CGROUP, cgroup(daemon, &config, id).map_err(|r| vec![r]));

@@ -60,7 +60,11 @@ async fn another_cpu_is_refused_with_crius_reason() {
     // CRIU's own words, from its cpu.c.
     assert!(cpu.detail.contains("Error (criu/arch/x86/cpu.c"), "{cpu:?}");
     // That is the only reason: everything else about the host is fine.
-    assert_eq!(reply.refusals, [cpu.detail.clone()], "{reply:#?}");
+    assert_eq!(
+        reply.refusals,
+        std::slice::from_ref(&cpu.detail),
+        "{reply:#?}"
+    );
     assert!(
         reply.checks.iter().all(|c| c.ok || c.name == "cpu"),
         "{reply:#?}"
