@@ -15,12 +15,16 @@
 //! ```text
 //!  source (migrate)                                  destination (migrate-dst)
 //!  ----------------                                  -------------------------
-//!  Hello{version, id, mode, config, layers, sizes} ─► admit: the certificate's name
+//!  Hello{version, id, mode, config, layers, sizes,
+//!        cpuinfo} ─────────────────────────────────► admit: the certificate's name
 //!                                                     in --allow (else refused);
 //!                                                     preflight: criu check, runc,
-//!                                                     lazy pages, disk, id, layers,
-//!                                                     the config within the policy
-//!                       ◄── PreflightReply{accepted | refusals, missing layers}
+//!                                                     lazy pages, cpuinfo check,
+//!                                                     disk, memory, id, layers,
+//!                                                     cgroup, the config within
+//!                                                     the policy
+//!                       ◄── PreflightReply{accepted | refusals, checks, missing layers}
+//!  (preflight_only: stop here, nothing claimed)
 //!  (refused: stop here, container untouched)
 //!  data: Layer(digest)…,  LayersSent ──────────────► unpack into the layer store,
 //!                       ◄── LayersReady               verify digests
