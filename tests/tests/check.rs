@@ -31,11 +31,11 @@ const ITEMS: [&str; 14] = [
     "memory",
 ];
 
-/// `migrate check` of `container` against the lab's destination, run on
-/// the source host, while a watcher looks for the container's cgroup
+/// `migrate check` of `container` (named, or as the only container of its
+/// runc root) against the lab's destination, run on the source host, while a watcher looks for the container's cgroup
 /// frozen at any moment (cgroup v2's `cgroup.events`, or the v1 freezer's
 /// state); returns the output and whether it ever was.
-fn check(lab: &Lab, container: &SourceContainer, extra: &[&str]) -> (Output, bool) {
+fn check(lab: &Lab, container: &SourceContainer, named: bool, extra: &[&str]) -> (Output, bool) {
     let cgroup = format!("migrate-e2e-{}-src/{}", lab.n, container.id);
     let v2 = Path::new("/sys/fs/cgroup")
         .join(&cgroup)
@@ -67,7 +67,7 @@ fn check(lab: &Lab, container: &SourceContainer, extra: &[&str]) -> (Output, boo
         .hosts
         .on(&lab.hosts.src, &bin("migrate"))
         .arg("check")
-        .arg(&container.id)
+        .args(named.then_some(&container.id))
         .arg("--to")
         .arg(format!("{DST_ADDR}:{DST_PORT}"))
         .arg("--tls-dir")
@@ -110,7 +110,7 @@ fn check_reports_every_item_and_moves_nothing() {
     wait_for_ticks(&container, 2);
     let pid = container.pid().unwrap();
 
-    let (out, frozen) = check(&lab, &container, &["--json"]);
+    let (out, frozen) = check(&lab, &container, true, &["--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -133,6 +133,19 @@ fn check_reports_every_item_and_moves_nothing() {
     assert!(cpu.as_str().unwrap().contains("accepts"), "{cpu}");
 
     assert!(!frozen, "the container was frozen during the check");
+
+    // No id: every running container of the runc root, here the one.
+    let (out, frozen) = check(&lab, &container, false, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("check1 → "), "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("  ✓ ")).count(),
+        ITEMS.len(),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().last(), Some("  would move"), "{stdout}");
+    assert!(!frozen, "the container was frozen during the check");
     assert_untouched(&lab, &dst, &container, pid);
 }
 
@@ -149,7 +162,7 @@ fn a_bind_source_the_policy_refuses_fails_its_item() {
     wait_for_ticks(&container, 2);
     let pid = container.pid().unwrap();
 
-    let (out, frozen) = check(&lab, &container, &[]);
+    let (out, frozen) = check(&lab, &container, true, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("--- stdout:\n{stdout}---");
     assert_eq!(out.status.code(), Some(1), "{stdout}");
