@@ -285,8 +285,14 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
         reasons_or(bad_digests, || match reply.missing_layers.len() {
             0 => format!("all {} in the store here", hello.layers.len()),
             n => format!(
-                "{n} of {} missing here, {} to send",
+                "{n} of {} missing here ({}), {} to send",
                 hello.layers.len(),
+                reply
+                    .missing_layers
+                    .iter()
+                    .map(|d| short_digest(d))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 HumanBytes(missing_bytes)
             ),
         }),
@@ -351,6 +357,15 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     reply.accepted = verdict.accepted();
     (reply.checks, reply.refusals) = verdict.into_parts();
     Preflight { reply, claimed }
+}
+
+/// A layer digest as people compare them: its first hex digits.
+fn short_digest(digest: &str) -> &str {
+    let end = digest
+        .char_indices()
+        .nth("b3:".len() + 12)
+        .map_or(digest.len(), |(at, _)| at);
+    &digest[..end]
 }
 
 /// Passed with `detail()` when nothing is wrong, else failed for every
