@@ -232,7 +232,9 @@ fn human(v: &Verdict) -> String {
     )];
     for item in &v.items {
         let mark = if item.ok { "✓" } else { "✗" };
-        lines.push(format!("  {mark} {}: {}", item.name, item.detail));
+        // A tool's output in a detail keeps its lines, under the item.
+        let detail = item.detail.replace('\n', "\n      ");
+        lines.push(format!("  {mark} {}: {detail}", item.name));
     }
     // A destination older than the items gives only its refusals.
     if v.items.is_empty() {
@@ -292,6 +294,14 @@ mod tests {
             text,
             "web1 → dst.example:7070 (dst): 64.00 MiB memory, 4.00 KiB of rootfs changes, \
              pre-copy\n  ✓ protocol: version 4\n  ✗ policy: a hook\n  would not move: a hook"
+        );
+        let cpu = human(&verdict(
+            vec![item("cpu", false, "refused:\nError (cpu.c:262)")],
+            &["refused:\nError (cpu.c:262)"],
+        ));
+        assert!(
+            cpu.contains("\n  ✗ cpu: refused:\n      Error (cpu.c:262)\n"),
+            "{cpu}"
         );
         let accepted = human(&verdict(vec![item("disk", true, "room")], &[]));
         assert!(

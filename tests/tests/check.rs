@@ -1,10 +1,12 @@
 //! `migrate check` between the two namespace hosts: the preflight alone,
-//! a verdict per item, and nothing frozen, claimed or recorded.
+//! a verdict per item, and nothing frozen, claimed or recorded; and the
+//! CPU check, which migrations pass too, refusing a source whose CPU the
+//! destination's cannot stand in for before anything is frozen.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -32,10 +34,29 @@ const ITEMS: [&str; 14] = [
 ];
 
 /// `migrate check` of `container` (named, or as the only container of its
-/// runc root) against the lab's destination, run on the source host, while a watcher looks for the container's cgroup
-/// frozen at any moment (cgroup v2's `cgroup.events`, or the v1 freezer's
-/// state); returns the output and whether it ever was.
+/// runc root) against the lab's destination, run on the source host.
 fn check(lab: &Lab, container: &SourceContainer, named: bool, extra: &[&str]) -> (Output, bool) {
+    let mut cmd = lab.hosts.on(&lab.hosts.src, &bin("migrate"));
+    cmd.arg("check")
+        .args(named.then_some(&container.id))
+        .arg("--to")
+        .arg(format!("{DST_ADDR}:{DST_PORT}"))
+        .arg("--tls-dir")
+        .arg(&lab.tls_src)
+        .arg("--runc-root")
+        .arg(&container.runc_root)
+        .args(extra);
+    watching_the_freezer(lab, container, cmd)
+}
+
+/// Runs `cmd` while a watcher looks for `container`'s cgroup frozen at any
+/// moment (cgroup v2's `cgroup.events`, or the v1 freezer's state);
+/// returns its output and whether the container ever was frozen.
+fn watching_the_freezer(
+    lab: &Lab,
+    container: &SourceContainer,
+    mut cmd: Command,
+) -> (Output, bool) {
     let cgroup = format!("migrate-e2e-{}-src/{}", lab.n, container.id);
     let v2 = Path::new("/sys/fs/cgroup")
         .join(&cgroup)
@@ -63,21 +84,7 @@ fn check(lab: &Lab, container: &SourceContainer, named: bool, extra: &[&str]) ->
             frozen
         })
     };
-    let out = lab
-        .hosts
-        .on(&lab.hosts.src, &bin("migrate"))
-        .arg("check")
-        .args(named.then_some(&container.id))
-        .arg("--to")
-        .arg(format!("{DST_ADDR}:{DST_PORT}"))
-        .arg("--tls-dir")
-        .arg(&lab.tls_src)
-        .arg("--runc-root")
-        .arg(&container.runc_root)
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
     done.store(true, Ordering::Relaxed);
     stderr(&out);
     (out, watcher.join().unwrap())
@@ -187,5 +194,55 @@ fn a_bind_source_the_policy_refuses_fails_its_item() {
     );
 
     assert!(!frozen, "the container was frozen during the check");
+    assert_untouched(&lab, &dst, &container, pid);
+}
+
+/// A CRIU for the source that reports the recorded CPU of another machine
+/// (testdata/knights-mill-cpuinfo.img in migrate-dst) and is the real CRIU
+/// otherwise.
+fn criu_on_another_cpu(lab: &Lab) -> std::path::PathBuf {
+    let image = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrate-dst/tests/testdata/knights-mill-cpuinfo.img");
+    assert!(image.exists(), "no {}", image.display());
+    let wrapper = lab.path("criu-on-another-cpu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1 $2 $3\" = 'cpuinfo dump -D' ]; then exec cp '{}' \"$4/cpuinfo.img\"; fi\n\
+             exec criu \"$@\"\n",
+            image.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    wrapper
+}
+
+#[test]
+fn a_migration_from_another_cpu_is_refused_before_anything_is_frozen() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let container = lab.start_container("cpu1", GAME);
+    wait_for_ticks(&container, 2);
+    let pid = container.pid().unwrap();
+    let criu = criu_on_another_cpu(&lab);
+
+    let cmd = lab.migrate_command(&container, &["--criu", criu.to_str().unwrap()]);
+    let (out, frozen) = watching_the_freezer(&lab, &container, cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the destination refused the migration"),
+        "{err}"
+    );
+    assert!(err.contains("criu cpuinfo check"), "{err}");
+    // CRIU's own reason, from the destination's `criu cpuinfo check`.
+    assert!(err.contains("Error (criu/arch/x86/cpu.c"), "{err}");
+    assert!(!frozen, "the container was frozen before the refusal");
     assert_untouched(&lab, &dst, &container, pid);
 }
