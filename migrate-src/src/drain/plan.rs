@@ -8,10 +8,13 @@
 //! the rootfs land there). Among those, the one with the most memory left
 //! wins; memory within [`MEMORY_TIE`] counts as a tie, broken by fewer
 //! containers placed there so far (so that equal hosts share the work),
-//! then by more disk left, then by the order of `--to`.
+//! then by more disk left (within [`DISK_TIE`] a tie), then by the order of
+//! `--to`.
 
 /// Memory differences below this are noise between hosts' readings.
 pub const MEMORY_TIE: u64 = 256 << 20;
+/// Free disk differences below this are noise too.
+pub const DISK_TIE: u64 = 1 << 30;
 
 /// One destination's preflight answer about one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,11 +182,19 @@ fn place_one(candidate: &Candidate, rooms: &mut [Room]) -> Placement {
 /// The best of `fitting` (indices into `rooms`, in `--to` order).
 fn pick<'a>(fitting: &'a [(usize, &'a str)], rooms: &[Room]) -> Option<&'a (usize, &'a str)> {
     let most_memory = fitting.iter().map(|(i, _)| rooms[*i].memory).max()?;
-    fitting
+    let near: Vec<&(usize, &str)> = fitting
         .iter()
         .filter(|(i, _)| rooms[*i].memory >= most_memory.saturating_sub(MEMORY_TIE))
-        // min_by_key keeps the first of equals: the earlier --to.
-        .min_by_key(|(i, _)| (rooms[*i].placed, std::cmp::Reverse(rooms[*i].disk)))
+        .collect();
+    let fewest = near.iter().map(|(i, _)| rooms[*i].placed).min()?;
+    let least_used: Vec<&(usize, &str)> = near
+        .into_iter()
+        .filter(|(i, _)| rooms[*i].placed == fewest)
+        .collect();
+    let most_disk = least_used.iter().map(|(i, _)| rooms[*i].disk).max()?;
+    least_used
+        .into_iter()
+        .find(|(i, _)| rooms[*i].disk >= most_disk.saturating_sub(DISK_TIE))
 }
 
 #[cfg(test)]
@@ -270,6 +281,19 @@ mod tests {
             ],
         )]);
         assert_eq!(destinations(&plan), ["b"]);
+    }
+
+    #[test]
+    fn small_differences_in_disk_are_a_tie() {
+        let plan = place(&[candidate(
+            "c1",
+            1 << 20,
+            vec![
+                yes("a", 8 * GIB, 50 * GIB),
+                yes("b", 8 * GIB, 50 * GIB + (4 << 20)),
+            ],
+        )]);
+        assert_eq!(destinations(&plan), ["a"]);
     }
 
     #[test]
