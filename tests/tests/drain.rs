@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use migrate_e2e::checks::{
-    assert_running_on_source_unchanged, counter, stderr, wait_for_ticks, GAME,
+    assert_running_on_source_unchanged, counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
 };
 use migrate_e2e::drain::{first_destination, second_destination, TwoDestinations};
 use migrate_e2e::{bin, runc_exec, wait_until, Destination, Lab, SourceContainer};
@@ -325,10 +325,14 @@ fn parallel_2_runs_two_migrations_at_once() {
         .unwrap();
     let done = AtomicBool::new(false);
     let most = AtomicUsize::new(0);
+    let seen_frozen = AtomicBool::new(false);
     let out = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(Ordering::SeqCst) {
                 most.fetch_max(records_under_way(&lab), Ordering::SeqCst);
+                if game1.frozen() || game2.frozen() {
+                    seen_frozen.store(true, Ordering::SeqCst);
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
@@ -425,6 +429,140 @@ fn cancel_stops_the_drain_between_containers() {
     let late = lab.cancel_drain_command().output().unwrap();
     assert_eq!(late.status.code(), Some(1));
     assert!(stderr(&late).contains("no drain is running"));
+}
+
+#[test]
+fn a_failed_migration_stays_here_and_the_drain_goes_on() {
+    let lab = TwoDestinations::new();
+    // The first destination's copy of the layer lacks the file the game
+    // holds open: its restore fails in CRIU, for real.
+    lab.plant_layer_without("etc/game.conf");
+    let dst1 = lab.start_destination(&[]);
+    let dst2 = lab.start_second_destination(&[]);
+    let games = [
+        lab.start_container("game1", GAME),
+        lab.start_container("game2", GAME),
+    ];
+    let befores: Vec<_> = games.iter().map(|c| wait_for_ticks(c, 3)).collect();
+    let pids: Vec<_> = games.iter().map(|c| c.pid().unwrap()).collect();
+
+    let out = lab.drain_command(&lab.both()).output().unwrap();
+    stderr(&out);
+    let report = report(&out);
+    assert_eq!(out.status.code(), Some(5), "{report}");
+    let by_id = entries(&report);
+    let mut outcomes = Vec::new();
+    for (i, game) in games.iter().enumerate() {
+        let entry = &by_id[&game.id];
+        outcomes.push(entry["outcome"].as_str().unwrap().to_owned());
+        if entry["destination"] == first_destination() {
+            assert_eq!(entry["outcome"], "failed", "{entry}");
+            assert_eq!(entry["runs_on"], "source", "{entry}");
+            let reason = entry["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("the destination failed at restore"),
+                "{reason}"
+            );
+            assert_running_on_source_unchanged(game, pids[i], &befores[i]);
+            assert!(dst1.runc(&["state", &game.id]).stdout.is_empty());
+        } else {
+            assert_eq!(entry["outcome"], "moved", "{entry}");
+            assert_moved_with_state(&dst2, &game.id, &befores[i]);
+        }
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, ["failed", "moved"], "{report}");
+}
+
+#[test]
+fn stop_on_error_starts_nothing_after_a_failure() {
+    let lab = Lab::new();
+    lab.plant_layer_without("etc/game.conf");
+    let _dst = lab.start_destination(&[]);
+    let games = [
+        lab.start_container("game1", GAME),
+        lab.start_container("game2", GAME),
+    ];
+    let befores: Vec<_> = games.iter().map(|c| wait_for_ticks(c, 3)).collect();
+    let pids: Vec<_> = games.iter().map(|c| c.pid().unwrap()).collect();
+
+    let out = lab
+        .drain_command(&[
+            "--to",
+            &first_destination(),
+            "--order",
+            "name",
+            "--stop-on-error",
+        ])
+        .output()
+        .unwrap();
+    stderr(&out);
+    let report = report(&out);
+    assert_eq!(out.status.code(), Some(1), "none moved: {report}");
+    let by_id = entries(&report);
+    assert_eq!(by_id["game1"]["outcome"], "failed", "{report}");
+    assert_eq!(by_id["game2"]["outcome"], "skipped", "{report}");
+    let reason = by_id["game2"]["reason"].as_str().unwrap();
+    assert!(reason.contains("--stop-on-error"), "{reason}");
+    for (i, game) in games.iter().enumerate() {
+        assert_running_on_source_unchanged(game, pids[i], &befores[i]);
+    }
+}
+
+#[test]
+fn sigterm_rolls_back_every_migration_under_way() {
+    let lab = TwoDestinations::new();
+    let dst1 = lab.start_destination(&[]);
+    let dst2 = lab.start_second_destination(&[]);
+    // Big enough that both are still sending when the signal comes.
+    let script = format!("{}{GAME}", heap("256M", "0"));
+    let games = [
+        lab.start_container("heavy1", &script),
+        lab.start_container("heavy2", &script),
+    ];
+    for game in &games {
+        wait_for_heap(&game.rootfs);
+    }
+    let befores: Vec<_> = games.iter().map(|c| wait_for_ticks(c, 3)).collect();
+    let pids: Vec<_> = games.iter().map(|c| c.pid().unwrap()).collect();
+
+    let mut args = lab.both().to_vec();
+    args.extend(["--parallel".into(), "2".into()]);
+    let drain = lab
+        .drain_command(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("both migrations to start", Duration::from_secs(30), || {
+        records_under_way(&lab) == 2
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(drain.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = output_of(drain);
+    stderr(&out);
+    let report = report(&out);
+    assert_eq!(out.status.code(), Some(1), "both roll back: {report}");
+    assert!(
+        report["stopped"].as_str().unwrap().contains("SIGTERM"),
+        "{report}"
+    );
+    let by_id = entries(&report);
+    for (i, game) in games.iter().enumerate() {
+        let entry = &by_id[&game.id];
+        assert_eq!(entry["outcome"], "failed", "{entry}");
+        assert_eq!(entry["runs_on"], "source", "{entry}");
+        let reason = entry["reason"].as_str().unwrap();
+        assert!(reason.contains("interrupted by SIGTERM"), "{reason}");
+        assert_running_on_source_unchanged(game, pids[i], &befores[i]);
+        for dst in [&dst1, &dst2] {
+            assert!(dst.runc(&["state", &game.id]).stdout.is_empty());
+        }
+    }
+    assert_eq!(records_under_way(&lab), 0);
 }
 
 /// The command line `key=` of `[Service]` in a shipped unit.

@@ -192,7 +192,7 @@ fn stopped(stop: &watch::Receiver<Option<String>>) -> Option<String> {
 
 fn not_started(why: Option<&str>) -> String {
     format!(
-        "not started: the drain {}",
+        "not started: the drain was {}",
         why.unwrap_or("stopped before this container")
     )
 }
