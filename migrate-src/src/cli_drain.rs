@@ -67,7 +67,8 @@ pub struct DrainArgs {
     /// next one), or +DURATION from now (+90s, +1h 30m).
     #[arg(long, value_name = "TIME")]
     at: Option<At>,
-    /// Reboot this host afterwards, only if every container moved.
+    /// Reboot this host afterwards (`systemctl reboot`), only if every
+    /// container moved.
     #[arg(long)]
     reboot: bool,
     /// The command --reboot runs, split on whitespace.

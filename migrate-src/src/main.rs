@@ -2,6 +2,8 @@
 //! certificates both hosts use. Parses arguments and hands over to the
 //! `migrate_src` library.
 
+mod cli_drain;
+
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -492,6 +494,5 @@ fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     }
 }
 
-mod cli_drain;
 #[cfg(test)]
 mod cli_tests;

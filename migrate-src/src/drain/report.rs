@@ -206,18 +206,21 @@ impl DrainReport {
             text.push('\n');
         }
         let t = &self.totals;
-        let _ = write!(text, "{} container(s):", t.containers);
-        for (n, word) in [
+        let counts: Vec<String> = [
             (t.moved, "moved"),
             (t.would_move, "would move"),
             (t.skipped, "skipped"),
             (t.failed, "failed"),
             (t.in_doubt, "in doubt (see migrate resolve)"),
             (t.lost, "LOST"),
-        ] {
-            if n > 0 {
-                let _ = write!(text, " {n} {word};");
-            }
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, word)| format!("{n} {word}"))
+        .collect();
+        let _ = write!(text, "{} container(s)", t.containers);
+        if !counts.is_empty() {
+            let _ = write!(text, ": {}", counts.join(", "));
         }
         if let Some(why) = &self.stopped {
             let _ = write!(text, "\nstopped early: {why}");
@@ -287,6 +290,38 @@ mod tests {
         );
         some.set_reboot(failed());
         assert_eq!(some.exit_code, EXIT_PARTIAL);
+    }
+
+    #[test]
+    fn the_text_says_each_container_and_the_totals() {
+        let moved = Entry {
+            container: "web1".into(),
+            outcome: Outcome::Moved,
+            destination: Some("d:1".into()),
+            mode: Some("stop-and-copy".into()),
+            downtime_ms: Some(1500),
+            reason: None,
+            runs_on: "d:1".into(),
+        };
+        let skipped = Entry::staying("db1", Outcome::Skipped, "d:1: bind mount source".into());
+        let mut report = DrainReport::new(false, vec!["d:1".into()], vec![moved, skipped], None);
+        report.set_reboot(Reboot::NotRebooting {
+            reason: "1 of 2 container(s) did not move".into(),
+        });
+        let text = report.human();
+        assert!(
+            text.contains("moved      web1 → d:1 (stop-and-copy, downtime 1s 500ms)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skipped    db1: d:1: bind mount source [runs on: source]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 container(s): 1 moved, 1 skipped\n"),
+            "{text}"
+        );
+        assert!(text.contains("not rebooting: 1 of 2"), "{text}");
     }
 
     #[test]
