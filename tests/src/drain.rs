@@ -3,7 +3,8 @@
 //! and certificate), and `migrate drain` run on the source host.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::{bin, sh, Destination, Lab, DST_ADDR, DST_PORT};
 
@@ -139,6 +140,17 @@ impl Lab {
         cmd
     }
 
+    /// [`Lab::drain_command`] started, its output piped.
+    pub fn spawn_drain<S: AsRef<std::ffi::OsStr>>(&self, extra: &[S]) -> RunningDrain {
+        let child = self
+            .drain_command(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        RunningDrain { child: Some(child) }
+    }
+
     /// `migrate cancel --drain` for this lab's source state dir.
     pub fn cancel_drain_command(&self) -> Command {
         let mut cmd = Command::new(bin("migrate"));
@@ -146,5 +158,45 @@ impl Lab {
             .arg(self.source_state_dir())
             .stdin(Stdio::null());
         cmd
+    }
+}
+
+/// A drain running in the background; a test that fails before it ends
+/// stops it with SIGTERM (its migrations roll back), then kills it.
+#[derive(Debug)]
+pub struct RunningDrain {
+    child: Option<Child>,
+}
+
+impl RunningDrain {
+    /// Its pid (nsenter execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    pub fn output(mut self) -> Output {
+        self.child.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for RunningDrain {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -31,10 +31,6 @@ fn entries(report: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
         .iter()
         .map(|e| (e["container"].as_str().unwrap().to_owned(), e.clone()))
         .collect()
-}
-
-fn output_of(child: Child) -> Output {
-    child.wait_with_output().unwrap()
 }
 
 /// A container whose bind mount source exists for it and for no
@@ -151,12 +147,7 @@ fn a_dry_run_freezes_nothing_and_says_where_each_would_go() {
 
     let mut args = lab.both().to_vec();
     args.push("--dry-run".into());
-    let drain = lab
-        .drain_command(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let drain = lab.spawn_drain(&args);
     let done = AtomicBool::new(false);
     let samples = AtomicUsize::new(0);
     let out = std::thread::scope(|s| {
@@ -169,7 +160,7 @@ fn a_dry_run_freezes_nothing_and_says_where_each_would_go() {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        let out = output_of(drain);
+        let out = drain.output();
         done.store(true, Ordering::SeqCst);
         out
     });
@@ -208,24 +199,16 @@ fn at_waits_until_its_time() {
     let pid = game.pid().unwrap();
 
     let started = Instant::now();
-    let mut drain = lab
-        .drain_command(&["--to", &first_destination(), "--at", "+4s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut drain = lab.spawn_drain(&["--to", &first_destination(), "--at", "+4s"]);
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(
-        drain.try_wait().unwrap().is_none(),
-        "the drain did not wait"
-    );
+    assert!(drain.try_wait().is_none(), "the drain did not wait");
     assert_eq!(game.pid(), Some(pid), "moved before its time");
     assert_eq!(lab.source_phase("game1"), None, "a migration started early");
     assert!(!dst.container_dir("game1").exists());
     // It waits with its pid file in place, so that it can be cancelled.
     assert!(lab.source_state_dir().join("drain.pid").exists());
 
-    let out = output_of(drain);
+    let out = drain.output();
     let elapsed = started.elapsed();
     let said = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{said}");
@@ -317,12 +300,7 @@ fn parallel_2_runs_two_migrations_at_once() {
 
     let mut args = lab.both().to_vec();
     args.extend(["--parallel".into(), "2".into()]);
-    let drain = lab
-        .drain_command(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let drain = lab.spawn_drain(&args);
     let done = AtomicBool::new(false);
     let most = AtomicUsize::new(0);
     let seen_frozen = AtomicBool::new(false);
@@ -336,7 +314,7 @@ fn parallel_2_runs_two_migrations_at_once() {
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
-        let out = output_of(drain);
+        let out = drain.output();
         done.store(true, Ordering::SeqCst);
         out
     });
@@ -373,12 +351,7 @@ fn cancel_stops_the_drain_between_containers() {
     let befores: Vec<_> = containers.iter().map(|c| wait_for_ticks(c, 3)).collect();
     let pids: Vec<_> = containers.iter().map(|c| c.pid().unwrap()).collect();
 
-    let drain = lab
-        .drain_command(&["--to", &first_destination(), "--order", "name"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let drain = lab.spawn_drain(&["--to", &first_destination(), "--order", "name"]);
     wait_until(
         "game1's migration to start",
         Duration::from_secs(20),
@@ -400,7 +373,7 @@ fn cancel_stops_the_drain_between_containers() {
         stderr(&cancel)
     );
 
-    let out = output_of(drain);
+    let out = drain.output();
     stderr(&out);
     let report = report(&out);
     assert_eq!(out.status.code(), Some(5), "{report}");
@@ -528,21 +501,16 @@ fn sigterm_rolls_back_every_migration_under_way() {
 
     let mut args = lab.both().to_vec();
     args.extend(["--parallel".into(), "2".into()]);
-    let drain = lab
-        .drain_command(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let drain = lab.spawn_drain(&args);
     wait_until("both migrations to start", Duration::from_secs(30), || {
         records_under_way(&lab) == 2
     });
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(drain.id() as i32),
+        nix::unistd::Pid::from_raw(drain.pid() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let out = output_of(drain);
+    let out = drain.output();
     stderr(&out);
     let report = report(&out);
     assert_eq!(out.status.code(), Some(1), "both roll back: {report}");
