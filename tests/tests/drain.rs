@@ -295,11 +295,15 @@ fn parallel_2_runs_two_migrations_at_once() {
     let dst2 = lab.start_second_destination(&[]);
     let game1 = lab.start_container("game1", GAME);
     let game2 = lab.start_container("game2", GAME);
+    // Not matched by --filter: stays, and is not in the report.
+    let other = lab.start_container("other1", GAME);
     let before1 = wait_for_ticks(&game1, 3);
     let before2 = wait_for_ticks(&game2, 3);
+    let before_other = wait_for_ticks(&other, 3);
+    let other_pid = other.pid().unwrap();
 
     let mut args = lab.both().to_vec();
-    args.extend(["--parallel".into(), "2".into()]);
+    args.extend(["--parallel", "2", "--filter", "game*"].map(String::from));
     let drain = lab.spawn_drain(&args);
     let done = AtomicBool::new(false);
     let most = AtomicUsize::new(0);
@@ -329,6 +333,12 @@ fn parallel_2_runs_two_migrations_at_once() {
         "the migrations did not overlap"
     );
     let by_id = entries(&report);
+    assert_eq!(
+        by_id.keys().collect::<Vec<_>>(),
+        ["game1", "game2"],
+        "{report}"
+    );
+    assert_running_on_source_unchanged(&other, other_pid, &before_other);
     for (id, before) in [("game1", &before1), ("game2", &before2)] {
         let to = by_id[id]["destination"].as_str().unwrap();
         let dst = if to == first_destination() {

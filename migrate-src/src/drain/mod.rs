@@ -107,16 +107,22 @@ pub async fn drain(
         source,
     })?;
     let runc = &opts.migration.runc;
-    let running: Vec<String> = runc
-        .list()
-        .map_err(|source| DrainError::List {
-            root: runc.root.clone(),
-            source,
-        })?
+    let listed = runc.list().map_err(|source| DrainError::List {
+        root: runc.root.clone(),
+        source,
+    })?;
+    let mut running = Vec::new();
+    for c in listed
         .into_iter()
-        .filter(|c| c.is_running() && opts.filter.rank(&c.id).is_some())
-        .map(|c| c.id)
-        .collect();
+        .filter(|c| opts.filter.rank(&c.id).is_some())
+    {
+        if c.is_running() {
+            running.push(c.id);
+        } else {
+            // Only running containers move; the others are said, not counted.
+            progress.note(format!("{} is {}, not running: left alone", c.id, c.status));
+        }
+    }
     progress.set_total(running.len());
     if running.is_empty() {
         progress.note(format!(
