@@ -487,6 +487,13 @@ fn stop_on_error_starts_nothing_after_a_failure() {
     assert_eq!(by_id["game2"]["outcome"], "skipped", "{report}");
     let reason = by_id["game2"]["reason"].as_str().unwrap();
     assert!(reason.contains("--stop-on-error"), "{reason}");
+    assert!(
+        report["stopped"]
+            .as_str()
+            .unwrap()
+            .contains("--stop-on-error"),
+        "{report}"
+    );
     for (i, game) in games.iter().enumerate() {
         assert_running_on_source_unchanged(game, pids[i], &befores[i]);
     }

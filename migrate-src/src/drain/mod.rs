@@ -138,27 +138,29 @@ pub async fn drain(
         }
         candidates.push(ask(opts, &tls, id, progress).await);
     }
-    let listed: Vec<Listed> = candidates
+    let sizes: Vec<Listed> = candidates
         .iter()
         .map(|c: &Candidate| Listed {
             id: c.container.clone(),
             memory_bytes: c.memory_bytes,
         })
         .collect();
-    let order = select::select(&listed, &opts.filter, opts.order);
+    let order = select::select(&sizes, &opts.filter, opts.order);
     let ordered: Vec<Candidate> = order
         .iter()
         .filter_map(|id| candidates.iter().find(|c| &c.container == id).cloned())
         .collect();
     let placements = plan::place(&ordered);
 
-    let mut entries = if opts.dry_run {
-        placements.iter().map(would).collect()
+    let (mut entries, halted) = if opts.dry_run {
+        let entries: Vec<Entry> = placements.iter().map(would).collect();
+        entries.iter().for_each(|e| progress.done(e));
+        (entries, None)
     } else {
         run(opts, placements, &mut stop, progress).await
     };
     // Listed but never asked: the drain was stopped during the preflights.
-    let why = stopped(&stop);
+    let why = halted.or_else(|| stopped(&stop));
     for id in running.iter().filter(|id| !order.contains(id)) {
         let entry = Entry::staying(id, Outcome::Skipped, not_started(why.as_deref()));
         progress.done(&entry);
@@ -302,13 +304,14 @@ fn would(placement: &Placement) -> Entry {
 }
 
 /// Migrates what `placements` place, `opts.parallel` at once, in order,
-/// until the drain is stopped; returns an entry per placement, in order.
+/// until the drain is stopped; returns an entry per placement, in order,
+/// and why the drain stopped early, if it did.
 async fn run(
     opts: &DrainOptions,
     placements: Vec<Placement>,
     stop: &mut watch::Receiver<Option<String>>,
     progress: &DrainProgress,
-) -> Vec<Entry> {
+) -> (Vec<Entry>, Option<String>) {
     let order: Vec<String> = placements
         .iter()
         .map(|p| p.container().to_owned())
@@ -390,7 +393,7 @@ async fn run(
         entries.push(entry);
     }
     entries.sort_by_key(|e| order.iter().position(|c| c == &e.container));
-    entries
+    (entries, halted)
 }
 
 /// The entry of a migration that ended.
