@@ -219,6 +219,39 @@ fn at_waits_until_its_time() {
 }
 
 #[test]
+fn a_cancel_while_it_waits_moves_nothing() {
+    let lab = Lab::new();
+    let _dst = lab.start_destination(&[]);
+    let game = lab.start_container("game1", GAME);
+    let before = wait_for_ticks(&game, 3);
+    let pid = game.pid().unwrap();
+
+    let started = Instant::now();
+    let drain = lab.spawn_drain(&["--to", &first_destination(), "--at", "+10m", "--reboot"]);
+    wait_until("the drain's pid file", Duration::from_secs(10), || {
+        lab.source_state_dir().join("drain.pid").exists()
+    });
+    let cancel = lab.cancel_drain_command().output().unwrap();
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    let out = drain.output();
+    stderr(&out);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "it went on waiting"
+    );
+    let report = report(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let entry = &entries(&report)["game1"];
+    assert_eq!(entry["outcome"], "skipped", "{entry}");
+    assert!(
+        entry["reason"].as_str().unwrap().contains("SIGUSR1"),
+        "{entry}"
+    );
+    assert_eq!(report["reboot"]["status"], "not-rebooting", "{report}");
+    assert_running_on_source_unchanged(&game, pid, &before);
+}
+
+#[test]
 fn reboot_only_once_every_container_moved() {
     let lab = Lab::new();
     let binds = lab.path("binds");

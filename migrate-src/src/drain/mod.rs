@@ -96,8 +96,10 @@ pub async fn drain(
     opts: &DrainOptions,
     progress: &DrainProgress,
 ) -> Result<DrainReport, DrainError> {
-    let _pid = DrainPid::claim(&opts.migration.state_dir)?;
+    // Signals first: SIGUSR1's default action would kill a drain that a
+    // cancel found through its pid file before it took the signal over.
     let mut stop = watch_signals().map_err(DrainError::Signals)?;
+    let _pid = DrainPid::claim(&opts.migration.state_dir)?;
     if let Some(at) = &opts.at {
         let when = at.resolve(SystemTime::now())?;
         wait_until(when, &mut stop, progress).await;
