@@ -218,7 +218,10 @@ async fn wait_until(
     progress.note(format!(
         "waiting until {} (in {})",
         humantime::format_rfc3339_seconds(when),
-        humantime::format_duration(Duration::from_secs(wait.as_secs()))
+        // Whole seconds, rounded up: "+1s" says 1s, not 0s.
+        humantime::format_duration(Duration::from_secs(
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        ))
     ));
     tokio::select! {
         () = tokio::time::sleep(wait) => {}

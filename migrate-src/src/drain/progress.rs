@@ -2,6 +2,7 @@
 //! containers done out of all, with each migration's own bar under it;
 //! otherwise a plain line per event on stderr.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -12,27 +13,18 @@ use crate::progress::Reporter;
 #[derive(Debug)]
 pub struct DrainProgress {
     group: Option<MultiProgress>,
-    overall: Option<ProgressBar>,
+    /// Shown once the drain knows how many containers it moves.
+    overall: OnceLock<ProgressBar>,
     json: bool,
 }
 
 impl DrainProgress {
     /// `interactive`: stderr is a terminal and the user did not ask for JSON.
     pub fn new(interactive: bool, json: bool) -> Self {
-        let group =
-            interactive.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        let overall = group.as_ref().map(|group| {
-            let bar = group.add(ProgressBar::new(0));
-            bar.set_style(
-                ProgressStyle::with_template("drain [{bar:30}] {pos}/{len} containers {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar.enable_steady_tick(Duration::from_millis(250));
-            bar
-        });
         Self {
-            group,
-            overall,
+            group: interactive
+                .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+            overall: OnceLock::new(),
             json,
         }
     }
@@ -49,9 +41,20 @@ impl DrainProgress {
     }
 
     pub fn set_total(&self, total: usize) {
-        if let Some(bar) = &self.overall {
-            bar.set_length(u64::try_from(total).unwrap_or(u64::MAX));
-        }
+        let Some(group) = &self.group else {
+            return;
+        };
+        let total = u64::try_from(total).unwrap_or(u64::MAX);
+        let bar = self.overall.get_or_init(|| {
+            let bar = group.insert(0, ProgressBar::new(total));
+            bar.set_style(
+                ProgressStyle::with_template("drain [{bar:30}] {pos}/{len} containers")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        bar.set_length(total);
     }
 
     /// The reporter of one container's migration.
@@ -69,13 +72,13 @@ impl DrainProgress {
             line.push_str(&format!(": {}", r.lines().next().unwrap_or_default()));
         }
         self.note(line);
-        if let Some(bar) = &self.overall {
+        if let Some(bar) = self.overall.get() {
             bar.inc(1);
         }
     }
 
     pub fn finish(&self) {
-        if let Some(bar) = &self.overall {
+        if let Some(bar) = self.overall.get() {
             bar.finish_and_clear();
         }
     }
