@@ -24,6 +24,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod conclude;
 pub mod convergence;
+pub mod drain;
 pub mod finish;
 pub mod freeze;
 pub mod inspect;

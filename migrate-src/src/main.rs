@@ -2,6 +2,8 @@
 //! certificates both hosts use. Parses arguments and hands over to the
 //! `migrate_src` library.
 
+mod cli_drain;
+
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -49,6 +51,14 @@ struct MigrateArgs {
     /// Destination daemon, host:port; host must match its certificate.
     #[arg(long, required = true, value_name = "HOST:PORT")]
     to: Option<String>,
+    #[command(flatten)]
+    settings: MigrationSettings,
+}
+
+/// How a migration runs, whichever container it moves where: a single
+/// migration's options, and each of a drain's.
+#[derive(Debug, Args)]
+struct MigrationSettings {
     /// Directory with ca.pem, cert.pem and key.pem (see `migrate certs`).
     #[arg(long, default_value = "/etc/migrate/tls")]
     tls_dir: PathBuf,
@@ -159,6 +169,13 @@ enum Command {
                             (every running container)"
     )]
     Check(cli_check::CheckArgs),
+    /// Move every running container of the runc root (or those --filter
+    /// keeps) to the destinations given.
+    #[command(after_help = cli_drain::DRAIN_AFTER_HELP)]
+    Drain(cli_drain::DrainArgs),
+    /// Stop a drain from starting more migrations; those under way finish.
+    #[command(after_help = cli_drain::CANCEL_AFTER_HELP)]
+    Cancel(cli_drain::CancelArgs),
     /// Print a completion script for SHELL to stdout.
     #[command(
         after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
@@ -260,6 +277,34 @@ impl From<CertRole> for migrate_common::certs::Role {
     }
 }
 
+impl MigrationSettings {
+    fn options(&self, container_id: String, destination: String) -> anyhow::Result<MigrateOptions> {
+        Ok(MigrateOptions {
+            container_id,
+            destination,
+            tls_dir: self.tls_dir.clone(),
+            runc: Runc::new(&self.runc, &self.runc_root, Some(self.criu.clone())),
+            criu: Criu::new(&self.criu),
+            work_base: self.work_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            freeze_timeout: Duration::from_secs(self.freeze_timeout),
+            mode: self.mode,
+            max_downtime: Duration::from_millis(self.max_downtime),
+            max_rounds: self.max_rounds,
+            link_timeout: Duration::from_secs(self.link_timeout),
+            resume_timeout: Duration::from_secs(self.resume_timeout),
+            ghost_limit: self.ghost_limit,
+            criu_options: CriuOptions {
+                tcp_established: self.tcp_established,
+                file_locks: self.file_locks,
+                link_remap: self.link_remap,
+                ext_unix_sk: self.ext_unix_sk,
+            },
+            migrate_exe: std::env::current_exe().context("locating the migrate executable")?,
+        })
+    }
+}
+
 /// The arguments with `migrate -- <id> [options]` read as `migrate [options]
 /// -- <id>`: subcommand names win over container ids, so a container named
 /// like one comes after `--`, and clap reads all that follows `--` as
@@ -300,10 +345,15 @@ fn main() -> ExitCode {
             init_logging();
             return cli_check::run(args);
         }
+        Some(Command::Drain(args)) => {
+            init_logging();
+            return cli_drain::drain(args);
+        }
+        Some(Command::Cancel(args)) => return report(cli_drain::cancel(args), false),
         None => {}
     }
     init_logging();
-    let json = cli.migrate.json;
+    let json = cli.migrate.settings.json;
     report(run_migration(cli.migrate), json)
 }
 
@@ -414,29 +464,8 @@ fn run_migration(args: MigrateArgs) -> anyhow::Result<()> {
     if !migrate_common::valid_container_id(&container_id) {
         anyhow::bail!("{container_id:?} is not a valid container id");
     }
-    let opts = MigrateOptions {
-        container_id,
-        destination,
-        tls_dir: args.tls_dir,
-        runc: Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
-        criu: Criu::new(args.criu),
-        work_base: args.work_dir,
-        state_dir: args.state_dir,
-        freeze_timeout: Duration::from_secs(args.freeze_timeout),
-        mode: args.mode,
-        max_downtime: Duration::from_millis(args.max_downtime),
-        max_rounds: args.max_rounds,
-        link_timeout: Duration::from_secs(args.link_timeout),
-        resume_timeout: Duration::from_secs(args.resume_timeout),
-        ghost_limit: args.ghost_limit,
-        criu_options: CriuOptions {
-            tcp_established: args.tcp_established,
-            file_locks: args.file_locks,
-            link_remap: args.link_remap,
-            ext_unix_sk: args.ext_unix_sk,
-        },
-        migrate_exe: std::env::current_exe().context("locating the migrate executable")?,
-    };
+    let args = args.settings;
+    let opts = args.options(container_id, destination)?;
     let interactive = std::io::stderr().is_terminal() && !args.json;
     let reporter = Reporter::new(interactive, args.json);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use migrate_common::transfer::TransferStats;
 
 #[derive(Debug)]
@@ -13,25 +13,38 @@ pub struct Reporter {
     bar: Option<ProgressBar>,
     /// Plain phase lines on stderr when there is no bar and no JSON.
     log_phases: bool,
+    /// Said before each line when several migrations share stderr (a
+    /// drain): `migrate: <label>: ...`.
+    label: Option<String>,
 }
 
 impl Reporter {
     /// `interactive`: stderr is a terminal and the user did not ask for JSON.
     pub fn new(interactive: bool, json: bool) -> Self {
         let bar = interactive.then(|| {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {msg} {binary_bytes} {binary_bytes_per_sec}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            bar.enable_steady_tick(Duration::from_millis(120));
-            bar
+            spinner(ProgressBar::with_draw_target(
+                None,
+                ProgressDrawTarget::stderr(),
+            ))
         });
         Self {
             log_phases: bar.is_none() && !json,
             bar,
+            label: None,
+        }
+    }
+
+    /// One of several migrations at once, each line said with `label`: its
+    /// bar in `group` (on a terminal), plain lines otherwise.
+    pub fn in_group(group: Option<&MultiProgress>, label: &str, json: bool) -> Self {
+        let bar = group.map(|group| spinner(group.add(ProgressBar::new_spinner())));
+        if let Some(bar) = &bar {
+            bar.set_prefix(format!("{label}: "));
+        }
+        Self {
+            log_phases: bar.is_none() && !json,
+            bar,
+            label: Some(label.to_owned()),
         }
     }
 
@@ -39,7 +52,7 @@ impl Reporter {
         let msg = msg.into();
         match &self.bar {
             Some(bar) => bar.set_message(msg),
-            None if self.log_phases => eprintln!("migrate: {msg}"),
+            None if self.log_phases => eprintln!("migrate: {}{msg}", self.prefix()),
             None => {}
         }
     }
@@ -47,10 +60,18 @@ impl Reporter {
     /// A line that stays: above the bar on a terminal, on stderr otherwise
     /// (with `--json` too: the object goes to stdout).
     pub fn note(&self, msg: impl AsRef<str>) {
+        let line = format!("migrate: {}{}", self.prefix(), msg.as_ref());
         match &self.bar {
-            Some(bar) => bar.println(format!("migrate: {}", msg.as_ref())),
-            None => eprintln!("migrate: {}", msg.as_ref()),
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
         }
+    }
+
+    fn prefix(&self) -> String {
+        self.label
+            .as_ref()
+            .map(|label| format!("{label}: "))
+            .unwrap_or_default()
     }
 
     /// Keeps the bar's byte count in step with `stats` until the returned
@@ -70,4 +91,15 @@ impl Reporter {
             bar.finish_and_clear();
         }
     }
+}
+
+fn spinner(bar: ProgressBar) -> ProgressBar {
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {prefix}{msg} {binary_bytes} {binary_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
 }

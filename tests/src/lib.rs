@@ -12,6 +12,7 @@
 
 pub mod checks;
 mod destination;
+pub mod drain;
 pub mod resources;
 pub mod workloads;
 
@@ -108,7 +109,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-fn unique() -> u32 {
+pub(crate) fn unique() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     std::process::id() % 100_000 * 10 + NEXT.fetch_add(1, Ordering::Relaxed) % 10
 }
@@ -295,20 +296,34 @@ impl Lab {
 
     /// Starts `migrate-dst` on the destination host with `extra` arguments.
     pub fn start_destination(&self, extra: &[&str]) -> Destination {
-        let state_dir = self.path("dst-state");
-        let runc_root = self.path("runc-dst");
-        let log = self.path(&format!("migrate-dst-{}.log", unique()));
-        let mut cmd = self.hosts.on(&self.hosts.dst, &bin("migrate-dst"));
+        self.start_daemon(&self.hosts.dst, DST_ADDR, &self.tls_dst, "dst", extra)
+    }
+
+    /// Starts `migrate-dst` in network namespace `ns`, listening on `addr`
+    /// with the certificate in `tls`; its dirs and cgroup parent are named
+    /// after `name`, so that daemons sharing this kernel do not meet.
+    pub(crate) fn start_daemon(
+        &self,
+        ns: &str,
+        addr: &str,
+        tls: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Destination {
+        let state_dir = self.path(&format!("{name}-state"));
+        let runc_root = self.path(&format!("runc-{name}"));
+        let log = self.path(&format!("migrate-{name}-{}.log", unique()));
+        let mut cmd = self.hosts.on(ns, &bin("migrate-dst"));
         cmd.arg("--listen")
-            .arg(format!("{DST_ADDR}:{DST_PORT}"))
+            .arg(format!("{addr}:{DST_PORT}"))
             .arg("--tls-dir")
-            .arg(&self.tls_dst)
+            .arg(tls)
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--runc-root")
             .arg(&runc_root)
             .arg("--cgroup-parent")
-            .arg(format!("/migrate-e2e-{}-dst", self.n))
+            .arg(format!("/migrate-e2e-{}-{name}", self.n))
             // The source's certificate name.
             .args(["--allow", SRC_ADDR])
             .args(extra)
@@ -321,7 +336,7 @@ impl Lab {
             state_dir,
             runc_root,
             log,
-            cgroup_parent: format!("migrate-e2e-{}-dst", self.n),
+            cgroup_parent: format!("migrate-e2e-{}-{name}", self.n),
         };
         wait_until("migrate-dst to listen", Duration::from_secs(10), || {
             std::fs::read_to_string(&dst.log)
@@ -608,6 +623,24 @@ impl SourceContainer {
         out.status
             .success()
             .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// Whether the container's tasks are frozen (or being frozen), as the
+    /// freezer cgroup (v1 or v2) or runc says.
+    pub fn frozen(&self) -> bool {
+        let v1 = Path::new("/sys/fs/cgroup/freezer")
+            .join(&self.cgroup_parent)
+            .join(&self.id)
+            .join("freezer.state");
+        let v2 = Path::new("/sys/fs/cgroup")
+            .join(&self.cgroup_parent)
+            .join(&self.id)
+            .join("cgroup.events");
+        let by_cgroup = std::fs::read_to_string(v1)
+            .map(|s| s.trim() != "THAWED")
+            .or_else(|_| std::fs::read_to_string(v2).map(|s| s.lines().any(|l| l == "frozen 1")))
+            .unwrap_or(false);
+        by_cgroup || self.state().is_some_and(|s| s["status"] == "paused")
     }
 
     pub fn pid(&self) -> Option<u64> {
