@@ -20,10 +20,12 @@
 //!    container is resumed here, or the case is in doubt ([`resolve`]
 //!    settles it later).
 
+pub mod cancel;
 pub mod check;
 pub mod checkpoint;
 pub mod conclude;
 pub mod convergence;
+pub mod digest_cache;
 pub mod finish;
 pub mod freeze;
 pub mod inspect;
@@ -33,11 +35,13 @@ pub mod link;
 pub mod mode;
 pub mod postcopy;
 pub mod progress;
+pub mod ps;
 pub mod report;
 pub mod resolve;
 pub mod rounds;
 pub mod send;
 pub mod signals;
+pub mod status;
 pub mod stopped;
 
 use std::path::PathBuf;
@@ -304,6 +308,7 @@ pub(crate) fn summary(
         bytes_wire,
         layers_sent: frozen.layers_sent,
         layers_reused: frozen.layers_reused,
+        layers_hashed: frozen.layers_hashed,
         files: frozen.files,
         reconnects: moved.map(|m| m.reconnects).unwrap_or(0),
         warnings,

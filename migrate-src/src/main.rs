@@ -146,6 +146,18 @@ enum Command {
                             migrate resolve web1 --to dst.example:7070 --json\n  \
                             migrate resolve web1 --go-back")]
     Resolve(ResolveArgs),
+    /// The containers of the runc root: state, memory, upper dir size, and
+    /// whether each could be live-migrated now, and why not.
+    #[command(after_help = cli_inventory::PS_EXAMPLES)]
+    Ps(cli_inventory::PsArgs),
+    /// The migrations this host's records know of: in progress, in doubt,
+    /// interrupted, each with the `migrate resolve` that settles it.
+    #[command(after_help = cli_inventory::STATUS_EXAMPLES)]
+    Status(cli_inventory::StatusArgs),
+    /// End one migration at a safe point: SIGINT to its `migrate`, which
+    /// rolls back before its decision and finishes after it.
+    #[command(after_help = cli_inventory::CANCEL_EXAMPLES)]
+    Cancel(cli_inventory::CancelMigrationArgs),
     /// Print a completion script for SHELL to stdout.
     #[command(
         after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
@@ -283,6 +295,9 @@ fn main() -> ExitCode {
             init_logging();
             return resolve(args);
         }
+        Some(Command::Ps(args)) => return cli_inventory::ps(args),
+        Some(Command::Status(args)) => return cli_inventory::status(args),
+        Some(Command::Cancel(args)) => return cli_inventory::cancel_migration(args),
         None => {}
     }
     init_logging();
@@ -464,6 +479,8 @@ fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
             .context("writing the man page"),
     }
 }
+
+mod cli_inventory;
 
 #[cfg(test)]
 mod cli_tests;

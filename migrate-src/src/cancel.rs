@@ -1,0 +1,185 @@
+//! `migrate cancel <id>`: ends one migration at a safe point by sending
+//! SIGINT to the `migrate` that holds its record's lock. That process
+//! decides what the signal means where it is ([`crate::signals`]): before
+//! the decision it rolls back and the container runs here as before; after
+//! it, it finishes the migration. Nothing else is touched from here, so a
+//! cancel can never leave two copies running or none.
+//!
+//! The holder is read from `/proc/locks`, not from the record alone: a
+//! record names the process that started the migration (`agent_pid`), and
+//! only while that process holds the lock is there a migration to cancel.
+//! A lock held by another process (a `migrate resolve`) is left alone.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use migrate_common::record::{self, SourcePhase, SourceRecord};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::journal::{self, JournalError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("no migration of {id} is recorded in {state_dir}")]
+    NoRecord { id: String, state_dir: String },
+    #[error(
+        "no live migration of {id}: its record says {phase:?} and no `migrate` holds it \
+         (see `migrate status`; `migrate resolve {id}` settles it)"
+    )]
+    NotLive { id: String, phase: SourcePhase },
+    #[error(
+        "the record of {id} is held by pid {holder}, not by the migration's `migrate` (pid {agent}): \
+         a `migrate resolve` settles it; not signalled"
+    )]
+    NotTheAgent { id: String, holder: u32, agent: u32 },
+    #[error("signalling migrate (pid {pid})")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("the migrate (pid {pid}) still runs after {waited:?}; it goes on by itself")]
+    StillRunning { pid: u32, waited: Duration },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cancelled {
+    pub container: String,
+    pub migration_id: String,
+    pub pid: u32,
+    /// The phase when the signal was sent: `decided` finishes, any other
+    /// rolls back.
+    pub phase: SourcePhase,
+    /// The record afterwards: none once the migration settled.
+    pub phase_after: Option<SourcePhase>,
+}
+
+impl Cancelled {
+    pub fn line(&self) -> String {
+        let what = if self.phase == SourcePhase::Decided {
+            "it had decided, so it finished the migration"
+        } else {
+            "it had not decided, so it rolled back: the container runs here"
+        };
+        let mut line = format!(
+            "sent SIGINT to migrate (pid {}) of {} [migration {}]; {what}",
+            self.pid, self.container, self.migration_id
+        );
+        if let Some(phase) = self.phase_after {
+            line.push_str(&format!(
+                "\nits record is left {phase:?}: see `migrate status`"
+            ));
+        }
+        line
+    }
+}
+
+/// Cancels the live migration of container `id` (or of migration `id`),
+/// then waits up to `wait` for its `migrate` to end.
+pub fn cancel(state_dir: &Path, id: &str, wait: Duration) -> Result<Cancelled, CancelError> {
+    let (container, rec) = find(state_dir, id)?;
+    let Some(holder) = journal::lock_holder(state_dir, &container) else {
+        return Err(CancelError::NotLive {
+            id: container,
+            phase: rec.phase,
+        });
+    };
+    if let Some(agent) = rec.agent_pid.filter(|&agent| agent != holder) {
+        return Err(CancelError::NotTheAgent {
+            id: container,
+            holder,
+            agent,
+        });
+    }
+    let pid = i32::try_from(holder).map_err(|_| CancelError::Signal {
+        pid: holder,
+        source: nix::Error::EINVAL,
+    })?;
+    kill(Pid::from_raw(pid), Signal::SIGINT).map_err(|source| CancelError::Signal {
+        pid: holder,
+        source,
+    })?;
+    let deadline = Instant::now() + wait;
+    while journal::lock_holder(state_dir, &container) == Some(holder) {
+        if Instant::now() >= deadline {
+            return Err(CancelError::StillRunning {
+                pid: holder,
+                waited: wait,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = record::load::<SourceRecord>(&journal::record_path(state_dir, &container))?;
+    Ok(Cancelled {
+        container,
+        migration_id: rec.migration_id,
+        pid: holder,
+        phase: rec.phase,
+        phase_after: after.map(|r| r.phase),
+    })
+}
+
+/// The record of container `id`, or the one whose migration id is `id`.
+fn find(state_dir: &Path, id: &str) -> Result<(String, SourceRecord), CancelError> {
+    if migrate_common::valid_container_id(id) {
+        if let Some(rec) = record::load::<SourceRecord>(&journal::record_path(state_dir, id))? {
+            return Ok((id.to_owned(), rec));
+        }
+    }
+    journal::records(state_dir)?
+        .into_iter()
+        .find_map(|(container, rec)| {
+            rec.ok()
+                .filter(|r| r.migration_id == id)
+                .map(|r| (container, r))
+        })
+        .ok_or_else(|| CancelError::NoRecord {
+            id: id.to_owned(),
+            state_dir: state_dir.display().to_string(),
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+
+    #[test]
+    fn refuses_without_a_record_or_a_live_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            cancel(dir.path(), "web", Duration::ZERO),
+            Err(CancelError::NoRecord { .. })
+        ));
+        let (mut journal, _) = Journal::lock(dir.path(), "web").unwrap();
+        journal.start("m1", "dst:7070", "auto").unwrap();
+        drop(journal);
+        assert!(matches!(
+            cancel(dir.path(), "m1", Duration::ZERO),
+            Err(CancelError::NotLive { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lock_held_by_another_process_than_the_agent_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::lock(dir.path(), "web").unwrap();
+        journal.start("m1", "dst:7070", "auto").unwrap();
+        // As a `migrate resolve` finds it: the migrate that wrote it is gone.
+        let mut rec = journal.record().clone();
+        rec.agent_pid = Some(1);
+        record::store(journal.path(), &rec).unwrap();
+        assert!(matches!(
+            cancel(dir.path(), "web", Duration::ZERO),
+            Err(CancelError::NotTheAgent { agent: 1, .. })
+        ));
+    }
+}
