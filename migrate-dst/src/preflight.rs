@@ -22,6 +22,7 @@ use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::runc::CriuOptions;
 use migrate_common::transport;
 
+use crate::gc;
 use crate::restore::ContainerDir;
 use crate::session::Control;
 use crate::Daemon;
@@ -194,13 +195,26 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
         )),
     }
 
+    // Held from the first layer found here until the claimed dir names its
+    // layers: a garbage collection, which takes it exclusively, cannot
+    // remove a layer this preflight tells the source not to send (see
+    // `crate::gc`).
+    let store_lock = match daemon.store.lock_shared() {
+        Ok(lock) => Some(lock),
+        Err(e) => {
+            refusals.push(format!("{e:#}"));
+            None
+        }
+    };
     let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
+    let mut digests = Vec::new();
     for layer in &hello.layers {
         match LayerDigest::parse(&layer.digest) {
-            Ok(digest) if daemon.store.has(&digest) => {}
-            Ok(_) => {
+            Ok(digest) if daemon.store.has(&digest) => digests.push(digest),
+            Ok(digest) => {
                 reply.missing_layers.push(layer.digest.clone());
                 needed += layer.size_bytes;
+                digests.push(digest);
             }
             Err(e) => refusals.push(format!("layer digest {:?}: {e}", layer.digest)),
         }
@@ -243,10 +257,17 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     let mut claimed = None;
     if refusals.is_empty() && !hello.preflight_only {
         match ContainerDir::claim(&daemon.state_dir, id) {
-            Ok(dir) => claimed = Some(dir),
+            Ok(dir) => match gc::record_use(&daemon.store, &dir, &digests) {
+                Ok(()) => claimed = Some(dir),
+                Err(e) => {
+                    refusals.push(format!("{:#}", anyhow::Error::from(e)));
+                    crate::restore::discard(daemon, id, &dir);
+                }
+            },
             Err(e) => refusals.push(format!("{e:#}")),
         }
     }
+    drop(store_lock);
     reply.accepted = refusals.is_empty();
     reply.refusals = refusals;
     Preflight { reply, claimed }
