@@ -93,7 +93,7 @@ async fn only_a_valid_id_is_claimed() {
     assert!(dir.path().join("state/containers/web1").is_dir());
     // The claim names the container's layers, the missing one too, so that
     // garbage collection keeps them.
-    assert_eq!(reply.missing_layers, [layer.clone()]);
+    assert_eq!(reply.missing_layers, std::slice::from_ref(&layer));
     let layers: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.path().join("state/containers/web1/layers.json")).unwrap(),
     )
