@@ -92,11 +92,14 @@ fn entry(state: ContainerState, state_dir: &Path) -> PsEntry {
     if let Some(blocker) = config.as_ref().and_then(inspect::terminal_blocker) {
         why_not.push(WhyNot::blocker(&blocker, &id));
     }
+    let holder = journal::lock_holder(state_dir, &id);
     if running {
         if let Some(blocker) = inspect::stdio_blocker(state.pid) {
             why_not.push(WhyNot::blocker(&blocker, &id));
         }
-        match inspect::stopped_blocker(state.pid) {
+        // A migration freezes the container's tasks: they are not stopped
+        // by anyone else.
+        match inspect::stopped_blocker(state.pid).map(|b| b.filter(|_| holder.is_none())) {
             Ok(Some(blocker)) => why_not.push(WhyNot::blocker(&blocker, &id)),
             Ok(None) => {}
             Err(e) => why_not.push(WhyNot {
@@ -124,7 +127,7 @@ fn entry(state: ContainerState, state_dir: &Path) -> PsEntry {
         }
         None => None,
     };
-    why_not.extend(held(state_dir, &id));
+    why_not.extend(held(state_dir, &id, holder));
     PsEntry {
         memory_bytes: alive
             .then(|| inspect::cgroup_memory_bytes(state.pid))
@@ -139,9 +142,10 @@ fn entry(state: ContainerState, state_dir: &Path) -> PsEntry {
     }
 }
 
-/// What the source's records say against moving container `id` now.
-fn held(state_dir: &Path, id: &str) -> Option<WhyNot> {
-    if let Some(pid) = journal::lock_holder(state_dir, id) {
+/// What the source's records say against moving container `id` now, given
+/// the process holding its record's lock.
+fn held(state_dir: &Path, id: &str, holder: Option<u32>) -> Option<WhyNot> {
+    if let Some(pid) = holder {
         return Some(WhyNot {
             reason: format!("being migrated (migrate pid {pid})"),
             detail: format!(
@@ -241,10 +245,12 @@ mod tests {
         };
         let path = journal::record_path(state_dir.path(), "web");
         migrate_common::record::store(&path, &rec).unwrap();
-        assert_eq!(held(state_dir.path(), "web"), None);
+        assert_eq!(held(state_dir.path(), "web", None), None);
+        let live = held(state_dir.path(), "web", Some(7)).unwrap();
+        assert_eq!(live.reason, "being migrated (migrate pid 7)");
         rec.phase = SourcePhase::Decided;
         migrate_common::record::store(&path, &rec).unwrap();
-        let why = held(state_dir.path(), "web").unwrap();
+        let why = held(state_dir.path(), "web", None).unwrap();
         assert_eq!(why.reason, "migration in doubt");
         assert!(why.detail.contains("migrate resolve web"));
     }

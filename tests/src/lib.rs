@@ -12,6 +12,7 @@
 
 pub mod checks;
 mod destination;
+pub mod inventory;
 pub mod resources;
 pub mod workloads;
 
