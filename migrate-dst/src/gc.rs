@@ -252,7 +252,12 @@ fn in_use(store: &LayerStore, state_dir: &Path) -> Result<HashSet<String>, GcErr
             })
         }
     }
-    let root = std::fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_owned());
+    // Overlay shows its lower dirs as they were given at mount: the store's
+    // path as the daemon was told it, or resolved.
+    let roots = [
+        store.root().to_owned(),
+        std::fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_owned()),
+    ];
     for entry in mountinfo::read_own()? {
         if entry.fs_type != "overlay" {
             continue;
@@ -261,7 +266,7 @@ fn in_use(store: &LayerStore, state_dir: &Path) -> Result<HashSet<String>, GcErr
             continue;
         };
         for lower in mount.lowers {
-            if lower.parent() == Some(root.as_path()) {
+            if lower.parent().is_some_and(|p| roots.iter().any(|r| r == p)) {
                 if let Some(name) = lower.file_name() {
                     used.insert(name.to_string_lossy().into_owned());
                 }
