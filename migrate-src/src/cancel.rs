@@ -30,8 +30,8 @@ pub enum CancelError {
     )]
     NotLive { id: String, phase: SourcePhase },
     #[error(
-        "the record of {id} is held by pid {holder}, not by the migration's `migrate` (pid {agent}): \
-         a `migrate resolve` settles it; not signalled"
+        "the record of {id} is held by pid {holder}, not by the `migrate` that recorded the migration \
+         (pid {agent}): a `migrate resolve`, or a new migration not yet recorded; not signalled"
     )]
     NotTheAgent { id: String, holder: u32, agent: u32 },
     #[error("signalling migrate (pid {pid})")]

@@ -15,6 +15,10 @@
 //! taken before the hash, so a change during the hash shows in the next
 //! walk's ctimes.
 //!
+//! Several `migrate` processes (a drain's parallel migrations) may save at
+//! once: each merges its entries into what is on disk under
+//! `layer-digests.lock`, so none loses the others'.
+//!
 //! The file is local but anyone who can write the state dir could plant it:
 //! it is read only up to [`MAX_CACHE_BYTES`], a file that does not parse is
 //! ignored (and replaced), and a hit only ever skips hashing a layer the
@@ -29,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use migrate_common::record::{self, RecordError};
 use migrate_common::rootfs::digest::{layer_digest, DigestError, LayerDigest};
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 /// Largest cache file read; an entry is about 250 bytes.
@@ -44,6 +49,12 @@ pub enum CacheError {
     Digest(#[from] DigestError),
     #[error("saving the layer digest cache")]
     Save(#[from] RecordError),
+    #[error("locking {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,7 +118,37 @@ impl DigestCache {
         Ok((digest, true))
     }
 
-    pub fn save(&self) -> Result<(), CacheError> {
+    /// Writes the cache back, merged with what other `migrate` processes
+    /// (a drain runs several) saved since it was loaded, under a lock so
+    /// that no two writers interleave.
+    pub fn save(&mut self) -> Result<(), CacheError> {
+        let lock_path = self.path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| CacheError::Lock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let _held =
+            Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, errno)| CacheError::Lock {
+                path: lock_path,
+                source: errno.into(),
+            })?;
+        let saved: CacheFile = read_bounded(&self.path)
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        for (path, entry) in saved.layers {
+            match self.file.layers.get(&path) {
+                Some(ours) if ours.used_at >= entry.used_at => {}
+                _ => {
+                    self.file.layers.insert(path, entry);
+                }
+            }
+        }
+        self.evict();
         Ok(record::store(&self.path, &self.file)?)
     }
 
@@ -265,6 +306,24 @@ mod tests {
         let (changed, hashed) = again.digest(layer.path()).unwrap();
         assert!(hashed);
         assert_ne!(changed, digest);
+    }
+
+    #[test]
+    fn concurrent_savers_keep_each_others_entries() {
+        let state = tempfile::tempdir().unwrap();
+        let entry = |used_at| Entry {
+            fingerprint: "f".into(),
+            digest: "d".into(),
+            used_at,
+        };
+        let mut first = DigestCache::load(state.path());
+        let mut second = DigestCache::load(state.path());
+        first.file.layers.insert("/l/a".into(), entry(5));
+        first.save().unwrap();
+        second.file.layers.insert("/l/b".into(), entry(6));
+        second.save().unwrap();
+        let merged = DigestCache::load(state.path());
+        assert_eq!(merged.file.layers.len(), 2);
     }
 
     #[test]
