@@ -1,10 +1,12 @@
 //! The layer store: lower layers by content digest under `<state>/layers`,
 //! shared by every container restored here, so each is received once.
 //!
-//! Beside the layers: `.lock`, taken shared by a preflight from the moment
-//! it finds a layer here until the claimed container dir names it, and
-//! exclusively by a garbage collection ([`crate::gc`] says why); `.used/<digest>`,
-//! whose mtime is when a migration last used the layer.
+//! Beside the store, not in it (the store holds layers and layers in
+//! transit only): `layers.lock`, taken shared by a preflight from the
+//! moment it finds a layer here until the claimed container dir names it,
+//! and exclusively by a garbage collection ([`crate::gc`] says why);
+//! `layers.used/<digest>`, whose mtime is when a migration last used the
+//! layer.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -86,7 +88,7 @@ impl LayerStore {
     }
 
     fn lock(&self, how: FlockArg) -> Result<Flock<File>> {
-        let path = self.root.join(".lock");
+        let path = self.root.with_extension("lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -98,14 +100,18 @@ impl LayerStore {
             .with_context(|| format!("locking {}", path.display()))
     }
 
+    fn used_dir(&self) -> PathBuf {
+        self.root.with_extension("used")
+    }
+
     fn used_marker(&self, digest: &LayerDigest) -> PathBuf {
-        self.root.join(".used").join(digest.as_str())
+        self.used_dir().join(digest.as_str())
     }
 
     /// Records that a migration uses the layer now.
     pub fn touch(&self, digest: &LayerDigest) -> Result<()> {
         let marker = self.used_marker(digest);
-        let dir = self.root.join(".used");
+        let dir = self.used_dir();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         File::create(&marker)
             .and_then(|f| f.set_modified(SystemTime::now()))

@@ -89,7 +89,7 @@ fn limits_remove_the_least_recently_used_unused_layers_only() {
     store.touch(&digest('b')).unwrap();
     std::fs::File::options()
         .write(true)
-        .open(store.root().join(".used").join(digest('b').as_str()))
+        .open(state.path().join("layers.used").join(digest('b').as_str()))
         .unwrap()
         .set_modified(long_ago)
         .unwrap();
