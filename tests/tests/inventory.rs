@@ -230,6 +230,17 @@ fn cancel_during_a_migration_rolls_it_back_and_the_container_runs_here_unchanged
         format!("being migrated (migrate pid {})", child.id())
     );
 
+    // The destination says it is receiving it, nothing restored yet.
+    let out = std::process::Command::new(migrate_e2e::bin("migrate-dst"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(&dst.state_dir)
+        .output()
+        .unwrap();
+    let status = json_of(&out);
+    assert_eq!(status["containers"][0]["container"], "cx1", "{status}");
+    assert_eq!(status["containers"][0]["phase"], "receiving", "{status}");
+    assert_eq!(status["containers"][0]["arriving"], true, "{status}");
+
     let out = migrate_cli(&lab, &["cancel", "cx1", "--json"]);
     assert!(out.status.success(), "cancel failed: {}", stderr(&out));
     let cancelled = json_of(&out);
