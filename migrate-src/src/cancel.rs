@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use migrate_common::record::{self, SourcePhase, SourceRecord};
+use migrate_common::runc::Runc;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -54,36 +55,56 @@ pub struct Cancelled {
     pub container: String,
     pub migration_id: String,
     pub pid: u32,
-    /// The phase when the signal was sent: `decided` finishes, any other
-    /// rolls back.
+    /// The record's phase when the signal was sent (it may have decided
+    /// right after: `runs_on` says how it ended).
     pub phase: SourcePhase,
     /// The record afterwards: none once the migration settled.
     pub phase_after: Option<SourcePhase>,
+    /// "source" (rolled back), "destination" (it had decided, and
+    /// finished), or "in doubt" (decided, not finished: `migrate status`).
+    pub runs_on: &'static str,
 }
 
 impl Cancelled {
     pub fn line(&self) -> String {
-        let what = if self.phase == SourcePhase::Decided {
-            "it had decided, so it finished the migration"
-        } else {
-            "it had not decided, so it rolled back: the container runs here"
+        let what = match self.runs_on {
+            "source" => "it rolled back: the container runs here",
+            "destination" => "it had decided, so it finished: the container runs on the destination",
+            _ => "it had decided and could not finish: the migration is in doubt, see `migrate status`",
         };
         let mut line = format!(
             "sent SIGINT to migrate (pid {}) of {} [migration {}]; {what}",
             self.pid, self.container, self.migration_id
         );
-        if let Some(phase) = self.phase_after {
+        if let Some(phase) = self.phase_after.filter(|_| self.runs_on == "source") {
             line.push_str(&format!(
-                "\nits record is left {phase:?}: see `migrate status`"
+                "\nits record is left {phase:?}: the destination may hold a copy that never runs; \
+                 `migrate resolve {}` discards it",
+                self.container
             ));
         }
         line
     }
 }
 
+/// Where the container runs once its `migrate` ended: from the record
+/// left, and whether runc runs it here.
+fn runs_on(phase_after: Option<SourcePhase>, running_here: bool) -> &'static str {
+    match (phase_after, running_here) {
+        (Some(SourcePhase::Decided), _) => "in doubt",
+        (_, true) => "source",
+        (_, false) => "destination",
+    }
+}
+
 /// Cancels the live migration of container `id` (or of migration `id`),
 /// then waits up to `wait` for its `migrate` to end.
-pub fn cancel(state_dir: &Path, id: &str, wait: Duration) -> Result<Cancelled, CancelError> {
+pub fn cancel(
+    state_dir: &Path,
+    runc: &Runc,
+    id: &str,
+    wait: Duration,
+) -> Result<Cancelled, CancelError> {
     let (container, rec) = find(state_dir, id)?;
     let Some(holder) = journal::lock_holder(state_dir, &container) else {
         return Err(CancelError::NotLive {
@@ -116,13 +137,16 @@ pub fn cancel(state_dir: &Path, id: &str, wait: Duration) -> Result<Cancelled, C
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let after = record::load::<SourceRecord>(&journal::record_path(state_dir, &container))?;
+    let phase_after = record::load::<SourceRecord>(&journal::record_path(state_dir, &container))?
+        .map(|r| r.phase);
+    let running_here = runc.state(&container).is_ok_and(|s| s.is_running());
     Ok(Cancelled {
+        runs_on: runs_on(phase_after, running_here),
         container,
         migration_id: rec.migration_id,
         pid: holder,
         phase: rec.phase,
-        phase_after: after.map(|r| r.phase),
+        phase_after,
     })
 }
 
@@ -152,18 +176,30 @@ mod tests {
     use super::*;
     use crate::journal::Journal;
 
+    fn runc() -> Runc {
+        Runc::new("runc", "/nonexistent", None)
+    }
+
+    #[test]
+    fn how_it_ended_follows_the_record_and_runc() {
+        assert_eq!(runs_on(None, true), "source");
+        assert_eq!(runs_on(Some(SourcePhase::Aborted), true), "source");
+        assert_eq!(runs_on(None, false), "destination");
+        assert_eq!(runs_on(Some(SourcePhase::Decided), false), "in doubt");
+    }
+
     #[test]
     fn refuses_without_a_record_or_a_live_holder() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
-            cancel(dir.path(), "web", Duration::ZERO),
+            cancel(dir.path(), &runc(), "web", Duration::ZERO),
             Err(CancelError::NoRecord { .. })
         ));
         let (mut journal, _) = Journal::lock(dir.path(), "web").unwrap();
         journal.start("m1", "dst:7070", "auto").unwrap();
         drop(journal);
         assert!(matches!(
-            cancel(dir.path(), "m1", Duration::ZERO),
+            cancel(dir.path(), &runc(), "m1", Duration::ZERO),
             Err(CancelError::NotLive { .. })
         ));
     }
@@ -178,7 +214,7 @@ mod tests {
         rec.agent_pid = Some(1);
         record::store(journal.path(), &rec).unwrap();
         assert!(matches!(
-            cancel(dir.path(), "web", Duration::ZERO),
+            cancel(dir.path(), &runc(), "web", Duration::ZERO),
             Err(CancelError::NotTheAgent { agent: 1, .. })
         ));
     }

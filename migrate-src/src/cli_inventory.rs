@@ -54,6 +54,11 @@ pub struct CancelMigrationArgs {
     id: String,
     #[arg(long, default_value = migrate_src::status::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// runc root holding the container: says where it runs afterwards.
+    #[arg(long, default_value = "/run/runc")]
+    runc_root: PathBuf,
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
     /// Seconds to wait for the migration's `migrate` to end.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     wait: u64,
@@ -102,7 +107,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
 
 pub fn cancel_migration(args: CancelMigrationArgs) -> ExitCode {
     let wait = Duration::from_secs(args.wait);
-    let result = migrate_src::cancel::cancel(&args.state_dir, &args.id, wait)
+    let runc = Runc::new(args.runc, args.runc_root, None);
+    let result = migrate_src::cancel::cancel(&args.state_dir, &runc, &args.id, wait)
         .map_err(anyhow::Error::from)
         .and_then(|cancelled| {
             if args.json {

@@ -241,11 +241,22 @@ fn cancel_during_a_migration_rolls_it_back_and_the_container_runs_here_unchanged
     assert_eq!(status["containers"][0]["phase"], "receiving", "{status}");
     assert_eq!(status["containers"][0]["arriving"], true, "{status}");
 
-    let out = migrate_cli(&lab, &["cancel", "cx1", "--json"]);
+    let runc_root = lab.path("runc-src");
+    let out = migrate_cli(
+        &lab,
+        &[
+            "cancel",
+            "cx1",
+            "--json",
+            "--runc-root",
+            runc_root.to_str().unwrap(),
+        ],
+    );
     assert!(out.status.success(), "cancel failed: {}", stderr(&out));
     let cancelled = json_of(&out);
     assert_eq!(cancelled["pid"], child.id(), "{cancelled}");
     assert_eq!(cancelled["phase"], "started", "{cancelled}");
+    assert_eq!(cancelled["runs_on"], "source", "{cancelled}");
 
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
