@@ -1,14 +1,18 @@
-//! `migrate cancel <id>`: ends one migration at a safe point by sending
-//! SIGINT to the `migrate` that holds its record's lock. That process
-//! decides what the signal means where it is ([`crate::signals`]): before
-//! the decision it rolls back and the container runs here as before; after
-//! it, it finishes the migration. Nothing else is touched from here, so a
-//! cancel can never leave two copies running or none.
+//! `migrate cancel <id>`: ends one migration at a safe point. It writes the
+//! migration's cancel request and sends SIGUSR2 to the process holding its
+//! record's lock (a `migrate`, or a `migrate drain` running several
+//! migrations, of which only this one takes it: see [`crate::signals`]).
+//! That migration treats it as it treats SIGINT where it is: before the
+//! decision it rolls back and the container runs here as before; after it,
+//! it finishes. Nothing else is touched from here, so a cancel can never
+//! leave two copies running or none.
 //!
 //! The holder is read from `/proc/locks`, not from the record alone: a
 //! record names the process that started the migration (`agent_pid`), and
 //! only while that process holds the lock is there a migration to cancel.
-//! A lock held by another process (a `migrate resolve`) is left alone.
+//! A lock held by another process (a `migrate resolve`) is left alone, and
+//! so is a record written before `agent_pid` existed: its `migrate` may not
+//! take SIGUSR2, whose default action kills.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -35,13 +39,26 @@ pub enum CancelError {
          (pid {agent}): a `migrate resolve`, or a new migration not yet recorded; not signalled"
     )]
     NotTheAgent { id: String, holder: u32, agent: u32 },
+    #[error(
+        "the record of {id} was written by a `migrate` without cancel requests (pid {holder}); \
+         `kill -INT {holder}` interrupts it (and every migration a drain in it runs)"
+    )]
+    Unrecorded { id: String, holder: u32 },
+    #[error("writing the cancel request {path}")]
+    Request {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("signalling migrate (pid {pid})")]
     Signal {
         pid: u32,
         #[source]
         source: nix::Error,
     },
-    #[error("the migrate (pid {pid}) still runs after {waited:?}; it goes on by itself")]
+    #[error(
+        "the migration still runs after {waited:?} (pid {pid}); it ends at its next safe point by itself"
+    )]
     StillRunning { pid: u32, waited: Duration },
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -73,7 +90,7 @@ impl Cancelled {
             _ => "it had decided and could not finish: the migration is in doubt, see `migrate status`",
         };
         let mut line = format!(
-            "sent SIGINT to migrate (pid {}) of {} [migration {}]; {what}",
+            "asked migrate (pid {}) to cancel {} [migration {}]; {what}",
             self.pid, self.container, self.migration_id
         );
         if let Some(phase) = self.phase_after.filter(|_| self.runs_on == "source") {
@@ -98,7 +115,7 @@ fn runs_on(phase_after: Option<SourcePhase>, running_here: bool) -> &'static str
 }
 
 /// Cancels the live migration of container `id` (or of migration `id`),
-/// then waits up to `wait` for its `migrate` to end.
+/// then waits up to `wait` for it to end.
 pub fn cancel(
     state_dir: &Path,
     runc: &Runc,
@@ -112,18 +129,34 @@ pub fn cancel(
             phase: rec.phase,
         });
     };
-    if let Some(agent) = rec.agent_pid.filter(|&agent| agent != holder) {
-        return Err(CancelError::NotTheAgent {
-            id: container,
-            holder,
-            agent,
-        });
+    match rec.agent_pid {
+        None => {
+            return Err(CancelError::Unrecorded {
+                id: container,
+                holder,
+            })
+        }
+        Some(agent) if agent != holder => {
+            return Err(CancelError::NotTheAgent {
+                id: container,
+                holder,
+                agent,
+            })
+        }
+        Some(_) => {}
     }
+    let request = journal::cancel_request_path(state_dir, &container);
+    std::fs::write(&request, std::process::id().to_string()).map_err(|source| {
+        CancelError::Request {
+            path: request.clone(),
+            source,
+        }
+    })?;
     let pid = i32::try_from(holder).map_err(|_| CancelError::Signal {
         pid: holder,
         source: nix::Error::EINVAL,
     })?;
-    kill(Pid::from_raw(pid), Signal::SIGINT).map_err(|source| CancelError::Signal {
+    kill(Pid::from_raw(pid), Signal::SIGUSR2).map_err(|source| CancelError::Signal {
         pid: holder,
         source,
     })?;
@@ -137,6 +170,9 @@ pub fn cancel(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The next lock holder removes it too; a cancel that waited removes
+    // its own.
+    let _ = std::fs::remove_file(&request);
     let phase_after = record::load::<SourceRecord>(&journal::record_path(state_dir, &container))?
         .map(|r| r.phase);
     let running_here = runc.state(&container).is_ok_and(|s| s.is_running());
@@ -217,5 +253,13 @@ mod tests {
             cancel(dir.path(), &runc(), "web", Duration::ZERO),
             Err(CancelError::NotTheAgent { agent: 1, .. })
         ));
+        // Written by a `migrate` from before agent_pid: not signalled.
+        rec.agent_pid = None;
+        record::store(journal.path(), &rec).unwrap();
+        assert!(matches!(
+            cancel(dir.path(), &runc(), "web", Duration::ZERO),
+            Err(CancelError::Unrecorded { .. })
+        ));
+        assert!(!journal::cancel_request_path(dir.path(), "web").exists());
     }
 }

@@ -16,8 +16,11 @@ pub const PS_EXAMPLES: &str = "Examples:\n  \
 pub const STATUS_EXAMPLES: &str = "Examples:\n  \
                                    migrate status\n  \
                                    migrate status --state-dir /var/lib/migrate --json";
-pub const CANCEL_EXAMPLES: &str = "Exit status: 0 the migration's `migrate` ended (rolled back, or \
-                                   finished if it had decided); 1 nothing to cancel, or it did not end in time.\n\n\
+pub const CANCEL_EXAMPLES: &str = "The process holding the migration's record (a `migrate`, or a \
+                                   `migrate drain`, whose other migrations go on) gets SIGUSR2 and the \
+                                   request <state-dir>/migrations/<id>.cancel.\n\n\
+                                   Exit status: 0 the migration ended (rolled back, or finished if it \
+                                   had decided); 1 nothing to cancel, or it did not end in time.\n\n\
                                    Examples:\n  \
                                    migrate cancel web1\n  \
                                    migrate cancel 3f2a9c0e5b7d4e1f8a6b2c9d0e4f1a7b --json";

@@ -44,6 +44,12 @@ pub fn record_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("migrations").join(format!("{id}.json"))
 }
 
+/// Where `migrate cancel` asks the migration of container `id` to end
+/// ([`crate::signals`]); removed by whoever takes the lock next.
+pub fn cancel_request_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("migrations").join(format!("{id}.cancel"))
+}
+
 fn lock_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("migrations").join(format!("{id}.lock"))
 }
@@ -172,6 +178,9 @@ impl Journal {
                 id: id.to_owned(),
                 lock: lock.clone(),
             })?;
+        // A request left by a cancel whose migration ended first must not
+        // end this one.
+        let _ = std::fs::remove_file(cancel_request_path(state_dir, id));
         let path = record_path(state_dir, id);
         let earlier = record::load::<SourceRecord>(&path)?;
         let record = earlier.clone().unwrap_or_else(|| SourceRecord {

@@ -146,7 +146,10 @@ pub async fn migrate(
         idle_timeout: opts.link_timeout,
     };
     let mut signals = match Signals::install().context("taking over SIGINT and SIGTERM") {
-        Ok(signals) => signals,
+        Ok(signals) => signals.with_cancel_request(journal::cancel_request_path(
+            &opts.state_dir,
+            &opts.container_id,
+        )),
         Err(e) => return Err(finish::untouched(Failure::Source(e), opts)),
     };
     match open_journal(opts, &tls, reporter).await {

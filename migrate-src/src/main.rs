@@ -154,8 +154,8 @@ enum Command {
     /// interrupted, each with the `migrate resolve` that settles it.
     #[command(after_help = cli_inventory::STATUS_EXAMPLES)]
     Status(cli_inventory::StatusArgs),
-    /// End one migration at a safe point: SIGINT to its `migrate`, which
-    /// rolls back before its decision and finishes after it.
+    /// End one migration at a safe point: it rolls back before its
+    /// decision and finishes after it, as on Ctrl-C.
     #[command(after_help = cli_inventory::CANCEL_EXAMPLES)]
     Cancel(cli_inventory::CancelMigrationArgs),
     /// Print a completion script for SHELL to stdout.

@@ -261,10 +261,14 @@ fn cancel_during_a_migration_rolls_it_back_and_the_container_runs_here_unchanged
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("SIGINT"), "{err}");
+    assert!(err.contains("interrupted by migrate cancel"), "{err}");
     assert_running_on_source_unchanged(&container, pid, &before);
     assert_destination_discarded(&dst, "cx1");
     assert_work_dir_clean(&lab);
+    assert!(!lab
+        .source_state_dir()
+        .join("migrations/cx1.cancel")
+        .exists());
 
     // Over: nothing left to cancel.
     let out = migrate_cli(&lab, &["cancel", "cx1"]);
