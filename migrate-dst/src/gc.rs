@@ -32,13 +32,15 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use migrate_common::protocol::LayerInfo;
 use migrate_common::record::{self, RecordError};
 use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::rootfs::{mountinfo, overlay::OverlayMount, tree_size};
 use serde::{Deserialize, Serialize};
 
-use crate::restore::ContainerDir;
+use crate::restore::{self, ContainerDir};
 use crate::store::{self, LayerStore};
+use crate::Daemon;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -274,6 +276,23 @@ fn in_use(store: &LayerStore, state_dir: &Path) -> Result<HashSet<String>, GcErr
         }
     }
     Ok(used)
+}
+
+/// Claims container dir `id` for a migration ([`ContainerDir::claim`])
+/// and names in it every layer the container uses. Called by the preflight
+/// with the store's lock held shared since it looked the layers up (see the
+/// module doc).
+pub fn claim(daemon: &Daemon, id: &str, layers: &[LayerInfo]) -> anyhow::Result<ContainerDir> {
+    let digests = layers
+        .iter()
+        .map(|l| LayerDigest::parse(&l.digest))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dir = ContainerDir::claim(&daemon.state_dir, id)?;
+    if let Err(e) = record_use(&daemon.store, &dir, &digests) {
+        restore::discard(daemon, id, &dir);
+        return Err(e.into());
+    }
+    Ok(dir)
 }
 
 /// Writes the layers a claimed container dir will use, and marks them used

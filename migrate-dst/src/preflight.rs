@@ -199,22 +199,17 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     // layers: a garbage collection, which takes it exclusively, cannot
     // remove a layer this preflight tells the source not to send (see
     // `crate::gc`).
-    let store_lock = match daemon.store.lock_shared() {
-        Ok(lock) => Some(lock),
-        Err(e) => {
-            refusals.push(format!("{e:#}"));
-            None
-        }
-    };
+    let store_lock = daemon.store.lock_shared();
+    if let Err(e) = &store_lock {
+        refusals.push(format!("{e:#}"));
+    }
     let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
-    let mut digests = Vec::new();
     for layer in &hello.layers {
         match LayerDigest::parse(&layer.digest) {
-            Ok(digest) if daemon.store.has(&digest) => digests.push(digest),
-            Ok(digest) => {
+            Ok(digest) if daemon.store.has(&digest) => {}
+            Ok(_) => {
                 reply.missing_layers.push(layer.digest.clone());
                 needed += layer.size_bytes;
-                digests.push(digest);
             }
             Err(e) => refusals.push(format!("layer digest {:?}: {e}", layer.digest)),
         }
@@ -256,14 +251,8 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     // preflight alone claims nothing.
     let mut claimed = None;
     if refusals.is_empty() && !hello.preflight_only {
-        match ContainerDir::claim(&daemon.state_dir, id) {
-            Ok(dir) => match gc::record_use(&daemon.store, &dir, &digests) {
-                Ok(()) => claimed = Some(dir),
-                Err(e) => {
-                    refusals.push(format!("{:#}", anyhow::Error::from(e)));
-                    crate::restore::discard(daemon, id, &dir);
-                }
-            },
+        match gc::claim(daemon, id, &hello.layers) {
+            Ok(dir) => claimed = Some(dir),
             Err(e) => refusals.push(format!("{e:#}")),
         }
     }
