@@ -71,6 +71,10 @@ pub struct SourceRecord {
     /// migration is settled.
     #[serde(default)]
     pub work_dir: Option<std::path::PathBuf>,
+    /// The `migrate` process working on the migration: `migrate cancel`
+    /// signals it. Absent from records written before it was kept.
+    #[serde(default)]
+    pub agent_pid: Option<u32>,
 }
 
 /// Where the destination is with a container it received.
@@ -191,6 +195,7 @@ mod tests {
             phase,
             holder_pid: Some(42),
             work_dir: None,
+            agent_pid: Some(7),
         }
     }
 
@@ -211,6 +216,15 @@ mod tests {
         remove(&path).unwrap();
         remove(&path).unwrap();
         assert_eq!(load::<SourceRecord>(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn a_record_without_agent_pid_still_reads() {
+        let text = r#"{"migration_id":"m","container_id":"c","destination":"d:1","mode":"auto",
+                       "phase":"started","holder_pid":null}"#;
+        let rec: SourceRecord = serde_json::from_str(text).unwrap();
+        assert_eq!(rec.agent_pid, None);
+        assert_eq!(rec.work_dir, None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! still receiving its pages), which the daemon keeps in its table. At
 //! start-up [`restart`] adopts the copies an earlier run left held.
 
+pub mod gc;
 pub mod hold;
 pub mod preflight;
 pub mod receive;
@@ -66,6 +67,9 @@ pub struct Daemon {
     /// New migrations handled at once; more are refused at preflight, with
     /// why (see [`preflight::busy`]).
     pub max_migrations: usize,
+    /// `--layer-store-max` and `--layer-max-age`: applied at start and
+    /// after each migration.
+    pub layer_limits: gc::Limits,
     /// Migrations whose copy is held or still needs its source, by
     /// migration id: where a connection that resumes one is handed.
     held: Mutex<HashMap<String, HeldEntry>>,
@@ -115,6 +119,7 @@ impl Daemon {
             exe: std::env::current_exe().context("locating the migrate-dst executable")?,
             in_doubt_after: std::time::Duration::from_secs(60),
             max_migrations: DEFAULT_MAX_MIGRATIONS,
+            layer_limits: gc::Limits::default(),
             held: Mutex::new(HashMap::new()),
         })
     }
@@ -135,6 +140,25 @@ impl Daemon {
 
     pub fn release(&self, id: &str) {
         self.held_table().remove(id);
+    }
+
+    /// Removes unused layers beyond the limits, if there are limits; says
+    /// what it removed in the log. A failure only leaves layers in place.
+    pub fn apply_layer_limits(&self) {
+        if self.layer_limits.is_none() {
+            return;
+        }
+        match gc::collect(&self.store, &self.state_dir, &self.layer_limits, false) {
+            Ok(report) => {
+                for line in report.lines() {
+                    info!("layer store: {line}");
+                }
+            }
+            Err(e) => warn!(
+                error = %format!("{:#}", anyhow::Error::from(e)),
+                "applying the layer store's limits"
+            ),
+        }
     }
 
     fn held_table(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldEntry>> {
@@ -210,6 +234,10 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
             "removed state left by an interrupted migration"
         );
     }
+    {
+        let daemon = daemon.clone();
+        tokio::task::spawn_blocking(move || daemon.apply_layer_limits()).await?;
+    }
     let slots = Arc::new(Semaphore::new(daemon.max_migrations));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let mut sessions = tokio::task::JoinSet::new();
@@ -270,10 +298,12 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
                     }
                     Ok((control, Some(Body::Hello(hello)))) => {
                         if let Err(e) =
-                            session::serve(conn.clone(), control, hello, peer, daemon).await
+                            session::serve(conn.clone(), control, hello, peer, daemon.clone()).await
                         {
                             warn!(error = %format!("{e:#}"), "migration ended with an error");
                         }
+                        let _ =
+                            tokio::task::spawn_blocking(move || daemon.apply_layer_limits()).await;
                     }
                     Ok((control, Some(Body::Resume(resume)))) => {
                         drop((permit, overflow_permit));

@@ -82,6 +82,20 @@ struct DaemonArgs {
     /// source are dropped all the same.
     #[arg(long)]
     allow_privileged: bool,
+    /// Most bytes the layer store may hold (e.g. 20GiB, 500MB); past it,
+    /// layers no container uses are removed, least recently used first, at
+    /// start and after each migration. Layers in use always stay.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    layer_store_max: Option<u64>,
+    /// Remove layers no container uses once no migration used them for
+    /// this long (e.g. 7d, 12h), at start and after each migration.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    layer_max_age: Option<Duration>,
+}
+
+/// A size as people write it: 20GiB, 500MB, 1048576.
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<bytesize::ByteSize>().map(|size| size.as_u64())
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +140,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the layers no container here uses from the layer store (or,
+    /// with a limit, only those beyond it). Safe while the daemon runs.
+    #[command(after_help = "Examples:\n  migrate-dst gc --dry-run\n  \
+                            migrate-dst gc --layer-store-max 20GiB --layer-max-age 7d --json")]
+    Gc {
+        #[arg(long, default_value = "/var/lib/migrate-dst")]
+        state_dir: PathBuf,
+        /// Say what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only what is beyond this size, least recently used first.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        layer_store_max: Option<u64>,
+        /// Only what no migration used for this long.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        layer_max_age: Option<Duration>,
+        /// Print what was removed (or the error) as one JSON object on
+        /// stdout, with `version`, the version of its schema.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -151,6 +186,23 @@ fn main() -> ExitCode {
             json,
         }) => {
             let result = status(&state_dir, Duration::from_secs(in_doubt_after), json);
+            if let (Err(e), true) = (&result, json) {
+                println!("{}", migrate_common::json::error(&format!("{e:#}")));
+            }
+            result
+        }
+        Some(Command::Gc {
+            state_dir,
+            dry_run,
+            layer_store_max,
+            layer_max_age,
+            json,
+        }) => {
+            let limits = migrate_dst::gc::Limits {
+                max_bytes: layer_store_max,
+                max_age: layer_max_age,
+            };
+            let result = gc(&state_dir, &limits, dry_run, json);
             if let (Err(e), true) = (&result, json) {
                 println!("{}", migrate_common::json::error(&format!("{e:#}")));
             }
@@ -201,6 +253,24 @@ fn status(state_dir: &std::path::Path, in_doubt_after: Duration, json: bool) -> 
     Ok(())
 }
 
+fn gc(
+    state_dir: &std::path::Path,
+    limits: &migrate_dst::gc::Limits,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = migrate_dst::store::LayerStore::open(state_dir.join("layers"))?;
+    let report = migrate_dst::gc::collect(&store, state_dir, limits, dry_run)?;
+    if json {
+        println!("{}", migrate_common::json::versioned(&report)?);
+    } else {
+        for line in report.lines() {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
 fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -223,6 +293,10 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     )?;
     daemon.in_doubt_after = Duration::from_secs(args.in_doubt_after);
     daemon.max_migrations = usize::try_from(args.max_migrations)?;
+    daemon.layer_limits = migrate_dst::gc::Limits {
+        max_bytes: args.layer_store_max,
+        max_age: args.layer_max_age,
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(migrate_dst::serve(listen, &tls, daemon))
 }

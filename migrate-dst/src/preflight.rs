@@ -23,6 +23,7 @@ use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::runc::CriuOptions;
 use migrate_common::transport;
 
+use crate::gc;
 use crate::restore::ContainerDir;
 use crate::session::Control;
 use crate::Daemon;
@@ -266,8 +267,16 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
         ),
     }
 
-    let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
+    // Held from the first layer found here until the claimed dir names its
+    // layers: a garbage collection, which takes it exclusively, cannot
+    // remove a layer this preflight tells the source not to send (see
+    // `crate::gc`).
     let mut bad_digests = Vec::new();
+    let store_lock = daemon.store.lock_shared();
+    if let Err(e) = &store_lock {
+        bad_digests.push(format!("{e:#}"));
+    }
+    let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
     let mut missing_bytes = 0;
     for layer in &hello.layers {
         match LayerDigest::parse(&layer.digest) {
@@ -346,7 +355,7 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     // preflight alone claims nothing.
     let mut claimed = None;
     if verdict.accepted() && !hello.preflight_only {
-        match ContainerDir::claim(&daemon.state_dir, id) {
+        match gc::claim(daemon, id, &hello.layers) {
             Ok(dir) => {
                 verdict.pass(CLAIM, format!("{} is this migration's", dir.root.display()));
                 claimed = Some(dir);
@@ -354,6 +363,7 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
             Err(e) => verdict.fail(CLAIM, format!("{e:#}")),
         }
     }
+    drop(store_lock);
     reply.accepted = verdict.accepted();
     (reply.checks, reply.refusals) = verdict.into_parts();
     Preflight { reply, claimed }

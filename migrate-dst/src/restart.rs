@@ -157,10 +157,21 @@ pub struct StatusEntry {
     /// Held for longer than the bound: only the source (`migrate resolve`)
     /// can settle it.
     pub in_doubt: bool,
+    /// Claimed by a preflight, its layers, images and rootfs still
+    /// arriving: nothing restored, no record yet (`migration` and `source`
+    /// are not known from the disk then).
+    pub arriving: bool,
 }
 
 impl StatusEntry {
     pub fn line(&self) -> String {
+        if self.arriving {
+            return format!(
+                "{}: receiving its layers, images and rootfs for {}; nothing restored yet",
+                self.container,
+                humantime::format_duration(Duration::from_secs(self.since_s)),
+            );
+        }
         let phase = match self.phase {
             DestinationPhase::Receiving => "receiving",
             DestinationPhase::Held => "held, not running",
@@ -195,16 +206,40 @@ pub fn status(state_dir: &std::path::Path, in_doubt_after: Duration) -> Result<V
         let dir = ContainerDir {
             root: entry?.path(),
         };
-        let Ok(Some(rec)) = record::load::<DestinationRecord>(&dir.record()) else {
-            continue;
+        let since = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs())
+                .unwrap_or_default()
         };
-        let since_s = std::fs::metadata(dir.record())
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
+        let rec = match record::load::<DestinationRecord>(&dir.record()) {
+            Ok(Some(rec)) => rec,
+            // No record before the restore starts; the images go after the
+            // commit, so a dir without either runs its container here.
+            Ok(None) if dir.images().is_dir() => {
+                found.push(StatusEntry {
+                    container: dir
+                        .root
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    migration: String::new(),
+                    source: None,
+                    phase: DestinationPhase::Receiving,
+                    lazy: false,
+                    since_s: since(&dir.layers()),
+                    in_doubt: false,
+                    arriving: true,
+                });
+                continue;
+            }
+            _ => continue,
+        };
+        let since_s = since(&dir.record());
         found.push(StatusEntry {
+            arriving: false,
             in_doubt: rec.phase == DestinationPhase::Held && since_s >= in_doubt_after.as_secs(),
             container: rec.container_id,
             migration: rec.migration_id,

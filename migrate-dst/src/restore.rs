@@ -101,6 +101,10 @@ impl ContainerDir {
     pub fn record(&self) -> PathBuf {
         self.root.join("migration.json")
     }
+    /// The layers this container uses, which garbage collection keeps.
+    pub fn layers(&self) -> PathBuf {
+        self.root.join("layers.json")
+    }
 }
 
 /// A `runc restore` under way. CRIU's post-restore action holds the

@@ -82,9 +82,25 @@ async fn only_a_valid_id_is_claimed() {
     endpoint.wait_idle().await;
 
     let (endpoint, conn, mut control) = connect(dir.path(), port).await.unwrap();
-    let reply = preflight(&mut control, hello("web1", &config)).await;
+    let layer = format!("b3:{}", "0".repeat(64));
+    let with_layer = Hello {
+        layers: vec![LayerInfo {
+            digest: layer.clone(),
+            size_bytes: 1,
+        }],
+        ..hello("web1", &config)
+    };
+    let reply = preflight(&mut control, with_layer).await;
     assert!(reply.accepted, "{reply:?}");
     assert!(dir.path().join("state/containers/web1").is_dir());
+    // The claim names the container's layers, the missing one too, so that
+    // garbage collection keeps them.
+    assert_eq!(reply.missing_layers, std::slice::from_ref(&layer));
+    let layers: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("state/containers/web1/layers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(layers["layers"], serde_json::json!([layer]));
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
     daemon.abort();

@@ -2,7 +2,7 @@
 //! the binary runs them over [`migrate_src::drain`].
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -32,14 +32,6 @@ Examples:
   migrate drain --to dst1.example:7070 --to dst2.example:7070 --parallel 2
   migrate drain --to dst1.example:7070 --dry-run --json
   migrate drain --to dst1.example:7070 --filter 'web-*' --at 03:00 --reboot";
-
-pub const CANCEL_AFTER_HELP: &str = "\
-The drain running on --state-dir (found through <state-dir>/drain.pid) gets SIGUSR1: it \
-starts no further migration, those under way finish, and the containers not started are \
-reported skipped. Cancelling a single migration is not possible yet, so --drain is required.
-
-Example:
-  migrate cancel --drain";
 
 #[derive(Debug, Args)]
 pub struct DrainArgs {
@@ -81,16 +73,6 @@ pub struct DrainArgs {
     reboot_command: String,
     #[command(flatten)]
     settings: MigrationSettings,
-}
-
-#[derive(Debug, Args)]
-pub struct CancelArgs {
-    /// Cancel the drain running on --state-dir (required: single
-    /// migrations cannot be cancelled yet).
-    #[arg(long, required = true)]
-    drain: bool,
-    #[arg(long, default_value = "/var/lib/migrate")]
-    state_dir: PathBuf,
 }
 
 /// Runs a drain; the report (or the error) on stdout, its exit status.
@@ -144,13 +126,11 @@ fn run(args: DrainArgs) -> anyhow::Result<migrate_src::drain::report::DrainRepor
     Ok(report?)
 }
 
-/// `migrate cancel --drain`.
-pub fn cancel(args: CancelArgs) -> anyhow::Result<()> {
-    debug_assert!(args.drain, "clap requires --drain");
-    let pid = migrate_src::drain::pidfile::signal_drain(
-        &args.state_dir,
-        nix::sys::signal::Signal::SIGUSR1,
-    )?;
+/// `migrate cancel --drain`: the drain on `state_dir` starts no further
+/// migration.
+pub fn cancel(state_dir: &Path) -> anyhow::Result<()> {
+    let pid =
+        migrate_src::drain::pidfile::signal_drain(state_dir, nix::sys::signal::Signal::SIGUSR1)?;
     println!("asked the drain (pid {pid}) to start no further migration");
     Ok(())
 }
@@ -244,11 +224,16 @@ mod tests {
     }
 
     #[test]
-    fn cancel_needs_drain() {
+    fn cancel_takes_an_id_or_drain() {
         assert!(Cli::try_parse_from(["migrate", "cancel"]).is_err());
+        assert!(Cli::try_parse_from(["migrate", "cancel", "web1", "--drain"]).is_err());
         let cli =
             Cli::try_parse_from(["migrate", "cancel", "--drain", "--state-dir", "/tmp/s"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Cancel(ref a)) if a.drain));
+        assert!(matches!(cli.command, Some(Command::Cancel(ref a)) if a.drain && a.id.is_none()));
+        let cli = Cli::try_parse_from(["migrate", "cancel", "web1"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Cancel(ref a)) if !a.drain && a.id.as_deref() == Some("web1"))
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use migrate_common::protocol::{
 use migrate_common::transfer::TransferStats;
 
 use crate::checkpoint::{Checkpoint, DumpSetup, WorkDir};
+use crate::digest_cache::DigestCache;
 use crate::finish::Failure;
 use crate::lazy::LazyDump;
 use crate::link::{self, Dial, Link};
@@ -38,6 +39,7 @@ pub(crate) struct Frozen {
     pub files: usize,
     pub layers_sent: usize,
     pub layers_reused: usize,
+    pub layers_hashed: usize,
 }
 
 impl Frozen {
@@ -290,6 +292,7 @@ pub(crate) async fn freeze_and_send(
         files: file_count,
         layers_sent,
         layers_reused,
+        layers_hashed: container.layers_hashed,
     })
 }
 
@@ -309,15 +312,17 @@ pub(crate) struct Inspected {
 /// Inspects the container and chooses the mode, off the async threads:
 /// hashing layers and running criu block, and Ctrl-C must still be heard.
 pub(crate) async fn inspect_and_choose(opts: &MigrateOptions) -> anyhow::Result<Inspected> {
-    let (runc, criu, id, requested) = (
+    let (runc, criu, id, requested, state_dir) = (
         opts.runc.clone(),
         opts.criu.clone(),
         opts.container_id.clone(),
         opts.mode,
+        opts.state_dir.clone(),
     );
     let (container, criu_version, cpuinfo, caps, pipe_note) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let container = inspect::inspect(&runc, &id)?;
+            let mut cache = DigestCache::load(&state_dir);
+            let container = inspect::inspect(&runc, &id, &mut cache)?;
             let version = criu.version().context("checking the source's CRIU")?;
             let cpuinfo = criu
                 .cpuinfo_dump()

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use migrate_common::bundle::BundleConfig;
 use migrate_common::protocol::LayerInfo;
-use migrate_common::rootfs::{digest::layer_digest, tree_size, OverlayMount};
+use migrate_common::rootfs::{tree_size, OverlayMount};
 use migrate_common::runc::{ContainerState, Runc};
 
-use crate::stopped::stopped_tasks;
+use crate::digest_cache::DigestCache;
+use crate::stopped::{stopped_tasks, StoppedTask};
 
 /// Everything known about the container before it is touched.
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub struct Container {
     pub overlay: OverlayMount,
     /// Lower layers, uppermost first, with their digests.
     pub layers: Vec<Layer>,
+    /// How many of them were hashed, not found in the digest cache.
+    pub layers_hashed: usize,
     pub upper_bytes: u64,
     pub memory_bytes: u64,
 }
@@ -30,33 +33,38 @@ pub struct Layer {
     pub info: LayerInfo,
 }
 
-pub fn inspect(runc: &Runc, id: &str) -> Result<Container> {
+/// Inspects container `id`; lower layers the cache knows unchanged are not
+/// hashed again.
+pub fn inspect(runc: &Runc, id: &str, cache: &mut DigestCache) -> Result<Container> {
     let state = runc.state(id)?;
-    if !state.is_running() {
-        bail!(
-            "container {id} is {}, not running: only running containers can be live-migrated",
-            state.status
-        );
+    if let Some(blocker) = running_blocker(&state) {
+        bail!("{}", blocker.explain(id));
     }
     let config_path = state.bundle.join("config.json");
     let config_json = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading the container's config {}", config_path.display()))?;
     let config = BundleConfig::parse(&config_json)
         .with_context(|| format!("parsing {}", config_path.display()))?;
-    if config.uses_terminal() {
-        bail!("container {id} has a terminal (process.terminal=true); CRIU cannot move its tty between hosts");
+    if let Some(blocker) = terminal_blocker(&config).or_else(|| stdio_blocker(state.pid)) {
+        bail!("{}", blocker.explain(id));
     }
-    check_stdio(state.pid)?;
-    check_stopped(id, state.pid)?;
+    if let Some(blocker) = stopped_blocker(state.pid)
+        .with_context(|| format!("looking for stopped tasks in container {id}"))?
+    {
+        bail!("{}", blocker.explain(id));
+    }
 
     let rootfs = config.root_path(&state.bundle)?;
     let overlay = OverlayMount::find(&rootfs)?;
+    let mut layers_hashed = 0;
     let layers = overlay
         .lowers
         .iter()
         .map(|path| {
-            let digest = layer_digest(path)
+            let (digest, hashed) = cache
+                .digest(path)
                 .with_context(|| format!("computing the digest of layer {}", path.display()))?;
+            layers_hashed += usize::from(hashed);
             let size_bytes =
                 tree_size(path).with_context(|| format!("measuring layer {}", path.display()))?;
             Ok(Layer {
@@ -68,6 +76,12 @@ pub fn inspect(runc: &Runc, id: &str) -> Result<Container> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if layers_hashed > 0 {
+        if let Err(e) = cache.save() {
+            // Only the next migration's time depends on it.
+            tracing::warn!(error = %format!("{e:#}"), "saving the layer digest cache");
+        }
+    }
     let upper_bytes = tree_size(&overlay.upper)
         .with_context(|| format!("measuring upper dir {}", overlay.upper.display()))?;
     let memory_bytes = cgroup_memory_bytes(state.pid).unwrap_or(0);
@@ -76,13 +90,112 @@ pub fn inspect(runc: &Runc, id: &str) -> Result<Container> {
         config_json,
         overlay,
         layers,
+        layers_hashed,
         upper_bytes,
         memory_bytes,
     })
 }
 
+/// Why a container cannot be live-migrated as it is, found without
+/// touching it: `inspect` refuses with [`Blocker::explain`], `migrate ps`
+/// lists [`Blocker::short`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Blocker {
+    NotRunning {
+        status: String,
+    },
+    Terminal,
+    Stdio {
+        name: &'static str,
+        target: StdioTarget,
+    },
+    Stopped(Vec<StoppedTask>),
+}
+
+impl Blocker {
+    /// A few words for a listing.
+    pub fn short(&self) -> String {
+        match self {
+            Self::NotRunning { status } => format!("{status}, not running"),
+            Self::Terminal => "has a terminal (process.terminal)".to_owned(),
+            Self::Stdio {
+                name,
+                target: StdioTarget::Terminal(t),
+            } => format!("{name} is the terminal {t}"),
+            Self::Stdio {
+                name,
+                target: StdioTarget::HostFile(f),
+            } => format!("{name} is the host file {f}"),
+            Self::Stdio { name, .. } => format!("{name} cannot move"),
+            Self::Stopped(tasks) => format!(
+                "stopped tasks: pid {}",
+                tasks
+                    .iter()
+                    .map(|t| t.pid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        }
+    }
+
+    /// The whole sentence, with what to do about it.
+    pub fn explain(&self, id: &str) -> String {
+        match self {
+            Self::NotRunning { status } => format!(
+                "container {id} is {status}, not running: only running containers can be live-migrated"
+            ),
+            Self::Terminal => format!(
+                "container {id} has a terminal (process.terminal=true); CRIU cannot move its tty between hosts"
+            ),
+            Self::Stdio {
+                name,
+                target: StdioTarget::Terminal(t),
+            } => format!(
+                "the container's {name} is the terminal {t}; CRIU cannot move it: start the container with \
+                 its stdio on pipes or /dev/null"
+            ),
+            Self::Stdio { name, target } => format!(
+                "the container's {name} is the host file {}; CRIU cannot checkpoint a descriptor on a file \
+                 outside the container's mounts: start the container with its stdio on pipes (a logging shim) \
+                 or /dev/null",
+                match target {
+                    StdioTarget::HostFile(f) | StdioTarget::Terminal(f) => f.as_str(),
+                    StdioTarget::Movable => "?",
+                }
+            ),
+            Self::Stopped(stopped) => {
+                let list = stopped
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let pids = stopped
+                    .iter()
+                    .map(|t| t.pid.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                format!(
+                    "container {id} has stopped tasks, which CRIU cannot checkpoint (runc checkpoint would \
+                     hang): {list}. Nothing was frozen. Continue them (`kill -CONT {pids}` on this host, or \
+                     detach the debugger) and migrate again"
+                )
+            }
+        }
+    }
+}
+
+pub fn running_blocker(state: &ContainerState) -> Option<Blocker> {
+    (!state.is_running()).then(|| Blocker::NotRunning {
+        status: state.status.clone(),
+    })
+}
+
+pub fn terminal_blocker(config: &BundleConfig) -> Option<Blocker> {
+    config.uses_terminal().then_some(Blocker::Terminal)
+}
+
 /// What one of the init process's standard descriptors points at.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StdioTarget {
     /// Pipes, sockets, /dev/null and anonymous inodes: CRIU handles these
     /// (runc re-plumbs pipes at restore).
@@ -110,56 +223,30 @@ pub fn classify_stdio(link: &str) -> StdioTarget {
     }
 }
 
-fn check_stdio(pid: u32) -> Result<()> {
-    for (fd, name) in [(0, "stdin"), (1, "stdout"), (2, "stderr")] {
-        let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
-        let Ok(target) = std::fs::read_link(&path) else {
-            continue; // closed descriptor: nothing to move
-        };
-        match classify_stdio(&target.to_string_lossy()) {
-            StdioTarget::Movable => {}
-            StdioTarget::Terminal(t) => bail!(
-                "the container's {name} is the terminal {t}; CRIU cannot move it: start the container with \
-                 its stdio on pipes or /dev/null"
-            ),
-            StdioTarget::HostFile(f) => bail!(
-                "the container's {name} is the host file {f}; CRIU cannot checkpoint a descriptor on a file \
-                 outside the container's mounts: start the container with its stdio on pipes (a logging shim) \
-                 or /dev/null"
-            ),
-        }
-    }
-    Ok(())
+/// The first of the init process's standard descriptors CRIU cannot move.
+pub fn stdio_blocker(pid: u32) -> Option<Blocker> {
+    [(0, "stdin"), (1, "stdout"), (2, "stderr")]
+        .into_iter()
+        .find_map(|(fd, name)| {
+            // A closed descriptor has nothing to move.
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            match classify_stdio(&target.to_string_lossy()) {
+                StdioTarget::Movable => None,
+                target => Some(Blocker::Stdio { name, target }),
+            }
+        })
 }
 
-/// Refuses a container with a stopped task: `runc checkpoint` would hang on
-/// it, with the container frozen.
-fn check_stopped(id: &str, pid: u32) -> Result<()> {
-    let stopped = stopped_tasks(pid)
-        .with_context(|| format!("looking for stopped tasks in container {id}"))?;
-    if stopped.is_empty() {
-        return Ok(());
-    }
-    let list = stopped
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    let pids = stopped
-        .iter()
-        .map(|t| t.pid.to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    bail!(
-        "container {id} has stopped tasks, which CRIU cannot checkpoint (runc checkpoint would \
-         hang): {list}. Nothing was frozen. Continue them (`kill -CONT {pids}` on this host, or \
-         detach the debugger) and migrate again"
-    )
+/// A container with a stopped task: `runc checkpoint` would hang on it,
+/// with the container frozen.
+pub fn stopped_blocker(pid: u32) -> std::io::Result<Option<Blocker>> {
+    let stopped = stopped_tasks(pid)?;
+    Ok((!stopped.is_empty()).then_some(Blocker::Stopped(stopped)))
 }
 
 /// Memory charged to the container's cgroup, an upper bound on its page
 /// images (cgroup v2 `memory.current`, v1 `memory.usage_in_bytes`).
-fn cgroup_memory_bytes(pid: u32) -> Option<u64> {
+pub fn cgroup_memory_bytes(pid: u32) -> Option<u64> {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let (file, dir) = memory_cgroup_file(&cgroups)?;
     std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(dir).join(file))
@@ -205,6 +292,28 @@ mod tests {
             classify_stdio("/var/log/app.log"),
             StdioTarget::HostFile("/var/log/app.log".into())
         );
+    }
+
+    #[test]
+    fn blockers_say_why_in_short_and_in_full() {
+        let stopped = Blocker::Stopped(vec![StoppedTask {
+            pid: 41,
+            pid_in_container: Some(3),
+            name: "sleep".into(),
+            traced: false,
+        }]);
+        assert_eq!(stopped.short(), "stopped tasks: pid 41");
+        assert!(stopped.explain("web").contains("kill -CONT 41"));
+        let paused = Blocker::NotRunning {
+            status: "paused".into(),
+        };
+        assert_eq!(paused.short(), "paused, not running");
+        assert!(paused.explain("web").starts_with("container web is paused"));
+        let tty = Blocker::Stdio {
+            name: "stdout",
+            target: StdioTarget::Terminal("/dev/pts/1".into()),
+        };
+        assert_eq!(tty.short(), "stdout is the terminal /dev/pts/1");
     }
 
     #[test]

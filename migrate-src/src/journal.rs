@@ -29,6 +29,12 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("listing the records in {path}")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Record(#[from] RecordError),
 }
@@ -38,8 +44,73 @@ pub fn record_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("migrations").join(format!("{id}.json"))
 }
 
+/// Where `migrate cancel` asks the migration of container `id` to end
+/// ([`crate::signals`]); removed by whoever takes the lock next.
+pub fn cancel_request_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("migrations").join(format!("{id}.cancel"))
+}
+
 fn lock_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("migrations").join(format!("{id}.lock"))
+}
+
+/// The process holding the lock of container `id`'s record, read from
+/// `/proc/locks` rather than by trying the lock: a probe that took it,
+/// even for a moment, would make a `migrate` starting then fail as busy.
+pub fn lock_holder(state_dir: &Path, id: &str) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(lock_path(state_dir, id)).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let dev = meta.dev();
+    flock_holder(
+        &locks,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino(),
+    )
+}
+
+/// The pid holding a flock on the inode `ino` of device `major:minor` in a
+/// `/proc/locks` text. Waiters (`->` lines) hold nothing.
+pub fn flock_holder(locks: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
+    let wanted = format!("{major:02x}:{minor:02x}:{ino}");
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, inode, ..] if *inode == wanted => pid.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// A record found by [`records`]: its container id, and what it says.
+pub type ListedRecord = (String, Result<SourceRecord, RecordError>);
+
+/// Every record under `state_dir`, by container id, in id order; records
+/// that cannot be read come back as their error, so that a listing shows
+/// them rather than hiding them.
+pub fn records(state_dir: &Path) -> Result<Vec<ListedRecord>, JournalError> {
+    let dir = state_dir.join("migrations");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(JournalError::List { path: dir, source }),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".json") else {
+            continue;
+        };
+        match record::load::<SourceRecord>(&entry.path()) {
+            Ok(Some(record)) => found.push((id.to_owned(), Ok(record))),
+            // Removed since the listing: that migration settled.
+            Ok(None) => {}
+            Err(e) => found.push((id.to_owned(), Err(e))),
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
 }
 
 /// A record this process owns, with the lock that says so.
@@ -107,6 +178,9 @@ impl Journal {
                 id: id.to_owned(),
                 lock: lock.clone(),
             })?;
+        // A request left by a cancel whose migration ended first must not
+        // end this one.
+        let _ = std::fs::remove_file(cancel_request_path(state_dir, id));
         let path = record_path(state_dir, id);
         let earlier = record::load::<SourceRecord>(&path)?;
         let record = earlier.clone().unwrap_or_else(|| SourceRecord {
@@ -117,6 +191,7 @@ impl Journal {
             phase: SourcePhase::Done,
             holder_pid: None,
             work_dir: None,
+            agent_pid: None,
         });
         Ok((
             Self {
@@ -151,6 +226,8 @@ impl Journal {
             phase: SourcePhase::Started,
             holder_pid: None,
             work_dir: None,
+            // `migrate cancel` signals this process, the lock's holder.
+            agent_pid: Some(std::process::id()),
         };
         self.write()
     }
@@ -206,6 +283,30 @@ mod tests {
             Journal::lock(dir.path(), "web"),
             Err(JournalError::Unresolved { .. })
         ));
+    }
+
+    #[test]
+    fn the_lock_holder_is_read_from_proc_locks() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 99 fd:01:1234 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 77 fd:01:555 0 EOF\n";
+        assert_eq!(flock_holder(locks, 0xfd, 1, 1234), Some(4242));
+        assert_eq!(flock_holder(locks, 0xfd, 1, 555), None);
+        assert_eq!(flock_holder(locks, 0xfd, 2, 1234), None);
+    }
+
+    #[test]
+    fn a_held_lock_names_this_process_and_a_released_one_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::lock(dir.path(), "web").unwrap();
+        journal.start("m1", "dst:7070", "auto").unwrap();
+        assert_eq!(journal.record().agent_pid, Some(std::process::id()));
+        assert_eq!(lock_holder(dir.path(), "web"), Some(std::process::id()));
+        let listed = records(dir.path()).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.as_ref().unwrap().migration_id, "m1");
+        drop(journal);
+        assert_eq!(lock_holder(dir.path(), "web"), None);
     }
 
     #[test]

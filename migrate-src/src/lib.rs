@@ -20,10 +20,12 @@
 //!    container is resumed here, or the case is in doubt ([`resolve`]
 //!    settles it later).
 
+pub mod cancel;
 pub mod check;
 pub mod checkpoint;
 pub mod conclude;
 pub mod convergence;
+pub mod digest_cache;
 pub mod drain;
 pub mod finish;
 pub mod freeze;
@@ -34,11 +36,13 @@ pub mod link;
 pub mod mode;
 pub mod postcopy;
 pub mod progress;
+pub mod ps;
 pub mod report;
 pub mod resolve;
 pub mod rounds;
 pub mod send;
 pub mod signals;
+pub mod status;
 pub mod stopped;
 
 use std::path::PathBuf;
@@ -143,7 +147,10 @@ pub async fn migrate(
         idle_timeout: opts.link_timeout,
     };
     let mut signals = match Signals::install().context("taking over SIGINT and SIGTERM") {
-        Ok(signals) => signals,
+        Ok(signals) => signals.with_cancel_request(journal::cancel_request_path(
+            &opts.state_dir,
+            &opts.container_id,
+        )),
         Err(e) => return Err(finish::untouched(Failure::Source(e), opts)),
     };
     match open_journal(opts, &tls, reporter).await {
@@ -305,6 +312,7 @@ pub(crate) fn summary(
         bytes_wire,
         layers_sent: frozen.layers_sent,
         layers_reused: frozen.layers_reused,
+        layers_hashed: frozen.layers_hashed,
         files: frozen.files,
         reconnects: moved.map(|m| m.reconnects).unwrap_or(0),
         warnings,

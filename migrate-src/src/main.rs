@@ -2,8 +2,6 @@
 //! certificates both hosts use. Parses arguments and hands over to the
 //! `migrate_src` library.
 
-mod cli_drain;
-
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -173,9 +171,19 @@ enum Command {
     /// keeps) to the destinations given.
     #[command(after_help = cli_drain::DRAIN_AFTER_HELP)]
     Drain(cli_drain::DrainArgs),
-    /// Stop a drain from starting more migrations; those under way finish.
-    #[command(after_help = cli_drain::CANCEL_AFTER_HELP)]
-    Cancel(cli_drain::CancelArgs),
+    /// The containers of the runc root: state, memory, upper dir size, and
+    /// whether each could be live-migrated now, and why not.
+    #[command(after_help = cli_inventory::PS_EXAMPLES)]
+    Ps(cli_inventory::PsArgs),
+    /// The migrations this host's records know of: in progress, in doubt,
+    /// interrupted, each with the `migrate resolve` that settles it.
+    #[command(after_help = cli_inventory::STATUS_EXAMPLES)]
+    Status(cli_inventory::StatusArgs),
+    /// End one migration at a safe point (it rolls back before its
+    /// decision and finishes after it, as on Ctrl-C), or stop a drain from
+    /// starting more.
+    #[command(after_help = cli_inventory::CANCEL_EXAMPLES)]
+    Cancel(cli_inventory::CancelArgs),
     /// Print a completion script for SHELL to stdout.
     #[command(
         after_help = "Example:\n  migrate completions bash > /usr/share/bash-completion/completions/migrate"
@@ -349,7 +357,9 @@ fn main() -> ExitCode {
             init_logging();
             return cli_drain::drain(args);
         }
-        Some(Command::Cancel(args)) => return report(cli_drain::cancel(args), false),
+        Some(Command::Ps(args)) => return cli_inventory::ps(args),
+        Some(Command::Status(args)) => return cli_inventory::status(args),
+        Some(Command::Cancel(args)) => return cli_inventory::cancel(args),
         None => {}
     }
     init_logging();
@@ -512,5 +522,8 @@ fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
 }
 
 mod cli_check;
+mod cli_drain;
+mod cli_inventory;
+
 #[cfg(test)]
 mod cli_tests;

@@ -143,6 +143,9 @@ pub struct Summary {
     pub bytes_wire: u64,
     pub layers_sent: usize,
     pub layers_reused: usize,
+    /// Lower layers hashed to identify them, not found unchanged in the
+    /// digest cache (`<state-dir>/layer-digests.json`).
+    pub layers_hashed: usize,
     pub files: usize,
     /// Connections replaced during the page transfer.
     pub reconnects: u32,
@@ -208,8 +211,8 @@ impl Summary {
         }
         let _ = write!(
             out,
-            "  layers    {} sent, {} already on the destination",
-            self.layers_sent, self.layers_reused
+            "  layers    {} sent, {} already on the destination, {} hashed here",
+            self.layers_sent, self.layers_reused, self.layers_hashed
         );
         for warning in &self.warnings {
             let _ = write!(out, "\n  warning   {warning}");
@@ -273,6 +276,7 @@ mod tests {
             bytes_wire: 7,
             layers_sent: 8,
             layers_reused: 9,
+            layers_hashed: 1,
             files: 10,
             reconnects: 0,
             warnings: vec!["w1".into()],
@@ -291,6 +295,7 @@ mod tests {
         assert_eq!(v["rounds"][0]["pages_written"], 100);
         assert_eq!(v["rounds"][0]["decision"], "another-round");
         assert_eq!(v["warnings"][0], "w1");
+        assert_eq!(v["layers_hashed"], 1);
         let text = s.human();
         assert!(text.contains("warning   w1"), "{text}");
         assert!(text.contains("3ms predicted"), "{text}");

@@ -13,6 +13,7 @@
 pub mod checks;
 mod destination;
 pub mod drain;
+pub mod inventory;
 pub mod resources;
 pub mod workloads;
 

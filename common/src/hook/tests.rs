@@ -119,6 +119,7 @@ fn source_record(phase: SourcePhase) -> SourceRecord {
         phase,
         holder_pid: None,
         work_dir: None,
+        agent_pid: None,
     }
 }
 

@@ -77,18 +77,18 @@ impl OverlayMount {
         let mut lowers = Vec::new();
         let mut upper = None;
         let mut work = None;
-        for opt in split_unescaped(options, ',') {
+        for opt in split_escaped(options, ',') {
             if let Some(list) = opt.strip_prefix("lowerdir=") {
                 if list.contains("::") {
                     return Err(bad("data-only lower layers"));
                 }
-                lowers.extend(split_unescaped(list, ':').into_iter().map(PathBuf::from));
+                lowers.extend(split_escaped(list, ':').iter().map(|l| unescape(l)));
             } else if let Some(dir) = opt.strip_prefix("lowerdir+=") {
-                lowers.push(PathBuf::from(dir));
+                lowers.push(unescape(dir));
             } else if let Some(dir) = opt.strip_prefix("upperdir=") {
-                upper = Some(PathBuf::from(dir));
+                upper = Some(unescape(dir));
             } else if let Some(dir) = opt.strip_prefix("workdir=") {
-                work = Some(PathBuf::from(dir));
+                work = Some(unescape(dir));
             } else if opt.starts_with("datadir+=") {
                 return Err(bad("data-only lower layers"));
             }
@@ -116,29 +116,43 @@ impl OverlayMount {
 }
 
 /// Splits on `sep` except where it is escaped with a backslash (overlay
-/// escapes `,` and `:` inside paths that way), removing the escapes.
-fn split_unescaped(text: &str, sep: char) -> Vec<String> {
+/// escapes `,` and `:` inside paths that way), keeping the escapes: an
+/// option's value is split again (`lowerdir`'s `:`) before it is
+/// unescaped, so `b3\:<hex>` stays one layer.
+fn split_escaped(text: &str, sep: char) -> Vec<String> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => match chars.next() {
-                Some(next) if next == sep || next == '\\' || next == ',' || next == ':' => {
-                    current.push(next)
-                }
-                Some(next) => {
-                    current.push('\\');
+            '\\' => {
+                current.push('\\');
+                if let Some(next) = chars.next() {
                     current.push(next);
                 }
-                None => current.push('\\'),
-            },
+            }
             c if c == sep => parts.push(std::mem::take(&mut current)),
             c => current.push(c),
         }
     }
     parts.push(current);
     parts
+}
+
+/// One path with overlay's escapes (`\,`, `\:`, `\\`) removed.
+fn unescape(text: &str) -> PathBuf {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('\\', Some(next @ (',' | ':' | '\\'))) => {
+                out.push(next);
+                chars.next();
+            }
+            (c, _) => out.push(c),
+        }
+    }
+    PathBuf::from(out)
 }
 
 #[cfg(test)]
@@ -170,6 +184,24 @@ mod tests {
         .unwrap();
         assert_eq!(o.lowers, [PathBuf::from("/l/a:b"), PathBuf::from("/l/c")]);
         assert_eq!(o.upper, PathBuf::from("/u,x"));
+    }
+
+    /// A destination's layer store names layers `b3:<hex>`: a container it
+    /// restored, moving on, has lower dirs with an escaped colon.
+    #[test]
+    fn an_escaped_colon_in_a_lowerdir_list_stays_in_its_path() {
+        let o = OverlayMount::from_options(
+            Path::new("/m"),
+            "rw,lowerdir=/s/layers/b3\\:ab:/l/base\\\\x,upperdir=/u,workdir=/w",
+        )
+        .unwrap();
+        assert_eq!(
+            o.lowers,
+            [
+                PathBuf::from("/s/layers/b3:ab"),
+                PathBuf::from("/l/base\\x")
+            ]
+        );
     }
 
     #[test]
