@@ -46,6 +46,26 @@ fn a_container_named_like_a_subcommand_comes_after_double_dash() {
 }
 
 #[test]
+fn help_names_the_subcommands_a_container_id_collides_with() {
+    let help = Cli::command().render_long_help().to_string();
+    let rule = help
+        .split("Subcommand names win over container ids")
+        .nth(1)
+        .expect("the help says subcommand names win");
+    let rule = rule.split("\n\n").next().unwrap_or_default();
+    for name in ["ps", "check", "drain", "status", "cancel", "resolve"] {
+        assert!(
+            subcommands().iter().any(|s| s == name),
+            "no subcommand {name}"
+        );
+        assert!(
+            rule.contains(name),
+            "the help's rule does not name {name}: {rule}"
+        );
+    }
+}
+
+#[test]
 fn a_plain_id_needs_no_double_dash() {
     let cli = parse(&["web1", "--to", "h:1"]).expect("parses");
     assert!(cli.command.is_none());

@@ -26,7 +26,7 @@ use migrate_src::{MigrateOptions, MigrationError};
                   but could not finish (a copy is held, nothing runs twice), see `migrate resolve`; 4 lost: \
                   no copy runs (must never happen; said if it does).\n\n\
                   Subcommand names win over container ids: a container named like a subcommand \
-                  (resolve, certs, ...) is given after `--`.\n\n\
+                  (ps, check, drain, status, cancel, resolve, certs, ...) is given after `--`.\n\n\
                   Examples:\n  \
                   migrate web1 --to dst.example:7070\n  \
                   migrate web1 --to dst.example:7070 --mode post-copy --json\n  \
