@@ -16,32 +16,27 @@
 //! pages the copy touches, then the rest, through the page tunnel to the
 //! source's CRIU ([`migrate_common::tunnel`]).
 
-use std::os::unix::net::UnixStream as StdUnixStream;
+mod lazy;
+
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
-use migrate_common::criu::lazy::{LazyPages, PS_SOCKET_FD};
+use anyhow::{anyhow, Result};
 use migrate_common::hook::Verdict;
-use migrate_common::process::InheritedFds;
 use migrate_common::protocol::{
-    read_frame, Body, Committed, ControlMessage, Discarded, Failed, Hello, PagesComplete, Released,
-    Restored, Resumed, StreamHeader, StreamKind, PROTOCOL_VERSION,
+    Body, Committed, ControlMessage, Discarded, Failed, Hello, PagesComplete, Released, Restored,
+    Resumed, PROTOCOL_VERSION,
 };
 use migrate_common::record::{self, DestinationPhase, DestinationRecord};
-use migrate_common::tunnel::{Inbound, Tunnel, TunnelError};
+use migrate_common::tunnel::TunnelError;
 use tracing::{error, info, warn};
 
 use crate::restore::{self, ContainerDir, RestorePlan, Restoring};
 use crate::session::{same_peer, Ending, Session};
 use crate::{Daemon, ResumeRequest};
+use lazy::{accept_tunnel, start_lazy, wait_daemon, Lazy};
 
-/// A duplicate of the agent's end of the daemon's socket, held by the
-/// daemon itself so that the socket outlives a dead agent.
-const AGENT_END_FD: i32 = PS_SOCKET_FD + 1;
-/// How long the lazy-pages daemon may take to listen for the restore.
-const DAEMON_READY: Duration = Duration::from_secs(10);
 /// How long the source may take to close after our last message.
 const LAST_WORD: Duration = Duration::from_secs(10);
 /// How long CRIU may take to kill a copy it was told to undo.
@@ -54,14 +49,6 @@ struct Status {
     released: Option<(Released, Instant)>,
     pages: Option<PagesComplete>,
     failed: Option<Failed>,
-}
-
-/// Post-copy's moving parts.
-#[derive(Debug)]
-struct Lazy {
-    daemon: LazyPages,
-    tunnel: Tunnel,
-    done: bool,
 }
 
 /// A restored copy under this daemon's hold, and where it stands.
@@ -453,41 +440,6 @@ async fn drive_released(
     }
 }
 
-/// Starts `criu lazy-pages` for the final images and wires its socket to a
-/// page tunnel.
-async fn start_lazy(daemon: &Daemon, dir: &ContainerDir, plan: RestorePlan) -> Result<Lazy> {
-    let images = restore::final_images(dir, plan.parent_round)?;
-    let (daemon_end, agent_end) =
-        StdUnixStream::pair().context("creating the page-server socket pair")?;
-    let mut fds = InheritedFds::default();
-    fds.add(daemon_end.into(), PS_SOCKET_FD);
-    fds.add(
-        agent_end
-            .try_clone()
-            .context("duplicating the page-server socket")?
-            .into(),
-        AGENT_END_FD,
-    );
-    let mut lazy = LazyPages::spawn(&daemon.criu, &images, &dir.criu_work(), &fds)
-        .context("starting criu lazy-pages")?;
-    drop(fds);
-    if let Err(e) = lazy.ready(DAEMON_READY).await {
-        lazy.kill().await;
-        return Err(e.into());
-    }
-    tracing::debug!("lazy-pages daemon ready");
-    agent_end
-        .set_nonblocking(true)
-        .context("preparing the page-server socket")?;
-    let socket =
-        tokio::net::UnixStream::from_std(agent_end).context("preparing the page-server socket")?;
-    Ok(Lazy {
-        daemon: lazy,
-        tunnel: Tunnel::new(socket, Inbound::Raw),
-        done: false,
-    })
-}
-
 enum RestoreEvent {
     Held(Result<Restored, Failed>),
     Ended(Result<u64, Failed>),
@@ -506,14 +458,6 @@ async fn restore_event(
     } else {
         std::future::pending().await
     }
-}
-
-async fn wait_daemon(lazy: Option<&mut Lazy>) -> Result<u64> {
-    let Some(lazy) = lazy else {
-        return std::future::pending().await;
-    };
-    let outcome = lazy.daemon.wait().await?;
-    Ok(outcome.pages.map(|(done, _)| done).unwrap_or_default())
 }
 
 /// A restore that failed before the hold, or a released copy that did not
@@ -607,24 +551,6 @@ async fn finish(session: &mut Session) {
     if let Some(conn) = session.conn.as_ref() {
         let _ = tokio::time::timeout(LAST_WORD, conn.closed()).await;
     }
-}
-
-/// Waits for the source to open the page tunnel on `conn`.
-async fn accept_tunnel(conn: &quinn::Connection) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-    let (send, mut recv) = conn
-        .accept_bi()
-        .await
-        .context("waiting for the page tunnel")?;
-    let header: StreamHeader = read_frame(&mut recv)
-        .await?
-        .ok_or_else(|| anyhow!("the page tunnel ended before its header"))?;
-    if header.kind != StreamKind::PageTunnel as i32 {
-        anyhow::bail!(
-            "expected the page tunnel, got a stream of kind {}",
-            header.kind
-        );
-    }
-    Ok((send, recv))
 }
 
 /// Removes the migration from the daemon's table of held ones when the
