@@ -729,3 +729,48 @@ fn the_units_command_lines_drain() {
     assert_eq!(second["reboot"]["status"], "rebooting", "{second}");
     assert!(marker.exists(), "the timer's drain did not reboot");
 }
+
+/// On a terminal a drain draws a bar of the containers done out of all,
+/// with each migration's own progress under it; `script` gives it one.
+#[test]
+fn on_a_terminal_a_bar_counts_the_containers() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let game = lab.start_container("game1", GAME);
+    let before = wait_for_ticks(&game, 3);
+
+    let mut argv = vec![
+        "nsenter".to_owned(),
+        format!("--net=/run/netns/{}", lab.hosts.src),
+        bin("migrate").to_str().unwrap().to_owned(),
+        "drain".to_owned(),
+    ];
+    argv.extend(lab.drain_lab_options());
+    argv.extend(["--to".to_owned(), first_destination()]);
+    let line = argv
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{transcript}\n{}", stderr(&out));
+    assert!(
+        transcript.contains("drain [") && transcript.contains("/1 containers"),
+        "no overall bar on the terminal:\n{transcript}"
+    );
+    assert!(
+        transcript.contains("game1"),
+        "no line for the migration:\n{transcript}"
+    );
+    assert!(
+        transcript.contains('\u{1b}'),
+        "drawn as plain lines, not as a bar:\n{transcript}"
+    );
+    assert_moved_with_state(&dst, "game1", &before);
+}
