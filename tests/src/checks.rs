@@ -3,8 +3,8 @@
 //! its state, and the assertions that nothing is left behind.
 
 use std::path::Path;
-use std::process::Output;
-use std::time::Duration;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
 
 use crate::{mounts_under, wait_until, Destination, Lab, SourceContainer};
 
@@ -157,4 +157,27 @@ pub fn assert_heap_intact(runc_root: &Path, id: &str, rootfs: &Path) {
         "the container's memory is corrupt: {status}"
     );
     assert!(status["verify"]["pages"].as_u64().unwrap() > 0, "{status}");
+}
+
+/// Returns once the container's memory is arriving at the destination (more
+/// than 16 MiB of it): the source is frozen, nothing is restored yet.
+pub fn wait_until_mid_transfer(dst: &Destination, id: &str, migrate: &mut Child) {
+    let images = dst.container_dir(id).join("images/final");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let arriving = std::fs::read_dir(&images).is_ok_and(|dir| {
+            dir.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("pages-")
+                    && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
+            })
+        });
+        if arriving {
+            return;
+        }
+        if let Some(status) = migrate.try_wait().unwrap() {
+            panic!("migrate ended ({status}) before its memory arrived");
+        }
+        assert!(Instant::now() < deadline, "the memory never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

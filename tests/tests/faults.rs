@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use migrate_e2e::checks::{
     assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
-    counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
+    counter, heap, stderr, wait_for_heap, wait_for_ticks, wait_until_mid_transfer, GAME,
 };
 use migrate_e2e::{
     runc_exec, sh, wait_until, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT,
@@ -37,29 +37,6 @@ fn wait_for_destination_phase(dst: &Destination, id: &str, phase: &str, migrate:
             "the destination never was {phase}"
         );
         std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Returns once the container's memory is arriving at the destination (more
-/// than 16 MiB of it): the source is frozen, nothing is restored yet.
-fn wait_until_mid_transfer(dst: &Destination, id: &str, migrate: &mut Child) {
-    let images = dst.container_dir(id).join("images/final");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let arriving = std::fs::read_dir(&images).is_ok_and(|dir| {
-            dir.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("pages-")
-                    && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
-            })
-        });
-        if arriving {
-            return;
-        }
-        if let Some(status) = migrate.try_wait().unwrap() {
-            panic!("migrate ended ({status}) before its memory arrived");
-        }
-        assert!(Instant::now() < deadline, "the memory never arrived");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -4,17 +4,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use migrate_e2e::checks::{
     assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean, heap,
-    stderr, wait_for_heap, wait_for_ticks, GAME,
+    stderr, wait_for_heap, wait_for_ticks, wait_until_mid_transfer, GAME,
 };
 use migrate_e2e::inventory::{
     digest_of, gc, json_of, migrate_cli, plant_unused_layer, remove_on_destination, store_has,
 };
-use migrate_e2e::{sh, wait_until, Destination, Lab, SourceContainer};
+use migrate_e2e::{sh, wait_until, Lab, SourceContainer};
 
 fn ps(lab: &Lab) -> serde_json::Value {
     let runc_root = lab.path("runc-src");
@@ -49,29 +49,6 @@ fn migrate_ok(lab: &Lab, container: &SourceContainer) -> serde_json::Value {
     let out = lab.migrate(container, &[]);
     assert!(out.status.success(), "migrate failed:\n{}", stderr(&out));
     json_of(&out)
-}
-
-/// Returns once the container's memory is arriving at the destination
-/// (more than 16 MiB of it): frozen, nothing restored, no decision yet.
-fn wait_until_mid_transfer(dst: &Destination, id: &str, migrate: &mut Child) {
-    let images = dst.container_dir(id).join("images/final");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let arriving = std::fs::read_dir(&images).is_ok_and(|dir| {
-            dir.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("pages-")
-                    && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
-            })
-        });
-        if arriving {
-            return;
-        }
-        if let Some(status) = migrate.try_wait().unwrap() {
-            panic!("migrate ended ({status}) before its memory arrived");
-        }
-        assert!(Instant::now() < deadline, "the memory never arrived");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

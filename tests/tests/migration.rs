@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use migrate_e2e::checks::{
     assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
-    counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
+    counter, heap, stderr, wait_for_heap, wait_for_ticks, wait_until_mid_transfer, GAME,
 };
 use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
 
@@ -241,16 +241,8 @@ fn migrate_until_mid_transfer(
     migrate
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = migrate.spawn().unwrap();
-    let images = dst.container_dir(&container.id).join("images/final");
-    wait_until("the memory to be arriving", Duration::from_secs(60), || {
-        std::fs::read_dir(&images).is_ok_and(|dir| {
-            dir.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("pages-")
-                    && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
-            })
-        })
-    });
+    let mut child = migrate.spawn().unwrap();
+    wait_until_mid_transfer(dst, &container.id, &mut child);
     child
 }
 
