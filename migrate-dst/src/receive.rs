@@ -21,6 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{FileDigest, Hello, StreamKind};
 use migrate_common::rootfs::archive::{unpack_delta, unpack_dir, UnpackPolicy};
 use migrate_common::rootfs::digest::LayerDigest;
+use migrate_common::transfer::segments::{self, SegmentMap};
 use migrate_common::transfer::{
     self, ByteBudget, DataHeader, StreamId, TransferError, TransferStats,
 };
@@ -67,6 +68,9 @@ struct Ledger {
     sealed_rounds: BTreeSet<u32>,
     /// Streams refused on arrival, with why: any fails the migration.
     refused: Vec<(String, String)>,
+    /// The byte ranges of every image file admitted so far (a large one comes
+    /// in segments): none may overlap another.
+    segments: SegmentMap<StreamId>,
 }
 
 impl Inbox {
@@ -132,9 +136,13 @@ impl Inbox {
                         id.round
                     );
                 }
-                if self.ledger()?.sealed_rounds.contains(&id.round) {
+                let mut ledger = self.ledger()?;
+                if ledger.sealed_rounds.contains(&id.round) {
                     bail!("{id} arrived after its dump was verified");
                 }
+                ledger
+                    .segments
+                    .admit(id.clone().at(0), id.offset, header.declared_bytes)?;
                 id.clone()
             }
             StreamKind::PageTunnel | StreamKind::Invalid => {
@@ -240,6 +248,7 @@ impl Inbox {
                     bail!("receiving {id}: {e}");
                 }
                 if !missing {
+                    check_segments(manifest, &ledger.received)?;
                     let images = manifest
                         .iter()
                         .filter(|file| file.kind == StreamKind::Image as i32);
@@ -250,6 +259,38 @@ impl Inbox {
             notified.await;
         }
     }
+}
+
+/// Checks that the image segments `manifest` lists make whole files, and
+/// that no segment of its dumps arrived that it does not list (it would have
+/// written into one of their files).
+fn check_segments(
+    manifest: &[FileDigest],
+    received: &HashMap<StreamId, Result<FileDigest, String>>,
+) -> Result<()> {
+    let listed: HashSet<StreamId> = manifest.iter().map(StreamId::of).collect();
+    let mut files: HashMap<StreamId, Vec<(u64, u64)>> = HashMap::new();
+    for id in listed.iter().filter(|id| id.kind == StreamKind::Image) {
+        let got = match received.get(id) {
+            Some(Ok(got)) => got.raw_bytes,
+            _ => bail!("{id} is listed but was not received"),
+        };
+        files
+            .entry(id.clone().at(0))
+            .or_default()
+            .push((id.offset, got));
+    }
+    for (file, segments) in &mut files {
+        segments::check_coverage(&file.to_string(), segments)?;
+    }
+    if let Some(extra) = received.keys().find(|id| {
+        id.kind == StreamKind::Image
+            && files.contains_key(&(*id).clone().at(0))
+            && !listed.contains(id)
+    }) {
+        bail!("{extra} arrived, but the manifest of its dump does not list it");
+    }
+    Ok(())
 }
 
 /// Accepts data streams until the connection closes, then waits for the

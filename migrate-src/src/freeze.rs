@@ -19,6 +19,7 @@ use migrate_common::transfer::TransferStats;
 use crate::checkpoint::{Checkpoint, DumpSetup, WorkDir};
 use crate::digest_cache::DigestCache;
 use crate::finish::Failure;
+use crate::follow::PageFollower;
 use crate::lazy::LazyDump;
 use crate::link::{self, Dial, Link};
 use crate::mode::{self, ModeChoice, RequestedMode, SourceCapabilities};
@@ -213,6 +214,11 @@ pub(crate) async fn freeze_and_send(
     } else {
         "checkpointing (container frozen)"
     });
+    let link = session.link.as_ref().ok_or_else(no_link)?;
+    let (raw_before, wire_before) = (stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
+    // An eager dump's memory goes while CRIU writes it; a lazy dump writes
+    // none (it is served from the frozen processes).
+    let follower = (!lazy).then(|| PageFollower::start(&link.conn, &final_dir, &stats));
     let (frozen_at, dumped_at) = if lazy {
         let dump = session.lazy.insert(
             LazyDump::spawn(&setup, &final_dir, parent.as_deref()).map_err(Failure::Source)?,
@@ -233,7 +239,6 @@ pub(crate) async fn freeze_and_send(
     reporter.phase("sending checkpoint (container frozen)");
     let deadline = tokio::time::Instant::from_std(frozen_at + opts.freeze_timeout);
     let link = session.link.as_mut().ok_or_else(no_link)?;
-    let (raw_before, wire_before) = (stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
     let mut files = tokio::time::timeout_at(
         deadline,
         send::send_checkpoint(
@@ -241,6 +246,7 @@ pub(crate) async fn freeze_and_send(
             &final_dir,
             &container.overlay.upper,
             upper_snapshot,
+            follower,
             &stats,
         ),
     )

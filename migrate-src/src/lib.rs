@@ -28,6 +28,7 @@ pub mod convergence;
 pub mod digest_cache;
 pub mod drain;
 pub mod finish;
+pub mod follow;
 pub mod freeze;
 pub mod inspect;
 pub mod journal;

@@ -376,6 +376,7 @@ async fn open_tunnel(
             round: 0,
             // Tunnel frames, not a sized payload.
             declared_bytes: 0,
+            offset: 0,
         },
     )
     .await

@@ -10,9 +10,11 @@ use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
 use migrate_common::rootfs::archive::{measure_dir, pack_dir, pack_dir_within, DeltaPlan};
 use migrate_common::rootfs::snapshot::TreeSnapshot;
-use migrate_common::transfer::{send_file, send_stream, StreamId, TransferStats};
+use migrate_common::transfer::segments;
+use migrate_common::transfer::{send_segment, send_stream, StreamId, TransferStats};
 use tokio::task::JoinSet;
 
+use crate::follow::{is_page_file, PageFollower};
 use crate::inspect::Layer;
 
 /// Streams of large files open at once: enough to keep the link busy while
@@ -31,10 +33,12 @@ const UPPER_GROWTH_ROOM: u64 = 16 << 20;
 /// One unit of bulk data.
 #[derive(Debug, Clone)]
 enum Item {
-    File {
+    /// Bytes `id.offset..id.offset + len` of an image file: a whole one, or
+    /// a segment of a large one.
+    Segment {
         id: StreamId,
         path: PathBuf,
-        size: u64,
+        len: u64,
     },
     Tree {
         id: StreamId,
@@ -45,7 +49,7 @@ enum Item {
 impl Item {
     fn is_large(&self) -> bool {
         match self {
-            Item::File { size, .. } => *size >= SMALL_FILE,
+            Item::Segment { len, .. } => *len >= SMALL_FILE,
             Item::Tree { .. } => true,
         }
     }
@@ -77,7 +81,7 @@ pub async fn send_images(
     round: u32,
     stats: &Arc<TransferStats>,
 ) -> Result<Vec<FileDigest>> {
-    send_all(conn, image_items(dir, round)?, stats).await
+    send_all(conn, image_items(dir, round, |_| false)?, stats).await
 }
 
 /// Sends the upper dir while the container runs; returns its manifest entry
@@ -108,12 +112,14 @@ pub async fn send_upper_base(
 }
 
 /// Sends the final dump's image files and, with the container frozen, what
-/// changed in the upper dir since `base` was packed.
+/// changed in the upper dir since `base` was packed. A `follower` has sent
+/// the page files as CRIU wrote them, and sends their rest meanwhile.
 pub async fn send_checkpoint(
     conn: &quinn::Connection,
     image_dir: &Path,
     upper: &Path,
     base: TreeSnapshot,
+    follower: Option<PageFollower>,
     stats: &Arc<TransferStats>,
 ) -> Result<Vec<FileDigest>> {
     let dir = upper.to_owned();
@@ -125,15 +131,29 @@ pub async fn send_checkpoint(
         let (_, summary) = plan.pack(sink)?;
         Ok(summary)
     });
-    let images = send_all(conn, image_items(image_dir, 0)?, stats);
-    let ((summary, delta), mut files) = tokio::try_join!(
+    // The follower's last look at the complete dump takes every page file.
+    let followed = follower.is_some();
+    let images = send_all(
+        conn,
+        image_items(image_dir, 0, |name| followed && is_page_file(name))?,
+        stats,
+    );
+    let pages = async {
+        match follower {
+            Some(follower) => Ok(follower.finish().await?.digests),
+            None => Ok(Vec::new()),
+        }
+    };
+    let ((summary, delta), mut files, pages) = tokio::try_join!(
         async {
             delta
                 .await
                 .with_context(|| format!("sending the changes in {}", upper.display()))
         },
-        images
+        images,
+        pages
     )?;
+    files.extend(pages);
     tracing::debug!(
         entries = summary.entries,
         removed = summary.removed,
@@ -144,10 +164,11 @@ pub async fn send_checkpoint(
     Ok(files)
 }
 
-/// The regular files of an image dir (the `parent` link is not one: the
-/// destination makes its own), largest first, so that the big page files
-/// start at once and the small ones fill the gaps.
-fn image_items(dir: &Path, round: u32) -> Result<Vec<Item>> {
+/// The regular files of an image dir but those `skip` names (the `parent`
+/// link is not one: the destination makes its own), large ones in
+/// segments, largest first, so that the big page files start at once and
+/// the small ones fill the gaps.
+fn image_items(dir: &Path, round: u32, skip: impl Fn(&str) -> bool) -> Result<Vec<Item>> {
     let mut images: Vec<(u64, Item)> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry?;
@@ -156,14 +177,20 @@ fn image_items(dir: &Path, round: u32) -> Result<Vec<Item>> {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
-        images.push((
-            meta.len(),
-            Item::File {
-                id: StreamId::new(StreamKind::Image, round, name),
-                path: entry.path(),
-                size: meta.len(),
-            },
-        ));
+        if skip(&name) {
+            continue;
+        }
+        for (offset, len) in segments::cut(0, meta.len(), true) {
+            let id = StreamId::new(StreamKind::Image, round, name.clone()).at(offset);
+            images.push((
+                len,
+                Item::Segment {
+                    id,
+                    path: entry.path(),
+                    len,
+                },
+            ));
+        }
     }
     images.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
     Ok(images.into_iter().map(|(_, item)| item).collect())
@@ -206,7 +233,7 @@ async fn send_item(
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest> {
     match item {
-        Item::File { id, path, .. } => send_file(&conn, &id, path.clone(), stats)
+        Item::Segment { id, path, len } => send_segment(&conn, &id, path.clone(), len, stats)
             .await
             .with_context(|| format!("sending {}", path.display())),
         Item::Tree { id, dir } => {

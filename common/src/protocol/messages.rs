@@ -293,6 +293,10 @@ pub struct FileDigest {
     /// For images: the pre-dump round (1, 2, ...) or 0 for the final dump.
     #[prost(uint32, tag = "5")]
     pub round: u32,
+    /// Where in the file this stream's bytes go: a large image is sent as
+    /// several segments (see [`StreamHeader::offset`]); 0 for a whole file.
+    #[prost(uint64, tag = "6")]
+    pub offset: u64,
 }
 
 /// Destination → source: the container is restored on the destination and
@@ -426,6 +430,11 @@ pub struct StreamHeader {
     /// can refuse it before taking anything; the receiver stops at the first byte beyond.
     #[prost(uint64, tag = "4")]
     pub declared_bytes: u64,
+    /// For images: where in the file the stream's bytes go. A large page file
+    /// comes as several segments, on streams of their own, sent while CRIU
+    /// still writes it and side by side; 0 for every other stream.
+    #[prost(uint64, tag = "6")]
+    pub offset: u64,
 }
 
 /// What a data stream carries.

@@ -6,7 +6,8 @@
 //!
 //! [`FLIP_ENV`] names the stream and the byte: `NAME@OFFSET`, NAME being a
 //! stream's name (an image file such as `pages-1.img`, or a layer digest),
-//! OFFSET the byte of its uncompressed content to invert.
+//! OFFSET the byte of its uncompressed content to invert (of the whole file
+//! for an image sent in segments: only the segment holding it is corrupted).
 
 /// The environment variable the sender reads.
 pub const FLIP_ENV: &str = "MIGRATE_FAULT_FLIP";
@@ -28,9 +29,12 @@ impl Flip {
         })
     }
 
-    /// The flip [`FLIP_ENV`] asks of stream `name`, if any.
-    pub fn for_stream(name: &str) -> Option<Self> {
-        let flip = Self::parse(&std::env::var(FLIP_ENV).ok()?)?;
+    /// The flip [`FLIP_ENV`] asks of stream `name`, whose content starts at
+    /// byte `start` of the file (a segment of a large image), if any: its
+    /// offset counted from the stream's start.
+    pub fn for_stream(name: &str, start: u64) -> Option<Self> {
+        let mut flip = Self::parse(&std::env::var(FLIP_ENV).ok()?)?;
+        flip.offset = flip.offset.checked_sub(start)?;
         (flip.stream == name).then(|| {
             tracing::warn!(
                 stream = name,

@@ -16,7 +16,8 @@
 //! ([`FileDigest`]) and the receiver compares what it computed itself.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::rootfs::archive::ArchiveError;
 mod adapters;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod segments;
 
 pub use adapters::StreamSink;
 use adapters::{ChannelReader, ChannelWriter, HashingReader, HashingWriter};
@@ -112,6 +114,9 @@ pub struct StreamId {
     pub round: u32,
     /// Layer digest or image file name; empty for the upper dir.
     pub name: String,
+    /// Where in the named file the stream's bytes go (a segment of a large
+    /// image); 0 for whole files and archives.
+    pub offset: u64,
 }
 
 impl StreamId {
@@ -120,7 +125,13 @@ impl StreamId {
             kind,
             round,
             name: name.into(),
+            offset: 0,
         }
+    }
+
+    /// The segment of this file that starts at `offset`.
+    pub fn at(self, offset: u64) -> Self {
+        Self { offset, ..self }
     }
 
     /// The stream a manifest entry names (an unknown kind becomes
@@ -130,6 +141,7 @@ impl StreamId {
             kind: StreamKind::try_from(digest.kind).unwrap_or(StreamKind::Invalid),
             round: digest.round,
             name: digest.name.clone(),
+            offset: digest.offset,
         }
     }
 
@@ -140,15 +152,20 @@ impl StreamId {
             raw_bytes,
             blake3,
             round: self.round,
+            offset: self.offset,
         }
     }
 }
 
 impl std::fmt::Display for StreamId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = match self.offset {
+            0 => String::new(),
+            offset => format!(" from byte {offset}"),
+        };
         match (self.kind, self.round) {
-            (StreamKind::Image, 0) => write!(f, "image {} (final dump)", self.name),
-            (StreamKind::Image, round) => write!(f, "image {} (round {round})", self.name),
+            (StreamKind::Image, 0) => write!(f, "image {}{at} (final dump)", self.name),
+            (StreamKind::Image, round) => write!(f, "image {}{at} (round {round})", self.name),
             (StreamKind::Layer, _) => write!(f, "layer {}", self.name),
             (kind, _) => write!(f, "{kind:?}"),
         }
@@ -229,7 +246,7 @@ where
     let worker_stats = stats.clone();
     let worker_name = name.clone();
     #[cfg(feature = "fault-injection")]
-    let worker_id_name = id.name.clone();
+    let (worker_id_name, worker_id_offset) = (id.name.clone(), id.offset);
     let mut worker =
         tokio::task::spawn_blocking(move || -> Result<(T, u64, String), TransferError> {
             let channel = ChannelWriter {
@@ -247,7 +264,7 @@ where
                 bytes: 0,
                 stats: worker_stats,
                 #[cfg(feature = "fault-injection")]
-                flip: fault::Flip::for_stream(&worker_id_name),
+                flip: fault::Flip::for_stream(&worker_id_name, worker_id_offset),
             };
             let value = produce(&mut StreamSink {
                 inner: &mut hashing,
@@ -292,6 +309,7 @@ where
         name: id.name.clone(),
         round: id.round,
         declared_bytes,
+        offset: id.offset,
     };
     write_frame(&mut send, &header).await?;
 
@@ -321,26 +339,33 @@ where
     Ok((value, id.digest(raw_bytes, blake3)))
 }
 
-/// Sends one regular file, declaring its size when opened (image files are
-/// complete before they are sent; one that grows fails its stream).
-pub async fn send_file(
+/// Sends `len` bytes of the file at `path` from `id.offset` on: one
+/// segment of a large image, which may still be growing past that range.
+pub async fn send_segment(
     conn: &quinn::Connection,
     id: &StreamId,
     path: PathBuf,
+    len: u64,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
+    let offset = id.offset;
     let ((), digest) = send_stream(conn, id, stats, move |sink| {
         let mut file = File::open(&path)
             .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
-        let size = file
-            .metadata()
-            .map_err(|e| TransferError::io(format!("measuring {}", path.display()), e))?
-            .len();
-        sink.declare(size)?;
-        // What the file held when measured: a log CRIU still appends to
-        // (a lazy dump's, while it serves pages) is sent as that prefix.
-        copy_large(&mut std::io::Read::take(&mut file, size), sink)
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| TransferError::io(format!("seeking in {}", path.display()), e))?;
+        sink.declare(len)?;
+        let sent = copy_large(&mut Read::take(&mut file, len), sink)
             .map_err(|e| TransferError::io(format!("sending {}", path.display()), e))?;
+        if sent != len {
+            return Err(TransferError::io(
+                format!("sending {}", path.display()),
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{len} bytes from byte {offset} asked, the file held {sent}"),
+                ),
+            ));
+        }
         Ok(())
     })
     .await?;
@@ -364,8 +389,14 @@ pub async fn read_header<R: tokio::io::AsyncRead + Unpin>(
         .ok()
         .filter(|k| *k != StreamKind::Invalid)
         .ok_or(TransferError::UnknownKind(header.kind))?;
+    if header.offset != 0 && kind != StreamKind::Image {
+        return Err(TransferError::Declaration {
+            stream: format!("{kind:?}"),
+            problem: "only images come in segments",
+        });
+    }
     Ok(DataHeader {
-        id: StreamId::new(kind, header.round, header.name),
+        id: StreamId::new(kind, header.round, header.name).at(header.offset),
         declared_bytes: header.declared_bytes,
     })
 }
@@ -494,7 +525,10 @@ struct Received {
     overran: bool,
 }
 
-/// Receives a data stream into a new file at `path`.
+/// Receives a data stream into the file at `path`, from the stream's offset
+/// on: the file is made by whichever of its segments comes first. The
+/// receiver admits each range of a file once (the destination's inbox), so
+/// segments never overlap; a symbolic link is never followed.
 pub async fn receive_file(
     recv: quinn::RecvStream,
     header: &DataHeader,
@@ -503,12 +537,17 @@ pub async fn receive_file(
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
     let path = path.to_owned();
+    let offset = header.id.offset;
     let (_, digest) = receive_stream(recv, header, budget, stats, move |source| {
         let mut file = File::options()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| TransferError::io(format!("creating {}", path.display()), e))?;
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| TransferError::io(format!("seeking in {}", path.display()), e))?;
         copy_large(source, &mut file)
             .map_err(|e| TransferError::io(format!("writing {}", path.display()), e))?;
         file.sync_data()

@@ -42,16 +42,18 @@ async fn files_and_streams_arrive_intact_with_matching_digests() {
     let payload = patterned(3 * CHUNK + 123);
     let file = dir.path().join("pages-1.img");
     std::fs::write(&file, &payload).unwrap();
+    let payload_len = payload.len() as u64;
     let generated = patterned(CHUNK / 3);
 
     let send_stats = Arc::new(TransferStats::default());
     let sender = {
         let (src, stats, generated) = (src.clone(), send_stats.clone(), generated.clone());
         tokio::spawn(async move {
-            let a = send_file(
+            let a = send_segment(
                 &src,
                 &StreamId::new(StreamKind::Image, 2, "pages-1.img"),
                 file,
+                payload_len,
                 stats.clone(),
             )
             .await
@@ -132,6 +134,7 @@ fn image_header(declared_bytes: u64) -> StreamHeader {
         name: "big.img".into(),
         round: 0,
         declared_bytes,
+        offset: 0,
     }
 }
 
@@ -257,6 +260,7 @@ async fn unknown_stream_kind_is_refused() {
             name: "x".into(),
             round: 0,
             declared_bytes: 0,
+            offset: 0,
         },
     )
     .await

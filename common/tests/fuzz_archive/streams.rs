@@ -128,6 +128,7 @@ pub(crate) fn fuzz_transfer_streams() {
             name: String::new(),
             round: 0,
             declared_bytes: declared,
+            offset: 0,
         };
         scratch.reset(input.delta);
         let (src, dst, scratch2, policy2) =

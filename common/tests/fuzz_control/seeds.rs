@@ -18,6 +18,7 @@ pub(crate) fn file_digest(kind: StreamKind, name: &str, round: u32) -> FileDiges
         raw_bytes: 123_456,
         blake3: "ab".repeat(32),
         round,
+        offset: 0,
     }
 }
 
@@ -163,6 +164,7 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
         name: "pages-1.img".into(),
         round: 1,
         declared_bytes: 1 << 30,
+        offset: 0,
     };
     seeds.push(("stream-header.bin".into(), frame(&header)));
     seeds

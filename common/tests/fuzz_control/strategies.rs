@@ -17,15 +17,24 @@ pub(crate) fn enumeration(max: i32) -> impl Strategy<Value = i32> {
 }
 
 pub(crate) fn file_digests() -> impl Strategy<Value = Vec<FileDigest>> {
-    let one = (enumeration(5), text(), any::<u64>(), text(), any::<u32>()).prop_map(
-        |(kind, name, raw_bytes, blake3, round)| FileDigest {
-            kind,
-            name,
-            raw_bytes,
-            blake3,
-            round,
-        },
-    );
+    let one = (
+        enumeration(5),
+        text(),
+        any::<u64>(),
+        text(),
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(kind, name, raw_bytes, blake3, round, offset)| FileDigest {
+                kind,
+                name,
+                raw_bytes,
+                blake3,
+                round,
+                offset,
+            },
+        );
     vec(one, 0..6)
 }
 

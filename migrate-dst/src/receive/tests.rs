@@ -92,6 +92,7 @@ struct Rig {
     src: quinn::Connection,
     inbox: Arc<Inbox>,
     store: Arc<LayerStore>,
+    images: PathBuf,
     upper: PathBuf,
 }
 
@@ -139,12 +140,13 @@ async fn rig(hello: Hello, policy: UnpackPolicy, layers: &[&str]) -> Rig {
         Arc::default(),
     ));
     Rig {
-        _dir: dir,
         _endpoints: [client, server],
         src,
         inbox,
         store,
+        images: path.join("images"),
         upper,
+        _dir: dir,
     }
 }
 
@@ -184,6 +186,7 @@ fn forged(
         name: name.into(),
         round,
         declared_bytes,
+        offset: 0,
     }
 }
 
@@ -281,7 +284,7 @@ async fn streams_the_protocol_does_not_expect_now_are_refused() {
     let image = StreamId::new(StreamKind::Image, 1, "a.img");
     let file = empty.path().join("a.img");
     std::fs::write(&file, b"pages").unwrap();
-    let image = transfer::send_file(&rig.src, &image, file, Arc::default())
+    let image = transfer::send_segment(&rig.src, &image, file, 5, Arc::default())
         .await
         .unwrap();
     rig.inbox.verify(&[upper, image]).await.unwrap();
@@ -327,4 +330,93 @@ async fn the_policy_decides_whether_a_setuid_file_may_come() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o7777, 0o4755);
+}
+
+/// Sends bytes `offset..offset + len` of `file` as image `name` of the final dump.
+async fn send_piece(rig: &Rig, file: &Path, name: &str, offset: u64, len: u64) -> FileDigest {
+    let id = StreamId::new(StreamKind::Image, 0, name).at(offset);
+    transfer::send_segment(&rig.src, &id, file.to_owned(), len, Arc::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_sent_in_segments_out_of_order_arrives_whole() {
+    let rig = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let source = tempfile::tempdir().unwrap();
+    let file = source.path().join("pages-1.img");
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &payload).unwrap();
+
+    let tail = send_piece(&rig, &file, "pages-1.img", 2000, 1000).await;
+    let head = send_piece(&rig, &file, "pages-1.img", 0, 2000).await;
+    rig.inbox.verify(&[tail, head]).await.unwrap();
+    assert_eq!(
+        std::fs::read(rig.images.join("final/pages-1.img")).unwrap(),
+        payload
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn segments_that_overlap_leave_a_gap_or_are_not_listed_fail() {
+    let source = tempfile::tempdir().unwrap();
+    let file = source.path().join("pages-1.img");
+    std::fs::write(&file, vec![1u8; 3000]).unwrap();
+
+    let overlapping = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let head = send_piece(&overlapping, &file, "pages-1.img", 0, 2000).await;
+    overlapping
+        .inbox
+        .wait_for(&StreamId::of(&head))
+        .await
+        .unwrap();
+    let mut header = forged(StreamKind::Image, 0, "pages-1.img", 10);
+    header.offset = 1995;
+    send_forged(&overlapping.src, header).await;
+    let reason = refusal(&overlapping.inbox).await;
+    assert!(
+        reason.contains("bytes 1995..2005 overlap bytes 0..2000"),
+        "{reason}"
+    );
+
+    let gap = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let head = send_piece(&gap, &file, "pages-1.img", 0, 1000).await;
+    let tail = send_piece(&gap, &file, "pages-1.img", 2000, 1000).await;
+    let err = gap.inbox.verify(&[head, tail]).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no segment starts at byte 1000"),
+        "{err:#}"
+    );
+
+    let unlisted = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let head = send_piece(&unlisted, &file, "pages-1.img", 0, 1000).await;
+    let extra = send_piece(&unlisted, &file, "pages-1.img", 1000, 1000).await;
+    // The extra segment has arrived once a manifest naming it verifies.
+    unlisted
+        .inbox
+        .wait_for(&StreamId::of(&extra))
+        .await
+        .unwrap();
+    let err = unlisted.inbox.verify(&[head]).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("the manifest of its dump does not list it"),
+        "{err:#}"
+    );
+
+    let past_the_end = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let mut header = forged(StreamKind::Image, 0, "pages-1.img", 2);
+    header.offset = u64::MAX - 1;
+    send_forged(&past_the_end.src, header).await;
+    let reason = refusal(&past_the_end.inbox).await;
+    assert!(reason.contains("ends beyond any file's size"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_images_come_in_segments() {
+    let rig = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let mut header = forged(StreamKind::UpperDir, 0, "", 10);
+    header.offset = 10;
+    send_forged(&rig.src, header).await;
+    let reason = refusal(&rig.inbox).await;
+    assert!(reason.contains("only images come in segments"), "{reason}");
 }
