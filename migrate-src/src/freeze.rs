@@ -235,6 +235,7 @@ pub(crate) async fn freeze_and_send(
         (dump.frozen_at, dump.dumped_at)
     };
 
+    let raw_during_dump = stats.raw_bytes() - raw_before;
     advance(session, SourcePhase::SendingCheckpoint)?;
     reporter.phase("sending checkpoint (container frozen)");
     let deadline = tokio::time::Instant::from_std(frozen_at + opts.freeze_timeout);
@@ -264,6 +265,7 @@ pub(crate) async fn freeze_and_send(
         pages_lazy: 0,
         bytes_raw: stats.raw_bytes() - raw_before,
         bytes_wire: link.conn.stats().udp_tx.bytes - wire_before,
+        bytes_raw_during_dump: raw_during_dump,
         dump_s: (dumped_at - frozen_at).as_secs_f64(),
         transfer_s: (sent_at - dumped_at).as_secs_f64(),
         predicted_downtime_ms,

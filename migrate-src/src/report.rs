@@ -31,6 +31,9 @@ pub struct RoundReport {
     pub bytes_raw: u64,
     /// UDP payload the source sent for the round.
     pub bytes_wire: u64,
+    /// Of `bytes_raw`, what went while CRIU was still dumping (the final
+    /// dump's page files follow CRIU as it writes them).
+    pub bytes_raw_during_dump: u64,
     /// Seconds CRIU took to dump, and to send what it wrote.
     pub dump_s: f64,
     pub transfer_s: f64,
@@ -61,6 +64,7 @@ impl RoundReport {
             pages_lazy: 0,
             bytes_raw,
             bytes_wire,
+            bytes_raw_during_dump: 0,
             dump_s: dump_ms / 1000.0,
             transfer_s: transfer_ms / 1000.0,
             predicted_downtime_ms: verdict.predicted_downtime_ms,
@@ -83,6 +87,10 @@ impl RoundReport {
             secs(self.dump_s).to_string(),
             secs(self.transfer_s).to_string()
         );
+        if self.bytes_raw_during_dump > 0 {
+            let during = HumanBytes(self.bytes_raw_during_dump);
+            let _ = write!(line, "  {during} sent while dumping");
+        }
         if self.pages_lazy > 0 {
             let _ = write!(line, "  {} pages follow", self.pages_lazy);
         }
@@ -263,6 +271,7 @@ mod tests {
                 pages_lazy: 0,
                 bytes_raw: 409600,
                 bytes_wire: 1000,
+                bytes_raw_during_dump: 0,
                 dump_s: 0.5,
                 transfer_s: 0.25,
                 predicted_downtime_ms: None,
