@@ -10,6 +10,7 @@
 //! what to do ([`verify`]); which verified sources may push containers is
 //! the destination's policy ([`crate::policy`]).
 
+mod udp;
 mod verify;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -134,7 +135,17 @@ pub fn server_endpoint(listen: SocketAddr, tls: &TlsDir) -> Result<Endpoint, Tra
 
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config(DEFAULT_IDLE_TIMEOUT));
-    Endpoint::server(config, listen).map_err(|source| TransportError::Bind {
+    let socket = udp::bind(listen).map_err(|source| TransportError::Bind {
+        addr: listen,
+        source,
+    })?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind {
         addr: listen,
         source,
     })
@@ -360,8 +371,14 @@ fn bind_client(peer: SocketAddr, config: quinn::ClientConfig) -> Result<Endpoint
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
-    let mut endpoint =
-        Endpoint::client(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = udp::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let mut endpoint = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
