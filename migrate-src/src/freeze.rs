@@ -14,17 +14,21 @@ use migrate_common::criu::{ensure_pipe_max_size, Criu, CriuVersion, PipeMaxSize}
 use migrate_common::protocol::{
     Body, CheckpointSent, Hello, LayersSent, MemoryMode, SourcePhase, SourceState, PROTOCOL_VERSION,
 };
-use migrate_common::transfer::TransferStats;
+use migrate_common::transfer::bucket::Throttle;
+use migrate_common::transfer::{Outbound, TransferStats};
 
 use crate::checkpoint::{Checkpoint, DumpSetup, WorkDir};
 use crate::digest_cache::DigestCache;
 use crate::finish::Failure;
 use crate::lazy::LazyDump;
 use crate::link::{self, Dial, Link};
+use crate::measure::LinkSamples;
 use crate::mode::{self, ModeChoice, RequestedMode, SourceCapabilities};
 use crate::progress::Reporter;
-use crate::report::RoundReport;
-use crate::{advance, convergence, inspect, no_link, rounds, send, MigrateOptions, Session};
+use crate::report::{CompressionReport, RoundReport};
+use crate::{
+    advance, convergence, inspect, measure, no_link, rounds, send, MigrateOptions, Session,
+};
 
 /// What the frozen step sent, for the summary.
 #[derive(Debug)]
@@ -40,6 +44,8 @@ pub(crate) struct Frozen {
     pub layers_sent: usize,
     pub layers_reused: usize,
     pub layers_hashed: usize,
+    /// How the frozen step's streams were encoded, and why.
+    pub compression: CompressionReport,
 }
 
 impl Frozen {
@@ -121,16 +127,23 @@ pub(crate) async fn freeze_and_send(
     advance(session, SourcePhase::SendingLayers)?;
     let stats = Arc::new(TransferStats::default());
     let _ticker = reporter.track(stats.clone());
+    let out = Outbound {
+        stats: stats.clone(),
+        encoding: measure::before_freeze(opts.compression),
+        throttle: opts.max_bandwidth.map(|rate| Arc::new(Throttle::new(rate))),
+    };
+    let mut link_samples = LinkSamples::default();
     let layers_sent = reply.missing_layers.len();
     let layers_reused = container.layers.len().saturating_sub(layers_sent);
     if layers_sent > 0 {
         reporter.phase(format!("sending {layers_sent} layer(s)"));
     }
     let link = session.link.as_mut().ok_or_else(no_link)?;
-    let layer_files =
-        send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &stats)
-            .await
-            .map_err(Failure::Source)?;
+    let sending = measure::Sending::start(&link.conn);
+    let layer_files = send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &out)
+        .await
+        .map_err(Failure::Source)?;
+    sending.end(&link.conn, &mut link_samples);
     link.control
         .send(LayersSent { files: layer_files })
         .await
@@ -143,10 +156,12 @@ pub(crate) async fn freeze_and_send(
     advance(session, SourcePhase::PreSending)?;
     reporter.phase("sending the rootfs changes (container running)");
     let link = session.link.as_mut().ok_or_else(no_link)?;
+    let sending = measure::Sending::start(&link.conn);
     let (upper_base, upper_snapshot) =
-        send::send_upper_base(&link.conn, &container.overlay.upper, &stats)
+        send::send_upper_base(&link.conn, &container.overlay.upper, &out)
             .await
             .map_err(Failure::Source)?;
+    sending.end(&link.conn, &mut link_samples);
     let work = session
         .work
         .insert(WorkDir::create(&opts.work_base, id).map_err(Failure::Source)?)
@@ -189,7 +204,7 @@ pub(crate) async fn freeze_and_send(
         let pre_copy = rounds::run(
             &setup,
             link,
-            &stats,
+            &out,
             policy,
             |round| {
                 state
@@ -204,8 +219,21 @@ pub(crate) async fn freeze_and_send(
         predicted_downtime_ms = pre_copy.verdict.and_then(|v| v.predicted_downtime_ms);
         rounds = pre_copy.reports;
     }
+    for round in &rounds {
+        link_samples.record(
+            round.bytes_wire,
+            std::time::Duration::from_secs_f64(round.transfer_s),
+        );
+    }
     let parent = rounds::parent_of(last_round);
     let final_dir = setup.work.final_dir();
+
+    let link = session.link.as_ref().ok_or_else(no_link)?;
+    let last_round_dir = (last_round > 0).then(|| setup.work.round_dir(last_round));
+    let (encoding, compression) =
+        measure::frozen_step(opts.compression, &link_samples, &link.conn, last_round_dir).await;
+    reporter.note(format!("compression: {}", compression.reason));
+    let frozen_out = out.with_encoding(encoding);
 
     advance(session, SourcePhase::Freezing)?;
     reporter.phase(if lazy {
@@ -241,7 +269,7 @@ pub(crate) async fn freeze_and_send(
             &final_dir,
             &container.overlay.upper,
             upper_snapshot,
-            &stats,
+            &frozen_out,
         ),
     )
     .await
@@ -293,6 +321,7 @@ pub(crate) async fn freeze_and_send(
         layers_sent,
         layers_reused,
         layers_hashed: container.layers_hashed,
+        compression,
     })
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use migrate_common::protocol::{
     write_frame, Body, Failed, PagesComplete, Release, Released, Restored, SourcePhase,
-    StreamHeader, StreamKind,
+    StreamCodec, StreamHeader, StreamKind,
 };
 use migrate_common::tunnel::{Inbound, Tunnel, TunnelError};
 use tokio::sync::mpsc;
@@ -374,8 +374,9 @@ async fn open_tunnel(
             kind: StreamKind::PageTunnel as i32,
             name: String::new(),
             round: 0,
-            // Tunnel frames, not a sized payload.
+            // Tunnel frames, not a sized payload, and not compressed.
             declared_bytes: 0,
+            codec: StreamCodec::None as i32,
         },
     )
     .await

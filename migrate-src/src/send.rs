@@ -4,13 +4,12 @@
 //! while it is frozen.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
 use migrate_common::rootfs::archive::{measure_dir, pack_dir, pack_dir_within, DeltaPlan};
 use migrate_common::rootfs::snapshot::TreeSnapshot;
-use migrate_common::transfer::{send_file, send_stream, StreamId, TransferStats};
+use migrate_common::transfer::{send_file, send_stream, Outbound, StreamId};
 use tokio::task::JoinSet;
 
 use crate::inspect::Layer;
@@ -56,7 +55,7 @@ pub async fn send_layers(
     conn: &quinn::Connection,
     layers: &[Layer],
     missing: &[String],
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
     let items = layers
         .iter()
@@ -66,7 +65,7 @@ pub async fn send_layers(
             dir: l.path.clone(),
         })
         .collect();
-    send_all(conn, items, stats).await
+    send_all(conn, items, out).await
 }
 
 /// Sends every image file of one dump: round `round` of pre-copy, or 0 for
@@ -75,9 +74,9 @@ pub async fn send_images(
     conn: &quinn::Connection,
     dir: &Path,
     round: u32,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
-    send_all(conn, image_items(dir, round)?, stats).await
+    send_all(conn, image_items(dir, round)?, out).await
 }
 
 /// Sends the upper dir while the container runs; returns its manifest entry
@@ -85,13 +84,13 @@ pub async fn send_images(
 pub async fn send_upper_base(
     conn: &quinn::Connection,
     upper: &Path,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<(FileDigest, TreeSnapshot)> {
     let dir = upper.to_owned();
     let (snapshot, digest) = send_stream(
         conn,
         &StreamId::new(StreamKind::UpperDir, 0, ""),
-        stats.clone(),
+        out,
         move |sink| {
             // The container runs: room for what it adds meanwhile. What still
             // does not fit is left out of the base and sent with the delta.
@@ -114,18 +113,18 @@ pub async fn send_checkpoint(
     image_dir: &Path,
     upper: &Path,
     base: TreeSnapshot,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
     let dir = upper.to_owned();
     let delta_id = StreamId::new(StreamKind::UpperDelta, 0, "");
-    let delta = send_stream(conn, &delta_id, stats.clone(), move |sink| {
+    let delta = send_stream(conn, &delta_id, out, move |sink| {
         // Frozen: the measured delta is what is written.
         let plan = DeltaPlan::new(&dir, &base)?;
         sink.declare(plan.len())?;
         let (_, summary) = plan.pack(sink)?;
         Ok(summary)
     });
-    let images = send_all(conn, image_items(image_dir, 0)?, stats);
+    let images = send_all(conn, image_items(image_dir, 0)?, out);
     let ((summary, delta), mut files) = tokio::try_join!(
         async {
             delta
@@ -172,7 +171,7 @@ fn image_items(dir: &Path, round: u32) -> Result<Vec<Item>> {
 async fn send_all(
     conn: &quinn::Connection,
     items: Vec<Item>,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
     let mut pending = items.into_iter().peekable();
     let mut running = JoinSet::new();
@@ -187,8 +186,8 @@ async fn send_all(
             }
             let Some(item) = pending.next() else { break };
             large_running += usize::from(large);
-            let (conn, stats) = (conn.clone(), stats.clone());
-            running.spawn(async move { (large, send_item(conn, item, stats).await) });
+            let (conn, out) = (conn.clone(), out.clone());
+            running.spawn(async move { (large, send_item(conn, item, out).await) });
         }
         let Some(joined) = running.join_next().await else {
             break;
@@ -200,18 +199,14 @@ async fn send_all(
     Ok(done)
 }
 
-async fn send_item(
-    conn: quinn::Connection,
-    item: Item,
-    stats: Arc<TransferStats>,
-) -> Result<FileDigest> {
+async fn send_item(conn: quinn::Connection, item: Item, out: Outbound) -> Result<FileDigest> {
     match item {
-        Item::File { id, path, .. } => send_file(&conn, &id, path.clone(), stats)
+        Item::File { id, path, .. } => send_file(&conn, &id, path.clone(), &out)
             .await
             .with_context(|| format!("sending {}", path.display())),
         Item::Tree { id, dir } => {
             let what = dir.display().to_string();
-            let ((), digest) = send_stream(&conn, &id, stats, move |sink| {
+            let ((), digest) = send_stream(&conn, &id, &out, move |sink| {
                 // A lower layer does not change: its measure is exact, and the
                 // destination checks it against what the Hello announced.
                 sink.declare(measure_dir(&dir)?)?;

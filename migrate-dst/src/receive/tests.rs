@@ -152,7 +152,7 @@ async fn rig(hello: Hello, policy: UnpackPolicy, layers: &[&str]) -> Rig {
 async fn send_tree(conn: &quinn::Connection, id: StreamId, dir: &Path) -> FileDigest {
     use migrate_common::rootfs::archive::{measure_dir, pack_dir};
     let dir = dir.to_owned();
-    let ((), digest) = transfer::send_stream(conn, &id, Arc::default(), move |sink| {
+    let ((), digest) = transfer::send_stream(conn, &id, &Default::default(), move |sink| {
         sink.declare(measure_dir(&dir)?)?;
         pack_dir(&dir, sink)?;
         Ok(())
@@ -184,6 +184,7 @@ fn forged(
         name: name.into(),
         round,
         declared_bytes,
+        codec: migrate_common::protocol::StreamCodec::Zstd as i32,
     }
 }
 
@@ -281,7 +282,7 @@ async fn streams_the_protocol_does_not_expect_now_are_refused() {
     let image = StreamId::new(StreamKind::Image, 1, "a.img");
     let file = empty.path().join("a.img");
     std::fs::write(&file, b"pages").unwrap();
-    let image = transfer::send_file(&rig.src, &image, file, Arc::default())
+    let image = transfer::send_file(&rig.src, &image, file, &Default::default())
         .await
         .unwrap();
     rig.inbox.verify(&[upper, image]).await.unwrap();
