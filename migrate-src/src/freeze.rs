@@ -46,6 +46,8 @@ pub(crate) struct Frozen {
     pub layers_hashed: usize,
     /// How the frozen step's streams were encoded, and why.
     pub compression: CompressionReport,
+    /// `--max-bandwidth`'s throttle, for the page tunnel to share.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 impl Frozen {
@@ -322,6 +324,7 @@ pub(crate) async fn freeze_and_send(
         layers_reused,
         layers_hashed: container.layers_hashed,
         compression,
+        throttle: out.throttle.clone(),
     })
 }
 

@@ -256,6 +256,7 @@ async fn after_lazy_restore(
         freeze_deadline: tokio::time::Instant::from_std(frozen.frozen_at + opts.freeze_timeout),
         freeze_timeout: opts.freeze_timeout,
         resume_timeout: opts.resume_timeout,
+        page_cap: frozen.throttle.clone(),
     };
     let moved = match postcopy::follow(&mut session, dial, bounds, signals, reporter).await {
         Ok(moved) => moved,

@@ -126,3 +126,35 @@ fn max_bandwidth_holds_the_transfer_to_its_rate() {
     let (token, _) = counter(|args| runc_exec(&dst.runc_root, "capped1", args));
     assert_eq!(token, before.0, "restarted, not migrated");
 }
+
+#[test]
+fn auto_measures_both_rates_before_the_freeze_and_says_which_won() {
+    let lab = Lab::new();
+    let dst = lab.start_destination(&[]);
+    let script = format!("{}{GAME}", heap("64M", "0"));
+    let container = lab.start_container("auto1", &script);
+    wait_for_heap(&container.rootfs);
+    let before = wait_for_ticks(&container, 3);
+
+    let summary = summary_of(&lab.migrate(&container, &[]));
+    let compression = &summary["compression"];
+    eprintln!("compression: {compression}");
+    assert_eq!(compression["requested"], "auto", "{summary}");
+    let link = compression["link_bytes_per_s"].as_f64().unwrap();
+    let zstd = compression["zstd_bytes_per_s"].as_f64().unwrap();
+    assert!(link > 0.0 && zstd > 0.0, "{summary}");
+    assert!(
+        ["measured", "path-estimate"].contains(&compression["link_rate_source"].as_str().unwrap()),
+        "{summary}"
+    );
+    // Stop-and-copy here: no pre-copy round to sample, so the fixed one.
+    assert_eq!(
+        compression["zstd_sample"], "a memory-like sample",
+        "{summary}"
+    );
+    // The codec is the rule's on the figures reported.
+    let expected = if link * 1.25 < zstd { "zstd" } else { "none" };
+    assert_eq!(compression["codec"], expected, "{summary}");
+    let (token, _) = counter(|args| runc_exec(&dst.runc_root, "auto1", args));
+    assert_eq!(token, before.0, "restarted, not migrated");
+}
