@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(v["max_bandwidth"], 20 << 20);
         let text = s.human();
         assert!(text.contains("compress  link 2.1 GB/s"), "{text}");
-        assert!(text.contains("cap       20.0 MiB/s"), "{text}");
+        assert!(text.contains("cap       20.00 MiB/s"), "{text}");
         assert!(text.contains("warning   w1"), "{text}");
         assert!(text.contains("3ms predicted"), "{text}");
         assert!(text.contains("dump     500ms send     250ms"), "{text}");
