@@ -165,7 +165,7 @@ fn compression_and_bandwidth_parse_and_default() {
         .migrate
         .settings
         .options("web1".into(), "h:1".into())
-        .unwrap();
+        .expect("options");
     assert_eq!(opts.compression, CompressionChoice::Auto);
     assert_eq!(opts.max_bandwidth, None);
     let cli = parse(&[
@@ -182,7 +182,7 @@ fn compression_and_bandwidth_parse_and_default() {
         .migrate
         .settings
         .options("web1".into(), "h:1".into())
-        .unwrap();
+        .expect("options");
     assert_eq!(opts.compression, CompressionChoice::Zstd);
     assert_eq!(opts.max_bandwidth, Some(20 << 20));
     for bad in [
