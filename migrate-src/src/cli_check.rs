@@ -184,6 +184,8 @@ fn check(args: CheckArgs) -> anyhow::Result<Report> {
         max_downtime: Duration::from_millis(300),
         max_rounds: 8,
         resume_timeout: Duration::from_secs(60),
+        compression: Default::default(),
+        max_bandwidth: None,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let interactive = std::io::stderr().is_terminal() && !args.json;

@@ -203,6 +203,10 @@ mod tests {
             "--max-downtime",
             "50",
             "--tcp-established",
+            "--compression",
+            "none",
+            "--max-bandwidth",
+            "1Gbit",
             "--filter",
             "web-*",
             "--filter",
@@ -218,6 +222,11 @@ mod tests {
         assert_eq!(opts.mode, migrate_src::mode::RequestedMode::PostCopy);
         assert_eq!(opts.max_downtime, std::time::Duration::from_millis(50));
         assert!(opts.criu_options.tcp_established);
+        assert_eq!(
+            opts.compression,
+            migrate_common::transfer::compression::CompressionChoice::None
+        );
+        assert_eq!(opts.max_bandwidth, Some(125_000_000));
         assert!(args.settings.json);
         assert_eq!(args.filter, ["web-*", "db-*"]);
         assert_eq!(args.parallel, 3);

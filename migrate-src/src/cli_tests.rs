@@ -6,6 +6,8 @@ use std::process::Stdio;
 
 use clap::{CommandFactory, Parser};
 
+use migrate_common::transfer::compression::CompressionChoice;
+
 use super::{container_id_after_options, Cli, Command};
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -153,5 +155,41 @@ fn man_dir_has_a_page_for_every_subcommand() {
         let text =
             std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
         assert!(text.contains(".TH"), "{} is not roff", page.display());
+    }
+}
+
+#[test]
+fn compression_and_bandwidth_parse_and_default() {
+    let cli = parse(&["web1", "--to", "h:1"]).expect("parses");
+    let opts = cli
+        .migrate
+        .settings
+        .options("web1".into(), "h:1".into())
+        .expect("options");
+    assert_eq!(opts.compression, CompressionChoice::Auto);
+    assert_eq!(opts.max_bandwidth, None);
+    let cli = parse(&[
+        "web1",
+        "--to",
+        "h:1",
+        "--compression",
+        "zstd",
+        "--max-bandwidth",
+        "20MiB",
+    ])
+    .expect("parses");
+    let opts = cli
+        .migrate
+        .settings
+        .options("web1".into(), "h:1".into())
+        .expect("options");
+    assert_eq!(opts.compression, CompressionChoice::Zstd);
+    assert_eq!(opts.max_bandwidth, Some(20 << 20));
+    for bad in [
+        &["web1", "--to", "h:1", "--compression", "lz4"][..],
+        &["web1", "--to", "h:1", "--max-bandwidth", "fast"][..],
+        &["web1", "--to", "h:1", "--max-bandwidth", "0"][..],
+    ] {
+        assert!(parse(bad).is_err(), "{bad:?} parsed");
     }
 }

@@ -11,13 +11,12 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
 use migrate_common::transfer::segments;
-use migrate_common::transfer::{send_segment, StreamId, TransferStats};
+use migrate_common::transfer::{send_segment, Outbound, StreamId};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
@@ -56,14 +55,9 @@ impl Drop for PageFollower {
 }
 
 impl PageFollower {
-    pub fn start(conn: &quinn::Connection, dir: &Path, stats: &Arc<TransferStats>) -> Self {
+    pub fn start(conn: &quinn::Connection, dir: &Path, out: &Outbound) -> Self {
         let (complete, completed) = oneshot::channel();
-        let task = tokio::spawn(follow(
-            conn.clone(),
-            dir.to_owned(),
-            stats.clone(),
-            completed,
-        ));
+        let task = tokio::spawn(follow(conn.clone(), dir.to_owned(), out.clone(), completed));
         Self {
             complete: Some(complete),
             task,
@@ -92,7 +86,7 @@ struct Progress {
 async fn follow(
     conn: quinn::Connection,
     dir: PathBuf,
-    stats: Arc<TransferStats>,
+    out: Outbound,
     mut completed: oneshot::Receiver<()>,
 ) -> Result<Followed> {
     let mut files: BTreeMap<String, Progress> = BTreeMap::new();
@@ -112,9 +106,9 @@ async fn follow(
                 break;
             };
             let id = StreamId::new(StreamKind::Image, 0, name.clone()).at(offset);
-            let (conn, stats, path) = (conn.clone(), stats.clone(), dir.join(&name));
+            let (conn, out, path) = (conn.clone(), out.clone(), dir.join(&name));
             running.spawn(async move {
-                send_segment(&conn, &id, path, len, stats)
+                send_segment(&conn, &id, path, len, &out)
                     .await
                     .with_context(|| format!("sending {id}"))
             });

@@ -14,7 +14,8 @@ use migrate_common::criu::{ensure_pipe_max_size, Criu, CriuVersion, PipeMaxSize}
 use migrate_common::protocol::{
     Body, CheckpointSent, Hello, LayersSent, MemoryMode, SourcePhase, SourceState, PROTOCOL_VERSION,
 };
-use migrate_common::transfer::TransferStats;
+use migrate_common::transfer::bucket::Throttle;
+use migrate_common::transfer::{Outbound, TransferStats};
 
 use crate::checkpoint::{Checkpoint, DumpSetup, WorkDir};
 use crate::digest_cache::DigestCache;
@@ -22,10 +23,13 @@ use crate::finish::Failure;
 use crate::follow::PageFollower;
 use crate::lazy::LazyDump;
 use crate::link::{self, Dial, Link};
+use crate::measure::LinkSamples;
 use crate::mode::{self, ModeChoice, RequestedMode, SourceCapabilities};
 use crate::progress::Reporter;
-use crate::report::RoundReport;
-use crate::{advance, convergence, inspect, no_link, rounds, send, MigrateOptions, Session};
+use crate::report::{CompressionReport, RoundReport};
+use crate::{
+    advance, convergence, inspect, measure, no_link, rounds, send, MigrateOptions, Session,
+};
 
 /// What the frozen step sent, for the summary.
 #[derive(Debug)]
@@ -41,6 +45,10 @@ pub(crate) struct Frozen {
     pub layers_sent: usize,
     pub layers_reused: usize,
     pub layers_hashed: usize,
+    /// How the frozen step's streams were encoded, and why.
+    pub compression: CompressionReport,
+    /// `--max-bandwidth`'s throttle, for the page tunnel to share.
+    pub throttle: Option<Arc<Throttle>>,
 }
 
 impl Frozen {
@@ -122,16 +130,23 @@ pub(crate) async fn freeze_and_send(
     advance(session, SourcePhase::SendingLayers)?;
     let stats = Arc::new(TransferStats::default());
     let _ticker = reporter.track(stats.clone());
+    let out = Outbound {
+        stats: stats.clone(),
+        encoding: measure::before_freeze(opts.compression),
+        throttle: opts.max_bandwidth.map(|rate| Arc::new(Throttle::new(rate))),
+    };
+    let mut link_samples = LinkSamples::default();
     let layers_sent = reply.missing_layers.len();
     let layers_reused = container.layers.len().saturating_sub(layers_sent);
     if layers_sent > 0 {
         reporter.phase(format!("sending {layers_sent} layer(s)"));
     }
     let link = session.link.as_mut().ok_or_else(no_link)?;
-    let layer_files =
-        send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &stats)
-            .await
-            .map_err(Failure::Source)?;
+    let sending = measure::Sending::start(&link.conn);
+    let layer_files = send::send_layers(&link.conn, &container.layers, &reply.missing_layers, &out)
+        .await
+        .map_err(Failure::Source)?;
+    sending.end(&link.conn, &mut link_samples);
     link.control
         .send(LayersSent { files: layer_files })
         .await
@@ -144,10 +159,12 @@ pub(crate) async fn freeze_and_send(
     advance(session, SourcePhase::PreSending)?;
     reporter.phase("sending the rootfs changes (container running)");
     let link = session.link.as_mut().ok_or_else(no_link)?;
+    let sending = measure::Sending::start(&link.conn);
     let (upper_base, upper_snapshot) =
-        send::send_upper_base(&link.conn, &container.overlay.upper, &stats)
+        send::send_upper_base(&link.conn, &container.overlay.upper, &out)
             .await
             .map_err(Failure::Source)?;
+    sending.end(&link.conn, &mut link_samples);
     let work = session
         .work
         .insert(WorkDir::create(&opts.work_base, id).map_err(Failure::Source)?)
@@ -190,7 +207,7 @@ pub(crate) async fn freeze_and_send(
         let pre_copy = rounds::run(
             &setup,
             link,
-            &stats,
+            &out,
             policy,
             |round| {
                 state
@@ -205,8 +222,21 @@ pub(crate) async fn freeze_and_send(
         predicted_downtime_ms = pre_copy.verdict.and_then(|v| v.predicted_downtime_ms);
         rounds = pre_copy.reports;
     }
+    for round in &rounds {
+        link_samples.record(
+            round.bytes_wire,
+            std::time::Duration::from_secs_f64(round.transfer_s),
+        );
+    }
     let parent = rounds::parent_of(last_round);
     let final_dir = setup.work.final_dir();
+
+    let link = session.link.as_ref().ok_or_else(no_link)?;
+    let last_round_dir = (last_round > 0).then(|| setup.work.round_dir(last_round));
+    let (encoding, compression) =
+        measure::frozen_step(opts.compression, &link_samples, &link.conn, last_round_dir).await;
+    reporter.note(format!("compression: {}", compression.reason));
+    let frozen_out = out.with_encoding(encoding);
 
     advance(session, SourcePhase::Freezing)?;
     reporter.phase(if lazy {
@@ -218,7 +248,7 @@ pub(crate) async fn freeze_and_send(
     let (raw_before, wire_before) = (stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
     // An eager dump's memory goes while CRIU writes it; a lazy dump writes
     // none (it is served from the frozen processes).
-    let follower = (!lazy).then(|| PageFollower::start(&link.conn, &final_dir, &stats));
+    let follower = (!lazy).then(|| PageFollower::start(&link.conn, &final_dir, &frozen_out));
     let (frozen_at, dumped_at) = if lazy {
         let dump = session.lazy.insert(
             LazyDump::spawn(&setup, &final_dir, parent.as_deref()).map_err(Failure::Source)?,
@@ -248,7 +278,7 @@ pub(crate) async fn freeze_and_send(
             &container.overlay.upper,
             upper_snapshot,
             follower,
-            &stats,
+            &frozen_out,
         ),
     )
     .await
@@ -301,6 +331,8 @@ pub(crate) async fn freeze_and_send(
         layers_sent,
         layers_reused,
         layers_hashed: container.layers_hashed,
+        compression,
+        throttle: out.throttle.clone(),
     })
 }
 

@@ -20,6 +20,7 @@
 //!    container is resumed here, or the case is in doubt ([`resolve`]
 //!    settles it later).
 
+pub mod bandwidth;
 pub mod cancel;
 pub mod check;
 pub mod checkpoint;
@@ -34,6 +35,7 @@ pub mod inspect;
 pub mod journal;
 pub mod lazy;
 pub mod link;
+pub mod measure;
 pub mod mode;
 pub mod postcopy;
 pub mod progress;
@@ -54,6 +56,7 @@ use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
 use migrate_common::protocol::{MemoryMode, SourcePhase, SourceState};
 use migrate_common::runc::{CriuOptions, Runc};
+use migrate_common::transfer::compression::CompressionChoice;
 use migrate_common::tunnel::Tunnel;
 
 use checkpoint::{Checkpoint, WorkDir};
@@ -100,6 +103,11 @@ pub struct MigrateOptions {
     /// How long a lost link is reconnected during post-copy before the case
     /// is in doubt.
     pub resume_timeout: Duration,
+    /// `--compression`: whether the frozen step's streams are compressed.
+    pub compression: CompressionChoice,
+    /// `--max-bandwidth`: the most bytes per second the migration's data
+    /// streams put on the link.
+    pub max_bandwidth: Option<u64>,
 }
 
 /// What a migration has set in motion so far: what must be undone if it
@@ -249,6 +257,7 @@ async fn after_lazy_restore(
         freeze_deadline: tokio::time::Instant::from_std(frozen.frozen_at + opts.freeze_timeout),
         freeze_timeout: opts.freeze_timeout,
         resume_timeout: opts.resume_timeout,
+        page_cap: frozen.throttle.clone(),
     };
     let moved = match postcopy::follow(&mut session, dial, bounds, signals, reporter).await {
         Ok(moved) => moved,
@@ -307,6 +316,8 @@ pub(crate) fn summary(
         pages_after_restore_ms: None,
         source_free_ms: moved.map(|m| millis(m.source_free_at - frozen.frozen_at)),
         rounds: frozen.rounds.clone(),
+        compression: frozen.compression.clone(),
+        max_bandwidth: opts.max_bandwidth,
         bytes_raw: frozen.stats.raw_bytes(),
         bytes_compressed: frozen.stats.compressed_bytes(),
         bytes_pages: moved.map(|m| m.bytes_relayed).unwrap_or(0),

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use migrate_common::criu::Criu;
 use migrate_common::runc::{CriuOptions, Runc};
+use migrate_common::transfer::compression::CompressionChoice;
 use migrate_src::mode::RequestedMode;
 use migrate_src::progress::Reporter;
 use migrate_src::{MigrateOptions, MigrationError};
@@ -110,6 +111,17 @@ struct MigrationSettings {
     /// Bytes of deleted-but-mapped files CRIU may copy into the images.
     #[arg(long, default_value_t = 64 << 20)]
     ghost_limit: u64,
+    /// Whether the frozen step's data is compressed.
+    ///
+    /// auto: zstd when the link is slower than this host compresses (both
+    /// measured before the freeze), else not; zstd where the link's rate is
+    /// unknown. none: nothing is compressed. zstd: everything is.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Auto)]
+    compression: CompressionArg,
+    /// Most bytes per second the migration's data streams put on the link
+    /// (after compression): 100MiB, 125M (powers of 1000), 1Gbit (bits).
+    #[arg(long, value_name = "RATE", value_parser = migrate_src::bandwidth::parse_rate)]
+    max_bandwidth: Option<u64>,
     /// Keep established TCP connections open across the move; only useful
     /// when the container's address moves with it. Without it they are
     /// restored closed (their clients see a reset), and connections not yet
@@ -267,6 +279,24 @@ enum CertsCommand {
     },
 }
 
+/// `--compression`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompressionArg {
+    Auto,
+    None,
+    Zstd,
+}
+
+impl From<CompressionArg> for CompressionChoice {
+    fn from(arg: CompressionArg) -> Self {
+        match arg {
+            CompressionArg::Auto => Self::Auto,
+            CompressionArg::None => Self::None,
+            CompressionArg::Zstd => Self::Zstd,
+        }
+    }
+}
+
 /// `certs issue --role`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum CertRole {
@@ -302,6 +332,8 @@ impl MigrationSettings {
             link_timeout: Duration::from_secs(self.link_timeout),
             resume_timeout: Duration::from_secs(self.resume_timeout),
             ghost_limit: self.ghost_limit,
+            compression: self.compression.into(),
+            max_bandwidth: self.max_bandwidth,
             criu_options: CriuOptions {
                 tcp_established: self.tcp_established,
                 file_locks: self.file_locks,

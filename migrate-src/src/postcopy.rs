@@ -15,13 +15,15 @@
 //! loses something and is the operator's (`migrate resolve`).
 
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use migrate_common::protocol::{
     write_frame, Body, Failed, PagesComplete, Release, Released, Restored, SourcePhase,
-    StreamHeader, StreamKind,
+    StreamCodec, StreamHeader, StreamKind,
 };
+use migrate_common::transfer::bucket::Throttle;
 use migrate_common::tunnel::{Inbound, Tunnel, TunnelError};
 use tokio::sync::mpsc;
 
@@ -71,13 +73,16 @@ impl Progress {
     }
 }
 
-/// Timing the loop needs from the options and the freeze.
-#[derive(Debug, Clone, Copy)]
+/// Timing the loop needs from the options and the freeze, and the cap on
+/// the pages it sends.
+#[derive(Debug, Clone)]
 pub struct Bounds {
     /// Before the decision: when the freeze timeout ends.
     pub freeze_deadline: tokio::time::Instant,
     pub freeze_timeout: Duration,
     pub resume_timeout: Duration,
+    /// `--max-bandwidth`: the data streams' throttle, shared.
+    pub page_cap: Option<Arc<Throttle>>,
 }
 
 pub async fn follow(
@@ -104,7 +109,11 @@ pub async fn follow(
         PostCopyError::GoBack(Failure::Source(anyhow!("the page-server socket is gone")))
     })?;
     let (close_gate, mut close_requests) = mpsc::channel(1);
-    let tunnel = Tunnel::new(socket, Inbound::CriuRequests { close_gate });
+    let tunnel = Tunnel::capped(
+        socket,
+        Inbound::CriuRequests { close_gate },
+        bounds.page_cap.clone(),
+    );
     // Kept where a rollback finds it: going back means aborting through it.
     *kept_tunnel = Some(tunnel.clone());
     let mut progress = Progress::default();
@@ -374,9 +383,10 @@ async fn open_tunnel(
             kind: StreamKind::PageTunnel as i32,
             name: String::new(),
             round: 0,
-            // Tunnel frames, not a sized payload.
+            // Tunnel frames, not a sized payload, and not compressed.
             declared_bytes: 0,
             offset: 0,
+            codec: StreamCodec::None as i32,
         },
     )
     .await

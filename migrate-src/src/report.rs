@@ -112,6 +112,28 @@ pub struct ModeReport {
     pub reason: String,
 }
 
+/// How the frozen step's streams were encoded (`--compression`), with the
+/// rates the rule compared (auto only; else null).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompressionReport {
+    /// auto, none or zstd.
+    pub requested: &'static str,
+    /// zstd or none.
+    pub codec: &'static str,
+    pub level: Option<i32>,
+    pub threads: Option<u32>,
+    /// Bytes per second; what it is a measure of in `link_rate_source`.
+    pub link_bytes_per_s: Option<f64>,
+    /// "measured" (what was sent before the freeze) or "path-estimate"
+    /// (QUIC's congestion window over its round-trip time).
+    pub link_rate_source: Option<&'static str>,
+    /// zstd's input bytes per second on this host.
+    pub zstd_bytes_per_s: Option<f64>,
+    /// What zstd was timed on.
+    pub zstd_sample: Option<&'static str>,
+    pub reason: String,
+}
+
 /// The result of a successful migration.
 #[derive(Debug, Serialize)]
 pub struct Summary {
@@ -139,9 +161,13 @@ pub struct Summary {
     /// when the source was free of it.
     pub source_free_ms: Option<u64>,
     pub rounds: Vec<RoundReport>,
+    /// How the frozen step's streams were encoded, and why.
+    pub compression: CompressionReport,
+    /// `--max-bandwidth`, bytes per second (null: no cap).
+    pub max_bandwidth: Option<u64>,
     /// Uncompressed bytes of layers, images and the rootfs.
     pub bytes_raw: u64,
-    /// The same after zstd.
+    /// The same on the data streams: after zstd where compressed.
     pub bytes_compressed: u64,
     /// Post-copy: page-server bytes relayed each way, uncompressed.
     pub bytes_pages: u64,
@@ -201,6 +227,10 @@ impl Summary {
             );
         }
         let _ = writeln!(out, "  total     {}", ms(self.total_ms));
+        let _ = writeln!(out, "  compress  {}", self.compression.reason);
+        if let Some(cap) = self.max_bandwidth {
+            let _ = writeln!(out, "  cap       {}/s (--max-bandwidth)", HumanBytes(cap));
+        }
         let _ = writeln!(
             out,
             "  data      {} raw, {} compressed ({ratio:.1}x), {} of pages relayed, {} on the wire, {} files",
@@ -279,6 +309,18 @@ mod tests {
                 link_bytes_per_s: Some(4000.0),
                 decision: Some(Decision::AnotherRound),
             }],
+            compression: CompressionReport {
+                requested: "auto",
+                codec: "none",
+                level: None,
+                threads: None,
+                link_bytes_per_s: Some(2.1e9),
+                link_rate_source: Some("measured"),
+                zstd_bytes_per_s: Some(4e8),
+                zstd_sample: Some("a memory-like sample"),
+                reason: "link 2.1 GB/s ≥ zstd 400 MB/s/1.25: not compressing".into(),
+            },
+            max_bandwidth: Some(20 << 20),
             bytes_raw: 6,
             bytes_compressed: 11,
             bytes_pages: 0,
@@ -305,7 +347,13 @@ mod tests {
         assert_eq!(v["rounds"][0]["decision"], "another-round");
         assert_eq!(v["warnings"][0], "w1");
         assert_eq!(v["layers_hashed"], 1);
+        assert_eq!(v["compression"]["codec"], "none");
+        assert_eq!(v["compression"]["threads"], serde_json::Value::Null);
+        assert_eq!(v["compression"]["link_bytes_per_s"], 2.1e9);
+        assert_eq!(v["max_bandwidth"], 20 << 20);
         let text = s.human();
+        assert!(text.contains("compress  link 2.1 GB/s"), "{text}");
+        assert!(text.contains("cap       20.00 MiB/s"), "{text}");
         assert!(text.contains("warning   w1"), "{text}");
         assert!(text.contains("3ms predicted"), "{text}");
         assert!(text.contains("dump     500ms send     250ms"), "{text}");

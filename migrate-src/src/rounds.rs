@@ -8,7 +8,6 @@
 //! tracking); the final dump then names the last round as its parent.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +15,7 @@ use migrate_common::criu::stats::DumpStats;
 use migrate_common::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
 use migrate_common::protocol::RoundSent;
 use migrate_common::runc::{CheckpointSpec, DumpKind};
-use migrate_common::transfer::TransferStats;
+use migrate_common::transfer::Outbound;
 
 use crate::checkpoint::{read_output, DumpSetup};
 use crate::convergence::{Decision, Policy, RoundFigures, Verdict};
@@ -45,7 +44,7 @@ pub fn parent_of(round: u32) -> Option<PathBuf> {
 pub async fn run(
     setup: &DumpSetup<'_>,
     link: &mut Link,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
     policy: Policy,
     mut advance: impl FnMut(u32) -> Result<()>,
     mut on_round: impl FnMut(&RoundReport),
@@ -64,8 +63,8 @@ pub async fn run(
         let dumped = Instant::now();
         let criu = DumpStats::read(&dir)?;
 
-        let (raw_before, wire_before) = (stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
-        let files = send::send_images(&link.conn, &dir, round, stats).await?;
+        let (raw_before, wire_before) = (out.stats.raw_bytes(), link.conn.stats().udp_tx.bytes);
+        let files = send::send_images(&link.conn, &dir, round, out).await?;
         link.control
             .send(RoundSent { round, files })
             .await
@@ -90,7 +89,7 @@ pub async fn run(
         let report = RoundReport::pre_dump(
             round,
             &criu,
-            stats.raw_bytes() - raw_before,
+            out.stats.raw_bytes() - raw_before,
             wire_bytes,
             millis_f(dumped - started),
             millis_f(sent - dumped),

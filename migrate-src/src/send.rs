@@ -4,14 +4,13 @@
 //! while it is frozen.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use migrate_common::protocol::{FileDigest, StreamKind};
 use migrate_common::rootfs::archive::{measure_dir, pack_dir, pack_dir_within, DeltaPlan};
 use migrate_common::rootfs::snapshot::TreeSnapshot;
 use migrate_common::transfer::segments;
-use migrate_common::transfer::{send_segment, send_stream, StreamId, TransferStats};
+use migrate_common::transfer::{send_segment, send_stream, Outbound, StreamId};
 use tokio::task::JoinSet;
 
 use crate::follow::{is_page_file, PageFollower};
@@ -60,7 +59,7 @@ pub async fn send_layers(
     conn: &quinn::Connection,
     layers: &[Layer],
     missing: &[String],
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
     let items = layers
         .iter()
@@ -70,7 +69,7 @@ pub async fn send_layers(
             dir: l.path.clone(),
         })
         .collect();
-    send_all(conn, items, stats).await
+    send_all(conn, items, out).await
 }
 
 /// Sends every image file of one dump: round `round` of pre-copy, or 0 for
@@ -79,9 +78,9 @@ pub async fn send_images(
     conn: &quinn::Connection,
     dir: &Path,
     round: u32,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
-    send_all(conn, image_items(dir, round, |_| false)?, stats).await
+    send_all(conn, image_items(dir, round, |_| false)?, out).await
 }
 
 /// Sends the upper dir while the container runs; returns its manifest entry
@@ -89,13 +88,13 @@ pub async fn send_images(
 pub async fn send_upper_base(
     conn: &quinn::Connection,
     upper: &Path,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<(FileDigest, TreeSnapshot)> {
     let dir = upper.to_owned();
     let (snapshot, digest) = send_stream(
         conn,
         &StreamId::new(StreamKind::UpperDir, 0, ""),
-        stats.clone(),
+        out,
         move |sink| {
             // The container runs: room for what it adds meanwhile. What still
             // does not fit is left out of the base and sent with the delta.
@@ -120,11 +119,11 @@ pub async fn send_checkpoint(
     upper: &Path,
     base: TreeSnapshot,
     follower: Option<PageFollower>,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
     let dir = upper.to_owned();
     let delta_id = StreamId::new(StreamKind::UpperDelta, 0, "");
-    let delta = send_stream(conn, &delta_id, stats.clone(), move |sink| {
+    let delta = send_stream(conn, &delta_id, out, move |sink| {
         // Frozen: the measured delta is what is written.
         let plan = DeltaPlan::new(&dir, &base)?;
         sink.declare(plan.len())?;
@@ -136,7 +135,7 @@ pub async fn send_checkpoint(
     let images = send_all(
         conn,
         image_items(image_dir, 0, |name| followed && is_page_file(name))?,
-        stats,
+        out,
     );
     let pages = async {
         match follower {
@@ -199,7 +198,7 @@ fn image_items(dir: &Path, round: u32, skip: impl Fn(&str) -> bool) -> Result<Ve
 async fn send_all(
     conn: &quinn::Connection,
     items: Vec<Item>,
-    stats: &Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<Vec<FileDigest>> {
     let mut pending = items.into_iter().peekable();
     let mut running = JoinSet::new();
@@ -214,8 +213,8 @@ async fn send_all(
             }
             let Some(item) = pending.next() else { break };
             large_running += usize::from(large);
-            let (conn, stats) = (conn.clone(), stats.clone());
-            running.spawn(async move { (large, send_item(conn, item, stats).await) });
+            let (conn, out) = (conn.clone(), out.clone());
+            running.spawn(async move { (large, send_item(conn, item, out).await) });
         }
         let Some(joined) = running.join_next().await else {
             break;
@@ -227,18 +226,14 @@ async fn send_all(
     Ok(done)
 }
 
-async fn send_item(
-    conn: quinn::Connection,
-    item: Item,
-    stats: Arc<TransferStats>,
-) -> Result<FileDigest> {
+async fn send_item(conn: quinn::Connection, item: Item, out: Outbound) -> Result<FileDigest> {
     match item {
-        Item::Segment { id, path, len } => send_segment(&conn, &id, path.clone(), len, stats)
+        Item::Segment { id, path, len } => send_segment(&conn, &id, path.clone(), len, &out)
             .await
             .with_context(|| format!("sending {}", path.display())),
         Item::Tree { id, dir } => {
             let what = dir.display().to_string();
-            let ((), digest) = send_stream(&conn, &id, stats, move |sink| {
+            let ((), digest) = send_stream(&conn, &id, &out, move |sink| {
                 // A lower layer does not change: its measure is exact, and the
                 // destination checks it against what the Hello announced.
                 sink.declare(measure_dir(&dir)?)?;

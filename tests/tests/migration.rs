@@ -30,9 +30,16 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
         summary["bytes_compressed"].as_u64().unwrap(),
         summary["bytes_wire"].as_u64().unwrap(),
     );
+    // auto: the layer and upper dir go zstd, the frozen step as the rule
+    // chose, which the summary says in one line.
+    assert_eq!(summary["compression"]["requested"], "auto", "{summary}");
+    let codec = summary["compression"]["codec"].as_str().unwrap();
+    assert!(compressed < raw, "zstd did not shrink the layer: {summary}");
+    let reason = summary["compression"]["reason"].as_str().unwrap();
+    assert!(!reason.is_empty() && !reason.contains('\n'), "{summary}");
     assert!(
-        compressed < raw,
-        "zstd did not shrink the checkpoint: {summary}"
+        reason.contains("not compressing") == (codec == "none"),
+        "the reason says otherwise than the codec: {summary}"
     );
     assert!(
         wire > compressed,

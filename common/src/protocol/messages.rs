@@ -430,11 +430,25 @@ pub struct StreamHeader {
     /// can refuse it before taking anything; the receiver stops at the first byte beyond.
     #[prost(uint64, tag = "4")]
     pub declared_bytes: u64,
+    /// How the bytes after the header are encoded; absent (0) is zstd, what
+    /// every stream was before the field existed.
+    #[prost(enumeration = "StreamCodec", tag = "5")]
+    pub codec: i32,
     /// For images: where in the file the stream's bytes go. A large page file
     /// comes as several segments, on streams of their own, sent while CRIU
     /// still writes it and side by side; 0 for every other stream.
     #[prost(uint64, tag = "6")]
     pub offset: u64,
+}
+
+/// How a data stream's content is encoded on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, prost::Enumeration)]
+#[repr(i32)]
+pub enum StreamCodec {
+    /// One zstd frame (the window bounded by the receiver).
+    Zstd = 0,
+    /// The bytes as they are: for links faster than this host compresses.
+    None = 1,
 }
 
 /// What a data stream carries.

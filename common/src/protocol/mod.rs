@@ -8,7 +8,8 @@
 //! ([`framing`]); bulk data (layers, CRIU image files, the rootfs base and
 //! delta) travels on unidirectional **data streams**, one per file, each
 //! starting with a [`messages::StreamHeader`] frame followed by the file's
-//! zstd-compressed bytes ([`crate::transfer`]). Post-copy adds one
+//! bytes, zstd-compressed or as they are, as the header's codec says
+//! ([`crate::transfer`]). Post-copy adds one
 //! bidirectional **page tunnel** stream that relays CRIU's page-server
 //! connection ([`crate::tunnel`]).
 //!

@@ -1,12 +1,12 @@
 //! Bulk data on QUIC data streams: one file (or one archive) per
-//! unidirectional stream, framed as a [`StreamHeader`] then zstd-compressed
-//! bytes until the stream ends.
+//! unidirectional stream, framed as a [`StreamHeader`] then the bytes in the
+//! header's codec (zstd, or as they are: [`codec`]) until the stream ends.
 //!
 //! Every stream declares in its header how many uncompressed bytes it carries
 //! at most. The receiver charges that to the migration's [`ByteBudget`]
-//! before it creates anything, and stops decompressing at the first byte
-//! beyond it, so a few compressed bytes cannot turn into an unbounded amount
-//! of data; every decoder also has a bounded window ([`WINDOW_LOG`]).
+//! before it creates anything, and stops decoding at the first byte beyond
+//! it, so a few compressed bytes cannot turn into an unbounded amount of
+//! data; every zstd decoder also has a bounded window ([`WINDOW_LOG`]).
 //!
 //! Compression, hashing and file I/O are blocking work, so each stream runs
 //! them on a blocking thread joined to the async QUIC side by a bounded
@@ -25,29 +25,29 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::protocol::{read_frame, write_frame, FileDigest, FrameError, StreamHeader, StreamKind};
+use crate::protocol::{
+    read_frame, write_frame, FileDigest, FrameError, StreamCodec, StreamHeader, StreamKind,
+};
 use crate::rootfs::archive::ArchiveError;
 
 mod adapters;
+pub mod bucket;
+pub mod codec;
+pub mod compression;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod segments;
 
 pub use adapters::StreamSink;
 use adapters::{ChannelReader, ChannelWriter, HashingReader, HashingWriter};
+use bucket::Throttle;
+use codec::{Decoder, Encoder, Encoding};
+pub use codec::{WINDOW_LOG, ZSTD_LEVEL};
 
 /// Size of the chunks passed between the blocking and the async side.
 const CHUNK: usize = 1 << 20;
 /// Chunks in flight per stream between the two sides.
 const CHANNEL_DEPTH: usize = 8;
-/// zstd level 1: on a fast link the compressor, not the network, is the
-/// bottleneck, and level 1 already removes most of the zero pages in images.
-const ZSTD_LEVEL: i32 = 1;
-/// zstd's window, log2 bytes: what the encoder uses (level 1 would take 2^19
-/// by itself) and the most any decoder accepts. A decoder holds a window this
-/// large, and the destination decodes up to 128 streams per migration at once:
-/// 1 MiB each instead of the 128 MiB a frame may ask of zstd's default decoder.
-pub const WINDOW_LOG: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -77,6 +77,8 @@ pub enum TransferError {
     NoHeader,
     #[error("data stream of unknown kind {0}")]
     UnknownKind(i32),
+    #[error("data stream in unknown codec {0}")]
+    UnknownCodec(i32),
     #[error("{stream} declares {declared} bytes, but only {available} of the migration's byte budget of {limit} bytes are left (destination disk space)")]
     BudgetExceeded {
         stream: String,
@@ -173,8 +175,8 @@ impl std::fmt::Display for StreamId {
 }
 
 /// Byte counters shared by every stream of one migration (progress display
-/// and the final summary read them): uncompressed bytes, and what zstd made
-/// of them.
+/// and the final summary read them): uncompressed bytes, and the bytes on the
+/// streams (what zstd made of them, or the same bytes uncompressed).
 #[derive(Debug, Default)]
 pub struct TransferStats {
     raw_bytes: AtomicU64,
@@ -224,14 +226,33 @@ impl ByteBudget {
     }
 }
 
-/// Opens a data stream and sends the compressed output of `produce`, which
+/// What the outgoing streams of one migration share: their byte counters,
+/// how they are encoded, and the cap on their rate (`--max-bandwidth`).
+#[derive(Debug, Clone, Default)]
+pub struct Outbound {
+    pub stats: Arc<TransferStats>,
+    pub encoding: Encoding,
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+impl Outbound {
+    /// The same counters and cap, another encoding (the frozen step's).
+    pub fn with_encoding(&self, encoding: Encoding) -> Self {
+        Self {
+            encoding,
+            ..self.clone()
+        }
+    }
+}
+
+/// Opens a data stream and sends the encoded output of `produce`, which
 /// runs on a blocking thread and must declare its size on the [`StreamSink`]
 /// before it writes: the header, with that size, goes out once it has.
 /// Returns what `produce` returned and the manifest entry.
 pub async fn send_stream<F, T>(
     conn: &quinn::Connection,
     id: &StreamId,
-    stats: Arc<TransferStats>,
+    out: &Outbound,
     produce: F,
 ) -> Result<(T, FileDigest), TransferError>
 where
@@ -239,6 +260,7 @@ where
     T: Send + 'static,
 {
     let name = id.to_string();
+    let (stats, encoding) = (out.stats.clone(), out.encoding);
     let mut send = conn.open_uni().await.map_err(TransferError::Open)?;
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
@@ -253,11 +275,8 @@ where
                 tx,
                 buf: Vec::with_capacity(CHUNK),
             };
-            let mut encoder = zstd::stream::write::Encoder::new(channel, ZSTD_LEVEL)
-                .map_err(|e| TransferError::io("starting zstd", e))?;
-            encoder
-                .window_log(WINDOW_LOG)
-                .map_err(|e| TransferError::io("setting zstd's window", e))?;
+            let encoder = Encoder::new(encoding, channel)
+                .map_err(|e| TransferError::io("starting the encoder", e))?;
             let mut hashing = HashingWriter {
                 inner: encoder,
                 hasher: blake3::Hasher::new(),
@@ -281,7 +300,7 @@ where
             } = hashing;
             let mut channel = encoder
                 .finish()
-                .map_err(|e| TransferError::io("finishing zstd", e))?;
+                .map_err(|e| TransferError::io("finishing the encoding", e))?;
             channel
                 .flush()
                 .map_err(|e| TransferError::io("flushing stream", e))?;
@@ -310,12 +329,16 @@ where
         round: id.round,
         declared_bytes,
         offset: id.offset,
+        codec: encoding.codec() as i32,
     };
     write_frame(&mut send, &header).await?;
 
     let mut write_result = Ok(());
     while let Some(chunk) = rx.recv().await {
         let len = chunk.len() as u64;
+        if let Some(throttle) = &out.throttle {
+            throttle.admit(len).await;
+        }
         if let Err(source) = send.write_chunk(chunk).await {
             write_result = Err(TransferError::Write {
                 name: name.to_owned(),
@@ -346,10 +369,10 @@ pub async fn send_segment(
     id: &StreamId,
     path: PathBuf,
     len: u64,
-    stats: Arc<TransferStats>,
+    out: &Outbound,
 ) -> Result<FileDigest, TransferError> {
     let offset = id.offset;
-    let ((), digest) = send_stream(conn, id, stats, move |sink| {
+    let ((), digest) = send_stream(conn, id, out, move |sink| {
         let mut file = File::open(&path)
             .map_err(|e| TransferError::io(format!("opening {}", path.display()), e))?;
         file.seek(SeekFrom::Start(offset))
@@ -378,6 +401,7 @@ pub struct DataHeader {
     pub id: StreamId,
     /// Most uncompressed bytes the stream may carry.
     pub declared_bytes: u64,
+    pub codec: StreamCodec,
 }
 
 /// Reads the header of an accepted data stream.
@@ -395,24 +419,17 @@ pub async fn read_header<R: tokio::io::AsyncRead + Unpin>(
             problem: "only images come in segments",
         });
     }
+    let codec = StreamCodec::try_from(header.codec)
+        .map_err(|_| TransferError::UnknownCodec(header.codec))?;
     Ok(DataHeader {
         id: StreamId::new(kind, header.round, header.name).at(header.offset),
         declared_bytes: header.declared_bytes,
+        codec,
     })
 }
 
-/// A zstd decoder whose window is bounded by [`WINDOW_LOG`]: a frame that
-/// asks for more fails instead of making it allocate.
-fn decoder<R: Read>(
-    input: R,
-) -> io::Result<zstd::stream::read::Decoder<'static, io::BufReader<R>>> {
-    let mut decoder = zstd::stream::read::Decoder::new(input)?;
-    decoder.window_log_max(WINDOW_LOG)?;
-    Ok(decoder)
-}
-
 /// Receives the body of a data stream (after [`read_header`]) and hands it,
-/// decompressed, to `consume` on a blocking thread. The declared size is
+/// decoded, to `consume` on a blocking thread. The declared size is
 /// reserved from `budget` first (a stream that does not fit is refused before
 /// anything is taken from it), and the stream fails at its first byte beyond
 /// it. Whatever `consume` leaves unread is read and hashed too, so the digest
@@ -429,7 +446,7 @@ where
     F: FnOnce(&mut dyn Read) -> Result<T, TransferError> + Send + 'static,
     T: Send + 'static,
 {
-    let (id, declared) = (&header.id, header.declared_bytes);
+    let (id, declared, codec) = (&header.id, header.declared_bytes, header.codec);
     let name = id.to_string();
     if let Err(available) = budget.reserve(declared) {
         let _ = recv.stop(0u32.into());
@@ -448,7 +465,8 @@ where
                 rx,
                 current: Bytes::new(),
             };
-            let decoder = decoder(channel).map_err(|e| TransferError::io("starting zstd", e))?;
+            let decoder = Decoder::new(codec, channel)
+                .map_err(|e| TransferError::io("starting the decoder", e))?;
             let mut source = HashingReader {
                 inner: decoder,
                 hasher: blake3::Hasher::new(),

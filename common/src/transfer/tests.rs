@@ -47,19 +47,23 @@ async fn files_and_streams_arrive_intact_with_matching_digests() {
 
     let send_stats = Arc::new(TransferStats::default());
     let sender = {
-        let (src, stats, generated) = (src.clone(), send_stats.clone(), generated.clone());
+        let (src, generated) = (src.clone(), generated.clone());
+        let out = Outbound {
+            stats: send_stats.clone(),
+            ..Outbound::default()
+        };
         tokio::spawn(async move {
             let a = send_segment(
                 &src,
                 &StreamId::new(StreamKind::Image, 2, "pages-1.img"),
                 file,
                 payload_len,
-                stats.clone(),
+                &out,
             )
             .await
             .unwrap();
             let upper = StreamId::new(StreamKind::UpperDir, 0, "");
-            let ((), b) = send_stream(&src, &upper, stats, move |sink| {
+            let ((), b) = send_stream(&src, &upper, &out, move |sink| {
                 sink.declare(generated.len() as u64)?;
                 sink.write_all(&generated)
                     .map_err(|e| TransferError::io("test", e))
@@ -135,6 +139,7 @@ fn image_header(declared_bytes: u64) -> StreamHeader {
         round: 0,
         declared_bytes,
         offset: 0,
+        codec: StreamCodec::Zstd as i32,
     }
 }
 
@@ -196,7 +201,7 @@ async fn a_producer_cannot_write_more_than_it_declared_nor_before_declaring() {
     let dir = tempfile::tempdir().unwrap();
     let (_endpoints, src, _dst) = link(dir.path()).await;
     let id = StreamId::new(StreamKind::UpperDir, 0, "");
-    let err = send_stream(&src, &id, Arc::default(), |sink| {
+    let err = send_stream(&src, &id, &Outbound::default(), |sink| {
         sink.declare(10)?;
         sink.write_all(&[1u8; 11])
             .map_err(|e| TransferError::io("writing", e))
@@ -205,7 +210,7 @@ async fn a_producer_cannot_write_more_than_it_declared_nor_before_declaring() {
     .unwrap_err();
     let chain = format!("{err:?}");
     assert!(chain.contains("Overlong"), "{chain}");
-    let err = send_stream(&src, &id, Arc::default(), |sink| {
+    let err = send_stream(&src, &id, &Outbound::default(), |sink| {
         sink.write_all(b"x")
             .map_err(|e| TransferError::io("writing", e))
     })
@@ -235,13 +240,13 @@ fn a_frame_that_needs_a_larger_window_is_refused() {
         encoder.finish().unwrap()
     };
     let mut out = Vec::new();
-    let err = decoder(compress(WINDOW_LOG + 4).as_slice())
+    let err = codec::zstd_decoder(compress(WINDOW_LOG + 4).as_slice())
         .unwrap()
         .read_to_end(&mut out)
         .unwrap_err();
     assert!(err.to_string().contains("memory"), "{err}");
     out.clear();
-    decoder(compress(WINDOW_LOG).as_slice())
+    codec::zstd_decoder(compress(WINDOW_LOG).as_slice())
         .unwrap()
         .read_to_end(&mut out)
         .unwrap();
@@ -261,6 +266,7 @@ async fn unknown_stream_kind_is_refused() {
             round: 0,
             declared_bytes: 0,
             offset: 0,
+            codec: 0,
         },
     )
     .await
@@ -271,4 +277,168 @@ async fn unknown_stream_kind_is_refused() {
         read_header(&mut recv).await,
         Err(TransferError::UnknownKind(42))
     ));
+}
+
+/// Sends `content` uncompressed on a stream whose header says so, as a
+/// sender choosing no compression does, or declares `declared` falsely.
+async fn send_plain(conn: &quinn::Connection, declared_bytes: u64, content: &[u8]) {
+    let mut send = conn.open_uni().await.unwrap();
+    let header = StreamHeader {
+        codec: StreamCodec::None as i32,
+        ..image_header(declared_bytes)
+    };
+    write_frame(&mut send, &header).await.unwrap();
+    let _ = send.write_all(content).await;
+    let _ = send.finish();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uncompressed_stream_arrives_intact_and_counts_its_bytes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_endpoints, src, dst) = link(dir.path()).await;
+    let payload = patterned(2 * CHUNK + 7);
+    let file = dir.path().join("pages-1.img");
+    std::fs::write(&file, &payload).unwrap();
+    let send_stats = Arc::new(TransferStats::default());
+    let out = Outbound {
+        stats: send_stats.clone(),
+        encoding: Encoding::Plain,
+        throttle: None,
+    };
+    let id = StreamId::new(StreamKind::Image, 0, "pages-1.img");
+    let conn = src.clone();
+    let len = payload.len() as u64;
+    let sender =
+        tokio::spawn(async move { send_segment(&conn, &id, file, len, &out).await.unwrap() });
+
+    let mut recv = dst.accept_uni().await.unwrap();
+    let header = read_header(&mut recv).await.unwrap();
+    assert_eq!(header.codec, StreamCodec::None);
+    let recv_stats = Arc::new(TransferStats::default());
+    let path = dir.path().join("received.img");
+    let got = receive_file(
+        recv,
+        &header,
+        &path,
+        Arc::new(ByteBudget::new(u64::MAX)),
+        recv_stats.clone(),
+    )
+    .await
+    .unwrap();
+    let sent = sender.await.unwrap();
+    assert_eq!(got, sent);
+    assert_eq!(sent.blake3, blake3::hash(&payload).to_hex().to_string());
+    assert!(std::fs::read(&path).unwrap() == payload);
+    let len = payload.len() as u64;
+    for stats in [&send_stats, &recv_stats] {
+        assert_eq!((stats.raw_bytes(), stats.compressed_bytes()), (len, len));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uncompressed_stream_stops_at_the_first_byte_beyond_its_declared_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_endpoints, src, dst) = link(dir.path()).await;
+    send_plain(&src, 10, &vec![7u8; CHUNK]).await;
+    let mut recv = dst.accept_uni().await.unwrap();
+    let header = read_header(&mut recv).await.unwrap();
+    let budget = Arc::new(ByteBudget::new(u64::MAX));
+    let path = dir.path().join("big.img");
+    let err = receive_file(recv, &header, &path, budget, Arc::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Overlong { declared: 10, .. }),
+        "{err:?}"
+    );
+    assert!(std::fs::metadata(&path).unwrap().len() <= 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uncompressed_stream_is_charged_to_the_budget_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_endpoints, src, dst) = link(dir.path()).await;
+    send_plain(&src, 2 * CHUNK as u64, &[1u8; 100]).await;
+    let mut recv = dst.accept_uni().await.unwrap();
+    let header = read_header(&mut recv).await.unwrap();
+    let path = dir.path().join("big.img");
+    let err = receive_file(
+        recv,
+        &header,
+        &path,
+        Arc::new(ByteBudget::new(CHUNK as u64)),
+        Arc::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, TransferError::BudgetExceeded { .. }),
+        "{err:?}"
+    );
+    assert!(!path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_codec_is_refused_before_the_stream_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_endpoints, src, dst) = link(dir.path()).await;
+    let header = StreamHeader {
+        codec: 9,
+        ..image_header(100)
+    };
+    let mut send = src.open_uni().await.unwrap();
+    write_frame(&mut send, &header).await.unwrap();
+    send.write_all(&[0u8; 100]).await.unwrap();
+    send.finish().unwrap();
+    let mut recv = dst.accept_uni().await.unwrap();
+    assert!(matches!(
+        read_header(&mut recv).await,
+        Err(TransferError::UnknownCodec(9))
+    ));
+    // Nothing of the body was taken: it is all still there.
+    let body = recv.read_to_end(1000).await.unwrap();
+    assert_eq!(body.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capped_stream_goes_no_faster_than_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_endpoints, src, dst) = link(dir.path()).await;
+    let rate = 8 * CHUNK as u64;
+    let out = Outbound {
+        encoding: Encoding::Plain,
+        throttle: Some(Arc::new(Throttle::new(rate))),
+        ..Outbound::default()
+    };
+    let content = patterned(4 * CHUNK);
+    let started = std::time::Instant::now();
+    let id = StreamId::new(StreamKind::UpperDir, 0, "");
+    let conn = src.clone();
+    let sender = tokio::spawn(async move {
+        send_stream(&conn, &id, &out, move |sink| {
+            sink.declare(content.len() as u64)?;
+            sink.write_all(&content)
+                .map_err(|e| TransferError::io("test", e))
+        })
+        .await
+        .unwrap()
+    });
+    let mut recv = dst.accept_uni().await.unwrap();
+    let header = read_header(&mut recv).await.unwrap();
+    receive_stream(
+        recv,
+        &header,
+        Arc::new(ByteBudget::new(u64::MAX)),
+        Arc::default(),
+        |source| io::copy(source, &mut io::sink()).map_err(|e| TransferError::io("test", e)),
+    )
+    .await
+    .unwrap();
+    sender.await.unwrap();
+    // Four MiB at 8 MiB/s, less the throttle's burst of a tenth of a second.
+    assert!(
+        started.elapsed().as_secs_f64() >= (4.0 - 0.8) / 8.0,
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -31,6 +31,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::criu::page_server::{abort_request, Iov, RequestCutter};
+use crate::transfer::bucket::Throttle;
 use replay::{Frame, FrameError, ReplayBuffer, CHECKSUM_LEN, MAX_DATA_FRAME};
 
 /// Bytes kept for a resend at most; reading from the local socket pauses
@@ -129,6 +130,8 @@ struct Inner {
     /// Signalled when an acknowledgement is due.
     ack_due: Notify,
     close_seen: AtomicBool,
+    /// `--max-bandwidth`, on what this side sends the peer.
+    throttle: Option<Arc<Throttle>>,
 }
 
 #[derive(Debug)]
@@ -165,6 +168,12 @@ impl Drop for NoShutdown {
 
 impl Tunnel {
     pub fn new(local: UnixStream, inbound: Inbound) -> Self {
+        Self::capped(local, inbound, None)
+    }
+
+    /// A tunnel whose frames to the peer pass `throttle` first (the source's,
+    /// whose frames are pages: `--max-bandwidth` covers them too).
+    pub fn capped(local: UnixStream, inbound: Inbound, throttle: Option<Arc<Throttle>>) -> Self {
         let (read, write) = local.into_split();
         Self {
             inner: Arc::new(Inner {
@@ -181,6 +190,7 @@ impl Tunnel {
                 acked_to_peer: AtomicU64::new(0),
                 ack_due: Notify::new(),
                 close_seen: AtomicBool::new(false),
+                throttle,
             }),
         }
     }
@@ -216,6 +226,7 @@ impl Tunnel {
     {
         let again = self.replay().resend_from(peer_delivered)?;
         for chunk in again {
+            self.admit(chunk.len()).await;
             write_frame(&mut send, &Frame::Data(chunk)).await?;
         }
         // What the previous connection acknowledged may not have arrived.
@@ -237,6 +248,13 @@ impl Tunnel {
             .write_all(&abort_request())
             .await
             .map_err(TunnelError::Local)
+    }
+
+    /// Waits until `bytes` may go to the peer, if there is a cap.
+    async fn admit(&self, bytes: usize) {
+        if let Some(throttle) = &self.inner.throttle {
+            throttle.admit(bytes as u64).await;
+        }
     }
 
     fn replay(&self) -> std::sync::MutexGuard<'_, ReplayBuffer> {
@@ -280,6 +298,7 @@ impl Tunnel {
                     let mut frame = Frame::Data(chunk).encode();
                     #[cfg(feature = "fault-injection")]
                     fault::corrupt_once(at, n, &mut frame);
+                    self.admit(frame.len()).await;
                     send.write_all(&frame).await.map_err(TunnelError::Link)?;
                 }
             }

@@ -65,6 +65,40 @@ async fn relays_both_ways() {
 }
 
 #[tokio::test]
+async fn a_capped_tunnel_sends_no_faster_than_its_cap() {
+    let (ours, mut criu) = UnixStream::pair().unwrap();
+    let rate = 8 << 20;
+    let src = Tunnel::capped(ours, Inbound::Raw, Some(Arc::new(Throttle::new(rate))));
+    let (dst, mut lazy) = tunnel(Inbound::Raw);
+    let ((s_send, s_recv), (d_send, d_recv)) = link();
+    let runs = tokio::spawn({
+        let (src, dst) = (src.clone(), dst.clone());
+        async move {
+            tokio::select! {
+                r = src.run(s_send, s_recv, 0) => r,
+                r = dst.run(d_send, d_recv, 0) => r,
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let pages = pattern(4 << 20, 5);
+    let writer = tokio::spawn(async move {
+        criu.write_all(&pages).await.unwrap();
+        criu
+    });
+    assert_eq!(read_exactly(&mut lazy, 4 << 20).await, pattern(4 << 20, 5));
+    // Four MiB at 8 MiB/s, less the throttle's burst of a tenth of a second.
+    let floor = (4.0 - 0.8) / 8.0;
+    assert!(
+        started.elapsed().as_secs_f64() >= floor,
+        "{:?}",
+        started.elapsed()
+    );
+    let _criu = writer.await.unwrap();
+    runs.abort();
+}
+
+#[tokio::test]
 async fn resumes_on_a_new_link_without_loss_or_duplicates() {
     let (src, mut criu) = tunnel(Inbound::Raw);
     let (dst, mut lazy) = tunnel(Inbound::Raw);

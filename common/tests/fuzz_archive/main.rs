@@ -39,7 +39,7 @@ use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use migrate_common::protocol::{write_frame, StreamHeader, StreamKind};
+use migrate_common::protocol::{write_frame, StreamCodec, StreamHeader, StreamKind};
 use migrate_common::rootfs::archive::{
     pack_delta, pack_dir, unpack_delta, unpack_dir, ArchiveError, ArchiveLimits, UnpackPolicy,
 };

@@ -165,8 +165,26 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
         round: 1,
         declared_bytes: 1 << 30,
         offset: 0,
+        codec: StreamCodec::Zstd as i32,
     };
     seeds.push(("stream-header.bin".into(), frame(&header)));
+    let uncompressed = StreamHeader {
+        codec: StreamCodec::None as i32,
+        ..header.clone()
+    };
+    seeds.push((
+        "stream-header-uncompressed.bin".into(),
+        frame(&uncompressed),
+    ));
+    // What a later version might send: refused by its codec, typed.
+    let unknown_codec = StreamHeader {
+        codec: 15,
+        ..header
+    };
+    seeds.push((
+        "stream-header-unknown-codec.bin".into(),
+        frame(&unknown_codec),
+    ));
     seeds
 }
 
@@ -203,7 +221,7 @@ pub(crate) fn control_corpus_is_current() {
         }
         let mut rest = bytes.as_slice();
         let mut again = Vec::new();
-        let header = name == "stream-header.bin";
+        let header = name.starts_with("stream-header");
         while !rest.is_empty() {
             if header {
                 let msg: StreamHeader = rt.block_on(read_frame(&mut rest)).unwrap().unwrap();

@@ -154,7 +154,7 @@ async fn rig(hello: Hello, policy: UnpackPolicy, layers: &[&str]) -> Rig {
 async fn send_tree(conn: &quinn::Connection, id: StreamId, dir: &Path) -> FileDigest {
     use migrate_common::rootfs::archive::{measure_dir, pack_dir};
     let dir = dir.to_owned();
-    let ((), digest) = transfer::send_stream(conn, &id, Arc::default(), move |sink| {
+    let ((), digest) = transfer::send_stream(conn, &id, &Default::default(), move |sink| {
         sink.declare(measure_dir(&dir)?)?;
         pack_dir(&dir, sink)?;
         Ok(())
@@ -187,6 +187,7 @@ fn forged(
         round,
         declared_bytes,
         offset: 0,
+        codec: migrate_common::protocol::StreamCodec::Zstd as i32,
     }
 }
 
@@ -284,7 +285,7 @@ async fn streams_the_protocol_does_not_expect_now_are_refused() {
     let image = StreamId::new(StreamKind::Image, 1, "a.img");
     let file = empty.path().join("a.img");
     std::fs::write(&file, b"pages").unwrap();
-    let image = transfer::send_segment(&rig.src, &image, file, 5, Arc::default())
+    let image = transfer::send_segment(&rig.src, &image, file, 5, &Default::default())
         .await
         .unwrap();
     rig.inbox.verify(&[upper, image]).await.unwrap();
@@ -335,7 +336,7 @@ async fn the_policy_decides_whether_a_setuid_file_may_come() {
 /// Sends bytes `offset..offset + len` of `file` as image `name` of the final dump.
 async fn send_piece(rig: &Rig, file: &Path, name: &str, offset: u64, len: u64) -> FileDigest {
     let id = StreamId::new(StreamKind::Image, 0, name).at(offset);
-    transfer::send_segment(&rig.src, &id, file.to_owned(), len, Arc::default())
+    transfer::send_segment(&rig.src, &id, file.to_owned(), len, &Default::default())
         .await
         .unwrap()
 }
