@@ -21,6 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use migrate_common::protocol::{FileDigest, Hello, StreamKind};
 use migrate_common::rootfs::archive::{unpack_delta, unpack_dir, UnpackPolicy};
 use migrate_common::rootfs::digest::LayerDigest;
+use migrate_common::transfer::probe::MAX_PROBE_BYTES;
 use migrate_common::transfer::segments::{self, SegmentMap};
 use migrate_common::transfer::{
     self, ByteBudget, DataHeader, StreamId, TransferError, TransferStats,
@@ -144,6 +145,18 @@ impl Inbox {
                     .segments
                     .admit(id.clone().at(0), id.offset, header.declared_bytes)?;
                 id.clone()
+            }
+            StreamKind::Probe => {
+                if id.round != 0 || !id.name.is_empty() {
+                    bail!("{id} stream names round {} and {:?}", id.round, id.name);
+                }
+                if header.declared_bytes > MAX_PROBE_BYTES {
+                    bail!(
+                        "a link probe of {} bytes, more than the {MAX_PROBE_BYTES} allowed",
+                        header.declared_bytes
+                    );
+                }
+                StreamId::new(id.kind, 0, "")
             }
             StreamKind::PageTunnel | StreamKind::Invalid => {
                 bail!(
@@ -406,6 +419,18 @@ async fn receive_one(
                 })
                 .await
                 .context("receiving the upper dir's changes")?;
+            Ok(digest)
+        }
+        StreamKind::Probe => {
+            // Its own budget: a probe only measures the link, and must not
+            // take room the images need.
+            let budget = Arc::new(ByteBudget::new(MAX_PROBE_BYTES));
+            let (_, digest) = transfer::receive_stream(recv, header, budget, stats, |source| {
+                std::io::copy(source, &mut std::io::sink())
+                    .map_err(|e| TransferError::io("reading the link probe", e))
+            })
+            .await
+            .context("receiving the link probe")?;
             Ok(digest)
         }
         // Refused on admission.

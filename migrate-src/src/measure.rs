@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use migrate_common::transfer::codec::{measure_zstd, Encoding, ZstdRate};
 use migrate_common::transfer::compression::{self, CompressionChoice, LinkRate, LinkRateSource};
-use migrate_common::transfer::ZSTD_LEVEL;
+use migrate_common::transfer::{probe, ZSTD_LEVEL};
 
 use crate::report::CompressionReport;
 
@@ -42,7 +42,16 @@ pub async fn frozen_step(
 ) -> (Encoding, CompressionReport) {
     let threads = UNMEASURED_ZSTD_THREADS;
     let (link, zstd) = if choice == CompressionChoice::Auto {
-        let link = link_rate(samples, &conn.stats().path);
+        // Streams compressed before the freeze carry what zstd gives them,
+        // not what the link could: the probe asks the link itself.
+        let probed = match probe::send_probe(conn, probe::PROBE_BYTES).await {
+            Ok(bytes_per_s) => Some(bytes_per_s),
+            Err(e) => {
+                tracing::warn!(error = %e, "probing the link");
+                None
+            }
+        };
+        let link = link_rate(samples, &conn.stats().path, probed);
         let zstd = tokio::task::spawn_blocking(move || zstd_rate(round_dir.as_deref()))
             .await
             .ok()
@@ -68,6 +77,7 @@ pub async fn frozen_step(
         link_rate_source: link.map(|l| match l.source {
             LinkRateSource::Measured => "measured",
             LinkRateSource::PathEstimate => "path-estimate",
+            LinkRateSource::Probe => "probe",
         }),
         zstd_bytes_per_s: zstd.map(|(rate, _)| rate.bytes_per_s),
         zstd_sample: zstd.map(|(_, what)| what),
@@ -129,12 +139,17 @@ impl LinkSamples {
     }
 }
 
-/// The link's rate: the higher of what the phases before the freeze carried
-/// and QUIC's path estimate (congestion window over smoothed round trip).
-/// Both are lower bounds of what the link can carry: a phase's streams may
-/// have waited on zstd, and the window only grows as far as the sender has
-/// filled it. None when neither says anything.
-pub fn link_rate(samples: &LinkSamples, path: &quinn::PathStats) -> Option<LinkRate> {
+/// The link's rate: the highest of what the phases before the freeze
+/// carried, QUIC's path estimate (congestion window over smoothed round
+/// trip) and a probe's rate (`probed`). All are lower bounds of what the
+/// link can carry: a phase's streams may have waited on zstd, the window
+/// only grows as far as the sender has filled it, and a probe includes its
+/// slow start. None when none says anything.
+pub fn link_rate(
+    samples: &LinkSamples,
+    path: &quinn::PathStats,
+    probed: Option<f64>,
+) -> Option<LinkRate> {
     let measured = samples.bytes_per_s().map(|bytes_per_s| LinkRate {
         bytes_per_s,
         source: LinkRateSource::Measured,
@@ -144,11 +159,16 @@ pub fn link_rate(samples: &LinkSamples, path: &quinn::PathStats) -> Option<LinkR
         bytes_per_s: path.cwnd as f64 / rtt,
         source: LinkRateSource::PathEstimate,
     });
-    match (measured, estimate) {
-        (Some(m), Some(e)) if e.bytes_per_s > m.bytes_per_s => Some(e),
-        (Some(m), _) => Some(m),
-        (None, e) => e,
-    }
+    let probe = probed
+        .filter(|bytes_per_s| bytes_per_s.is_finite() && *bytes_per_s > 0.0)
+        .map(|bytes_per_s| LinkRate {
+            bytes_per_s,
+            source: LinkRateSource::Probe,
+        });
+    [measured, estimate, probe]
+        .into_iter()
+        .flatten()
+        .max_by(|a, b| a.bytes_per_s.total_cmp(&b.bytes_per_s))
 }
 
 /// zstd's threads when it is not measured (`--compression zstd`): one. On a
@@ -272,6 +292,23 @@ fn memory_like_sample() -> Vec<u8> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_rate_is_the_highest_lower_bound() {
+        let mut path = quinn::PathStats::default();
+        path.rtt = Duration::from_millis(1);
+        path.cwnd = 100_000; // 100 MB/s
+        let mut samples = LinkSamples::default();
+        samples.record(50 << 20, Duration::from_secs(1)); // 52 MB/s
+        let probed = link_rate(&samples, &path, Some(900e6)).unwrap();
+        assert_eq!(probed.source, LinkRateSource::Probe);
+        assert_eq!(probed.bytes_per_s, 900e6);
+        let estimated = link_rate(&samples, &path, Some(f64::NAN)).unwrap();
+        assert_eq!(estimated.source, LinkRateSource::PathEstimate);
+        let measured = link_rate(&samples, &quinn::PathStats::default(), None).unwrap();
+        assert_eq!(measured.source, LinkRateSource::Measured);
+        assert!(link_rate(&LinkSamples::default(), &quinn::PathStats::default(), None).is_none());
+    }
 
     #[test]
     fn only_meaningful_phases_count_toward_the_link_rate() {

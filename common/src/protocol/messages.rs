@@ -468,4 +468,7 @@ pub enum StreamKind {
     /// The bidirectional stream that relays CRIU's page-server connection
     /// (post-copy); carries [`crate::tunnel`] frames, not zstd.
     PageTunnel = 5,
+    /// Bytes that only measure the link before the freeze (uncompressed,
+    /// discarded by the destination; see [`crate::transfer::probe`]).
+    Probe = 6,
 }

@@ -42,6 +42,9 @@ pub enum LinkRateSource {
     /// QUIC's congestion window over its round-trip time: what the path
     /// allowed so far, a lower bound early in a connection.
     PathEstimate,
+    /// Uncompressed bytes sent only to measure the link, timed until the
+    /// peer acknowledged them ([`crate::transfer::probe`]).
+    Probe,
 }
 
 /// How fast the link carries a migration's bytes.
@@ -108,6 +111,7 @@ pub fn decide(
     };
     let link_said = match link.source {
         LinkRateSource::Measured => format!("link {}", rate(link.bytes_per_s)),
+        LinkRateSource::Probe => format!("link {} (probed)", rate(link.bytes_per_s)),
         LinkRateSource::PathEstimate => format!(
             "link ≥ {} (QUIC's path estimate, a lower bound)",
             rate(link.bytes_per_s)

@@ -36,6 +36,7 @@ pub mod codec;
 pub mod compression;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod probe;
 pub mod segments;
 
 pub use adapters::StreamSink;

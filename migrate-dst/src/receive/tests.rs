@@ -421,3 +421,28 @@ async fn only_images_come_in_segments() {
     let reason = refusal(&rig.inbox).await;
     assert!(reason.contains("only images come in segments"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_probe_is_read_and_dropped_once_and_bounded() {
+    use migrate_common::transfer::probe::{send_probe, MAX_PROBE_BYTES};
+
+    let once = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    let rate = send_probe(&once.src, 4 << 20).await.unwrap();
+    assert!(rate > 0.0, "{rate}");
+    assert!(
+        std::fs::read_dir(&once.images).unwrap().next().is_none(),
+        "a probe left something in the image dir"
+    );
+    send_forged(&once.src, forged(StreamKind::Probe, 0, "", 10)).await;
+    let reason = refusal(&once.inbox).await;
+    assert!(reason.contains("Probe was already sent"), "{reason}");
+
+    let oversized = rig(Hello::default(), UnpackPolicy::strict(), &[]).await;
+    send_forged(
+        &oversized.src,
+        forged(StreamKind::Probe, 0, "", MAX_PROBE_BYTES + 1),
+    )
+    .await;
+    let reason = refusal(&oversized.inbox).await;
+    assert!(reason.contains("more than the"), "{reason}");
+}
