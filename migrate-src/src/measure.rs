@@ -41,7 +41,7 @@ pub async fn frozen_step(
     round_dir: Option<PathBuf>,
 ) -> (Encoding, CompressionReport) {
     let threads = UNMEASURED_ZSTD_THREADS;
-    let (link, zstd) = if choice == CompressionChoice::Auto {
+    let (link, probed, zstd) = if choice == CompressionChoice::Auto {
         // Streams compressed before the freeze carry what zstd gives them,
         // not what the link could: the probe asks the link itself.
         let probed = match probe::send_probe(conn, probe::PROBE_BYTES).await {
@@ -56,9 +56,9 @@ pub async fn frozen_step(
             .await
             .ok()
             .flatten();
-        (link, zstd)
+        (link, probed, zstd)
     } else {
-        (None, None)
+        (None, None, None)
     };
     let decided = compression::decide(choice, link, zstd.map(|(rate, _)| rate), threads);
     let (level, threads) = match decided.encoding {
@@ -79,6 +79,7 @@ pub async fn frozen_step(
             LinkRateSource::PathEstimate => "path-estimate",
             LinkRateSource::Probe => "probe",
         }),
+        link_probe_bytes_per_s: probed,
         zstd_bytes_per_s: zstd.map(|(rate, _)| rate.bytes_per_s),
         zstd_sample: zstd.map(|(_, what)| what),
         reason: decided.reason,

@@ -124,9 +124,12 @@ pub struct CompressionReport {
     pub threads: Option<u32>,
     /// Bytes per second; what it is a measure of in `link_rate_source`.
     pub link_bytes_per_s: Option<f64>,
-    /// "measured" (what was sent before the freeze) or "path-estimate"
-    /// (QUIC's congestion window over its round-trip time).
+    /// "probe", "measured" (what was sent before the freeze) or
+    /// "path-estimate" (QUIC's congestion window over its round-trip time):
+    /// the highest of them.
     pub link_rate_source: Option<&'static str>,
+    /// What the link probe alone measured, bytes per second.
+    pub link_probe_bytes_per_s: Option<f64>,
     /// zstd's input bytes per second on this host.
     pub zstd_bytes_per_s: Option<f64>,
     /// What zstd was timed on.
@@ -316,6 +319,7 @@ mod tests {
                 threads: None,
                 link_bytes_per_s: Some(2.1e9),
                 link_rate_source: Some("measured"),
+                link_probe_bytes_per_s: None,
                 zstd_bytes_per_s: Some(4e8),
                 zstd_sample: Some("a memory-like sample"),
                 reason: "link 2.1 GB/s ≥ zstd 400 MB/s/1.25: not compressing".into(),
