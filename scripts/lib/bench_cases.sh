@@ -131,7 +131,9 @@ check_destination() {
     local root=$1 status=$2 end=$3
     heap_wait_beat_after "$status" $((end + settle_ms)) 300 ||
         { show_log "$c_base/stdout.log"; die "$c_label: the heap does not run on the destination"; }
-    cp "$status" "$c_base/heap.json"
+    # One open of a file the heap replaces (by rename) every beat: cp
+    # gives up when the name moves to another file while it copies.
+    cat "$status" >"$c_base/heap.json"
     if ! heap_verify "$root" "$c_id" "$status" 600 >"$c_base/verify.json"; then
         die "$c_label ($c_size, $c_workload, run $c_run): MEMORY CHECK FAILED on the destination: $(cat "$c_base/verify.json")"
     fi
@@ -229,7 +231,9 @@ run_tcp_copy() {
     cpu_read
     received=$(stat -c %s "$d/images.bin")
     [ "$received" -eq "$bytes" ] || die "$c_label: sent $bytes bytes, $received arrived"
-    if [ "$warming" -eq 0 ]; then
+    if [ "$warming" -eq 1 ]; then
+        say "warm-up $c_label: $bytes bytes across"
+    else
         record_fields case=tcp-copy mode=null status=ok downtime_ms=null total_ms=$((t1 - t0)) \
             transfer_ms=$((t1 - t0)) raw_bytes="$bytes" bytes_wire="$bytes" \
             cpu_src_s="$c_cpu_src_s" cpu_dst_s="$c_cpu_dst_s"
