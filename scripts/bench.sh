@@ -105,8 +105,8 @@ Figures, per case:
              restore (same host) on the destination; page-server's local cp
              of the other images and the upper dir on the destination.
              Not counted: this script, the heap checks, anything between
-             cases, the kernel's network work done in softirq context
-             outside those processes.
+             cases, and the kernel's network work when it runs as a
+             softirq while a task outside these cgroups is current.
 
 JSON: {"meta": {...}, "runs": [one object per case and run, raw figures and
 migrate's whole --json object], "summary": [medians per link, size, workload
