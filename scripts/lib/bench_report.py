@@ -24,6 +24,7 @@ FIGURES = [
     "bytes_wire",
     "raw_bytes",
     "transfer_ms",
+    "transfer_bytes",
     "cpu_src_s",
     "cpu_dst_s",
 ]
@@ -78,8 +79,10 @@ def median(values):
 
 
 def transfer_rate(run):
-    """Raw bytes per second of transfer, when the case has both."""
-    raw, ms = run.get("raw_bytes"), run.get("transfer_ms")
+    """Raw bytes per second of transfer, when the case has both: the bytes
+    the transfer time covers (migrate: its rounds'), else all raw bytes."""
+    raw = run.get("transfer_bytes", run.get("raw_bytes"))
+    ms = run.get("transfer_ms")
     if not raw or not ms:
         return None
     return raw / (ms / 1000)
