@@ -418,16 +418,21 @@ run_migrate() {
     fi
     c_status=$dir/mdst-state/containers/$c_id/rootfs/heap/status.json
     check_destination "$dir/runc-mdst" "$c_status" "$t1"
-    local raw transfer
+    # raw_bytes: everything migrate moved uncompressed (post-copy: and the
+    # pages after the restore); transfer_bytes over transfer_ms: what its
+    # rounds sent in the time they spent sending it, and post-copy's pages
+    # in the time they took to arrive after the restore.
+    local transfer
     local -a transfer_fields
-    raw=$(json_get "$base/migrate.json" bytes_raw)
-    # What the rounds sent (their raw bytes) and the time they spent
-    # sending it: "transfer_ms=... transfer_bytes=...".
     transfer=$(python3 -c 'import json, sys
-r = json.load(open(sys.argv[1])).get("rounds") or []
-t = sum(x.get("transfer_s") or 0 for x in r)
-b = sum(x.get("bytes_raw") or 0 for x in r)
-print(f"transfer_ms={round(t * 1000, 1)} transfer_bytes={b}" if t > 0 else "transfer_ms=null transfer_bytes=null")' "$base/migrate.json")
+m = json.load(open(sys.argv[1]))
+r = m.get("rounds") or []
+pages = m.get("bytes_pages") or 0
+t = sum(x.get("transfer_s") or 0 for x in r) * 1000 + (m.get("pages_after_restore_ms") or 0)
+b = sum(x.get("bytes_raw") or 0 for x in r) + pages
+raw = (m.get("bytes_raw") or 0) + pages
+print(f"raw_bytes={raw}", end=" ")
+print(f"transfer_ms={round(t, 1)} transfer_bytes={b}" if t > 0 else "transfer_ms=null transfer_bytes=null")' "$base/migrate.json")
     read -ra transfer_fields <<<"$transfer"
     record_case case=migrate mode="$mode" mode_used="${used:-null}" variant="${variant:-null}" \
         variant_args="$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${variant_args[@]}")" \
@@ -435,7 +440,7 @@ print(f"transfer_ms={round(t * 1000, 1)} transfer_bytes={b}" if t > 0 else "tran
         downtime_ms="$(json_get "$base/migrate.json" downtime_ms)" \
         total_ms="$(json_get "$base/migrate.json" total_ms)" \
         bytes_wire="$(json_get "$base/migrate.json" bytes_wire)" \
-        raw_bytes="$raw" "${transfer_fields[@]}" \
+        "${transfer_fields[@]}" \
         wall_ms=$((t1 - t0)) veth_bytes=$((w1 - w0)) \
         migrate=@"$base/migrate.json"
     teardown_case
