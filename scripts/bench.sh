@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
 # The migration benchmark (not a test; never part of CI). In one run, side
 # by side on the same kind of container (a busybox layer with migrate-heap),
-# for each heap size and workload, it measures:
+# for each link, heap size and workload, it measures:
 #
 #   criu-floor        runc checkpoint to tmpfs, runc restore from it, one host
+#   tcp-copy          the link's ceiling: a checkpoint's images as one file,
+#                     one plain TCP copy (socat) between the hosts
 #   criu-page-server  CRIU's own pipeline between the hosts: criu page-server
 #                     on the destination, runc checkpoint --page-server on the
 #                     source, the other images and the upper dir copied
 #                     across, runc restore on the destination
+#   manual            what an operator would script: runc checkpoint to
+#                     tmpfs, tar | zstd -1 | socat of the images and the
+#                     upper dir, socat | zstd -d | tar -x, runc restore
 #   migrate MODE      migrate <id> --to 198.18.0.2:7070 --json --mode MODE,
-#                     each mode migrate offers; a mode it refuses is reported
-#                     as unavailable with migrate's reason
+#                     each mode migrate offers (and each --migrate-args
+#                     variant); a mode it refuses is reported as unavailable
+#                     with migrate's reason
 #
 # and for every run: the tool's downtime, the downtime the application saw
 # (the longest pause between two beats of migrate-heap, from its status file
-# on the destination), the total time, the bytes on the wire, and a memory
-# check (every page of the heap verified on the destination; a failure
-# fails the benchmark). It prints a table of medians and writes every figure
-# as JSON. Run as root on Debian 12 after scripts/setup.sh; see --help.
+# on the destination), the total time, the transfer rate, the bytes on the
+# wire, the CPU time of each side and a memory check (every page of the heap
+# verified on the destination; a failure fails the benchmark). It prints a
+# table of medians and writes every figure as JSON. Run as root on Debian 12
+# after scripts/setup.sh; see --help.
 set -Eeuo pipefail
 export LC_ALL=C
 
@@ -34,6 +41,10 @@ repo=$(pwd)
 . scripts/lib/heap.sh
 # shellcheck source=scripts/lib/criu.sh
 . scripts/lib/criu.sh
+# shellcheck source=scripts/lib/cpuacct.sh
+. scripts/lib/cpuacct.sh
+# shellcheck source=scripts/lib/bench_cases.sh
+. scripts/lib/bench_cases.sh
 report_py=$repo/scripts/lib/bench_report.py
 
 usage() {
@@ -41,26 +52,66 @@ usage() {
 usage: scripts/bench.sh [options]
 
 Benchmarks live migration of a migrate-heap container between two
-network-namespace hosts: CRIU's floor (checkpoint + restore on one host),
-CRIU's page-server pipeline between the hosts, and migrate in every mode.
-Needs root, CRIU >= 4.2, runc, iproute2, iptables, busybox-static, python3
-(scripts/setup.sh installs them) and cargo; builds what it runs.
+network-namespace hosts: CRIU's floor (checkpoint + restore on one host), a
+plain TCP copy of the same bytes, CRIU's page-server pipeline, an operator's
+checkpoint | tar | zstd | socat pipeline, and migrate in every mode.
+Needs root, CRIU >= 4.2, runc, iproute2 (ip, ss, tc), iptables,
+busybox-static, socat, zstd, python3 (scripts/setup.sh installs them), a
+cgroup v1 cpuacct hierarchy, and cargo; builds what it runs.
 
-  --sizes LIST       heap sizes, comma-separated (default 512M,2G)
+  --links LIST       the link between the hosts: bare (the veth as it is) or
+                     a rate tc's tbf takes (1gbit, 100mbit), shaping both
+                     ends of the veth (default bare)
+  --sizes LIST       heap sizes, comma-separated (default 64M,512M,2G)
   --workloads LIST   idle, dirty or both (default idle,dirty)
   --dirty-rate RATE  bytes/s the dirty workload rewrites (default 16M)
   --runs N           runs of every case (default 3); the table shows medians
-  --cases LIST       floor, page-server, migrate (default: all three)
+  --cases LIST       floor, tcp-copy, page-server, manual, migrate (default:
+                     all)
   --modes LIST       migrate modes to try (default
                      stop-and-copy,post-copy,pre-copy,hybrid)
+  --migrate-args 'NAME=ARGS;NAME2=ARGS2'
+                     extra migrate variants, each run in every mode next to
+                     migrate as it comes, as "migrate MODE NAME"; ARGS are
+                     split on spaces (no quoting), e.g.
+                     'zstd=--compression zstd;capped=--max-bandwidth 50MiB';
+                     repeatable; a variant migrate refuses is unavailable
   --warmup SECS      how long the heap runs before it is moved (default 2)
   --out FILE         the JSON results (default target/bench/bench-<time>.json)
   --quick            a smoke run: --sizes 64M --runs 1
   -h, --help         this text
 
+Figures, per case:
+  downtime   freeze (CRIU's pre-dump action) to restored and running on the
+             destination; migrate's own downtime_ms; none for tcp-copy
+  total      the case's start to the end of its restore (migrate: total_ms)
+  transfer   raw bytes / transfer time: tcp-copy the file / the copy;
+             manual images + upper dir / the tar|zstd|socat stream;
+             page-server images + upper dir / checkpoint (pages cross while
+             CRIU dumps) and the copy of the rest; migrate bytes_raw / the
+             rounds' transfer_s; the floor has none. Ratio to tcp-copy.
+  wire       tcp-copy and manual the bytes through socat (manual: after
+             zstd); page-server the veth's counters plus the copied files;
+             migrate its bytes_wire (UDP payload)
+  CPU        user + system seconds from cgroup v1 cpuacct, from the case's
+             start to the end of its restore, per side. Source: the tools
+             (runc checkpoint and CRIU, tar, zstd, socat, migrate) and the
+             container's own cgroup (its workload until frozen and CRIU's
+             parasite code, which runs in its tasks). Destination: the tools
+             (runc restore, criu page-server, zstd -d, tar, socat,
+             migrate-dst, its CRIU lazy-pages) and the restored container's
+             cgroup (CRIU's restore, which runc runs there, and the workload
+             once it runs). The floor's checkpoint counts on the source, its
+             restore (same host) on the destination; page-server's local cp
+             of the other images and the upper dir on the destination.
+             Not counted: this script, the heap checks, anything between
+             cases, and the kernel's network work when it runs as a
+             softirq while a task outside these cgroups is current.
+
 JSON: {"meta": {...}, "runs": [one object per case and run, raw figures and
-migrate's whole --json object], "summary": [medians per size, workload and
-case, with ratios to the floor]}. Times are ms, sizes bytes.
+migrate's whole --json object], "summary": [medians per link, size, workload
+and case, with ratios to the floor and to tcp-copy]}. Times are ms, sizes
+bytes, CPU seconds.
 EOF
 }
 
@@ -69,12 +120,14 @@ die() {
     exit 1
 }
 
-sizes=512M,2G
+links=bare
+sizes=64M,512M,2G
 workloads=idle,dirty
 dirty_rate=16M
 runs=3
-cases=floor,page-server,migrate
+cases=floor,tcp-copy,page-server,manual,migrate
 modes=stop-and-copy,post-copy,pre-copy,hybrid
+migrate_args=
 warmup=2
 out=
 while [ $# -gt 0 ]; do
@@ -87,9 +140,11 @@ while [ $# -gt 0 ]; do
             ;;
         -h | --help) usage; exit 0 ;;
         --quick) sizes=64M runs=1 ;;
-        --sizes | --workloads | --dirty-rate | --runs | --cases | --modes | --warmup | --out)
+        --links | --sizes | --workloads | --dirty-rate | --runs | --cases | --modes | --migrate-args | --warmup | --out)
             [ $# -gt 0 ] || die "$arg needs a value (see --help)"
             case $arg in
+                --links) links=$1 ;;
+                --migrate-args) migrate_args=${migrate_args:+$migrate_args;}$1 ;;
                 --sizes) sizes=$1 ;;
                 --workloads) workloads=$1 ;;
                 --dirty-rate) dirty_rate=$1 ;;
@@ -105,10 +160,15 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+IFS=, read -ra link_list <<<"$links"
 IFS=, read -ra size_list <<<"$sizes"
 IFS=, read -ra workload_list <<<"$workloads"
 IFS=, read -ra case_list <<<"$cases"
 IFS=, read -ra mode_list <<<"$modes"
+[ "${#link_list[@]}" -gt 0 ] || die "--links is empty"
+for l in "${link_list[@]}"; do
+    [[ $l =~ ^(bare|[1-9][0-9]*[kmg]?bit)$ ]] || die "--links: $l is neither bare nor a rate like 1gbit"
+done
 [ "${#size_list[@]}" -gt 0 ] || die "--sizes is empty"
 for s in "${size_list[@]}"; do
     [[ $s =~ ^[0-9]+[KMG]$ ]] || die "--sizes: $s is not a size like 64M or 2G"
@@ -117,7 +177,20 @@ for w in "${workload_list[@]}"; do
     [[ $w =~ ^(idle|dirty)$ ]] || die "--workloads: $w is neither idle nor dirty"
 done
 for c in "${case_list[@]}"; do
-    [[ $c =~ ^(floor|page-server|migrate)$ ]] || die "--cases: unknown case $c"
+    [[ $c =~ ^(floor|tcp-copy|page-server|manual|migrate)$ ]] || die "--cases: unknown case $c"
+done
+# The variants: names and argument strings, in the order given.
+variant_names=() variant_args=()
+IFS=';' read -ra variant_list <<<"$migrate_args"
+for v in "${variant_list[@]}"; do
+    [ -n "$v" ] || continue
+    [[ $v == *=* ]] || die "--migrate-args: $v is not NAME=ARGS"
+    [[ ${v%%=*} =~ ^[a-z][a-z0-9-]*$ ]] || die "--migrate-args: ${v%%=*} is not a name like zstd (a-z, 0-9, -)"
+    for n in "${variant_names[@]}"; do
+        [ "$n" != "${v%%=*}" ] || die "--migrate-args: $n given twice"
+    done
+    variant_names+=("${v%%=*}")
+    variant_args+=("${v#*=}")
 done
 for m in "${mode_list[@]}"; do
     [[ $m =~ ^[a-z-]+$ ]] || die "--modes: $m is not a mode name"
@@ -140,8 +213,9 @@ size_bytes() {
 
 # Prerequisites: fail, never skip.
 [ "$(id -u)" -eq 0 ] || die "must run as root (CRIU, runc, namespaces, mounts)"
-for tool in criu:criu runc:runc ip:iproute2 ss:iproute2 nsenter:util-linux \
-    iptables-restore:iptables python3:python3 cargo:rustup ldd:libc-bin; do
+for tool in criu:criu runc:runc ip:iproute2 ss:iproute2 tc:iproute2 nsenter:util-linux \
+    setsid:util-linux iptables-restore:iptables python3:python3 cargo:rustup ldd:libc-bin \
+    socat:socat zstd:zstd tar:tar dd:coreutils; do
     command -v "${tool%%:*}" >/dev/null ||
         die "${tool%%:*} is missing: install ${tool#*:} (scripts/setup.sh installs the runtime dependencies)"
 done
@@ -154,6 +228,7 @@ fi
 criu check >/dev/null 2>&1 || die "criu check fails on this kernel (run it to see why)"
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null ||
     die "the kernel has no overlay filesystem"
+cpuacct_root >/dev/null || die "the CPU figures need cgroup v1's cpuacct controller mounted"
 
 # Unique names: namespaces, veths, cgroups and dirs cannot collide with the
 # tests' (me<n>s, ve<n>s, migrate-e2e-*) or another benchmark's.
@@ -162,13 +237,35 @@ cg_src=migrate-bench-$$-src
 cg_dst=migrate-bench-$$-dst
 migrate_port=7070
 page_server_port=7171
+manual_port=7272
+tcp_copy_port=7373
 settle_ms=500
 
 # What the trap undoes.
 dir=
 children=()
+groups=() # process groups (setsid): every process of each is ended
 hosts_made=0
+shaped=0
 old_pipe_max=
+
+# The link between the hosts: bare, or shaped by tbf to a rate on both
+# ends of the veth (each end shapes what it sends).
+link_unshape() {
+    [ "$shaped" -eq 1 ] || return 0
+    tc -n "$tag-src" qdisc del dev "$tag-s" root 2>/dev/null || true
+    tc -n "$tag-dst" qdisc del dev "$tag-d" root 2>/dev/null || true
+    shaped=0
+}
+
+link_shape() {
+    local rate=$1
+    link_unshape
+    [ "$rate" = bare ] && return 0
+    shaped=1
+    tc -n "$tag-src" qdisc add dev "$tag-s" root tbf rate "$rate" burst 256kb latency 10ms
+    tc -n "$tag-dst" qdisc add dev "$tag-d" root tbf rate "$rate" burst 256kb latency 10ms
+}
 
 finish_report() {
     [ -n "$dir" ] && [ -s "$dir/runs.jsonl" ] && [ -s "$dir/meta.json" ] || return 0
@@ -185,6 +282,9 @@ cleanup() {
         echo "bench.sh: failed (exit $rc); the runs so far:" >&2
         finish_report
     fi
+    for pid in "${groups[@]}"; do
+        stop_group "$pid"
+    done
     for pid in "${children[@]}"; do
         stop_child "$pid"
     done
@@ -195,7 +295,7 @@ cleanup() {
         # Overlays, CRIU's leftovers, then the tmpfs itself.
         unmount_under "$dir"
     fi
-    [ "$hosts_made" -eq 1 ] && hosts_down "$tag"
+    [ "$hosts_made" -eq 1 ] && link_unshape && hosts_down "$tag"
     cgroup_remove "$cg_src"
     cgroup_remove "$cg_dst"
     [ -n "$old_pipe_max" ] && echo "$old_pipe_max" >/proc/sys/fs/pipe-max-size
@@ -237,6 +337,11 @@ say "two hosts: $tag-src ($SRC_ADDR) and $tag-dst ($DST_ADDR)"
 hosts_made=1
 hosts_up "$tag"
 
+# Each side's CPU time: its tools in <side>/tools, its containers in
+# <side>/<id> (runc makes those).
+cpuacct_make "$cg_src/tools"
+cpuacct_make "$cg_dst/tools"
+
 "$bin/migrate" certs ca --out "$dir/ca" >/dev/null
 "$bin/migrate" certs issue --ca "$dir/ca" --name "$DST_ADDR" --role destination --out "$dir/tls-dst" >/dev/null
 "$bin/migrate" certs issue --ca "$dir/ca" --name "$SRC_ADDR" --role source --out "$dir/tls-src" >/dev/null
@@ -262,11 +367,14 @@ show_log() {
 }
 
 start_migrate_dst() {
-    # nsenter itself in the background (it execs the daemon): a function in
-    # the background would be a subshell whose pid is not the daemon's.
-    nsenter --net="/run/netns/$tag-dst" "$bin/migrate-dst" --listen "$DST_ADDR:$migrate_port" \
-        --tls-dir "$dir/tls-dst" --state-dir "$dir/mdst-state" --runc-root "$dir/runc-mdst" \
-        --allow "$SRC_ADDR" --cgroup-parent "/$cg_dst" </dev/null >/dev/null 2>"$dir/migrate-dst.log" &
+    # A subshell that execs nsenter, which execs the daemon: $! is the
+    # daemon's pid (a function in the background would fork once more).
+    (
+        cpuacct_join "$cg_dst/tools"
+        exec nsenter --net="/run/netns/$tag-dst" "$bin/migrate-dst" --listen "$DST_ADDR:$migrate_port" \
+            --tls-dir "$dir/tls-dst" --state-dir "$dir/mdst-state" --runc-root "$dir/runc-mdst" \
+            --allow "$SRC_ADDR" --cgroup-parent "/$cg_dst"
+    ) </dev/null >/dev/null 2>"$dir/migrate-dst.log" &
     local pid=$!
     children+=("$pid")
     local i
@@ -286,256 +394,10 @@ write_meta() {
         kernel="$(uname -r)" criu="$criu_version" \
         runc="$(runc --version | head -n1)" \
         cpus="$(nproc)" mem_total_kib="$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)" \
-        sizes="$sizes" workloads="$workloads" dirty_rate="$dirty_rate" \
+        links="$links" sizes="$sizes" workloads="$workloads" dirty_rate="$dirty_rate" \
         dirty_bytes_per_sec="$(size_bytes "$dirty_rate")" runs="$runs" cases="$cases" \
-        modes="$modes" warmup_s="$warmup" beat_ms=10 settle_ms="$settle_ms" \
+        modes="$modes" migrate_args="$migrate_args" warmup_s="$warmup" beat_ms=10 settle_ms="$settle_ms" \
         migrate_has_mode_flag="$has_mode_flag"
-}
-
-# The case being run, for messages and records.
-c_size='' c_workload='' c_run='' c_label='' c_id='' c_base='' c_status=''
-
-# Starts container $c_id on the source host: an overlay of the heap layer,
-# migrate-heap filled and beating, its longest-gap measurement just reset.
-start_source_container() {
-    local seed=$c_run
-    local -a heap=(/bin/migrate-heap --size "$c_size" --beat-ms 10 --seed "$seed")
-    [ "$c_workload" = dirty ] && heap+=(--dirty "$dirty_rate")
-    c_base=$dir/c/$c_id
-    mkdir -p "$c_base"/{upper,work,rootfs}
-    mount -t overlay overlay \
-        -o "lowerdir=$dir/layer,upperdir=$c_base/upper,workdir=$c_base/work" "$c_base/rootfs"
-    make_bundle "$c_base/bundle" "$c_base/rootfs" "/$cg_src/$c_id" "${heap[@]}"
-    # stdout and stderr on a pipe (CRIU cannot dump a host file or a tty).
-    on_host "$tag-src" runc --root "$dir/runc-src" run --detach --bundle "$c_base/bundle" "$c_id" \
-        </dev/null > >(exec cat >>"$c_base/stdout.log") 2>&1
-    children+=("$!")
-    c_status=$c_base/rootfs/heap/status.json
-    heap_wait_ready "$c_status" 300 || { show_log "$c_base/stdout.log"; die "$c_label: the heap did not start"; }
-    sleep "$warmup"
-    heap_reset_gap "$dir/runc-src" "$c_id" "$c_status"
-}
-
-# Removes everything of the case's container, wherever it ended up.
-teardown_case() {
-    local root
-    for root in "$dir"/runc-*; do
-        runc_remove "$root" "$c_id"
-    done
-    unmount_under "$dir/c/$c_id"
-    rm -rf "$dir/c/$c_id"
-    unmount_under "$dir/mdst-state/containers/$c_id"
-    rm -rf "$dir/mdst-state/containers/$c_id"
-}
-
-# After the move: waits until the heap has beaten past END + settle_ms on
-# the destination (status file STATUS), keeps that status as heap.json, then
-# checks every page (runc root ROOT); verify.json holds the result.
-check_destination() {
-    local root=$1 status=$2 end=$3
-    heap_wait_beat_after "$status" $((end + settle_ms)) 300 ||
-        { show_log "$c_base/stdout.log"; die "$c_label: the heap does not run on the destination"; }
-    cp "$status" "$c_base/heap.json"
-    if ! heap_verify "$root" "$c_id" "$status" 600 >"$c_base/verify.json"; then
-        die "$c_label ($c_size, $c_workload, run $c_run): MEMORY CHECK FAILED on the destination: $(cat "$c_base/verify.json")"
-    fi
-}
-
-# 1 during the warm-up round, whose cases are not recorded.
-warming=0
-
-# Appends the record of a finished case: common fields, then KEY=VALUE...
-record_case() {
-    local app_gap gap_end
-    if [ "$warming" -eq 1 ]; then
-        say "warm-up $c_label: memory ok"
-        return 0
-    fi
-    app_gap=$(heap_num "$c_base/heap.json" max_gap_ms)
-    gap_end=$(heap_num "$c_base/heap.json" max_gap_end_ms)
-    python3 "$report_py" record "$dir/runs.jsonl" \
-        size="$c_size" size_bytes="$(size_bytes "$c_size")" workload="$c_workload" \
-        run="$c_run" label="$c_label" status=ok \
-        app_downtime_ms="$app_gap" app_gap_end_ms="$gap_end" \
-        verify=@"$c_base/verify.json" heap=@"$c_base/heap.json" "$@"
-    local downtime total
-    downtime=$(python3 -c 'import json, sys; print(round(json.loads(sys.stdin.readlines()[-1])["downtime_ms"]))' <"$dir/runs.jsonl")
-    total=$(python3 -c 'import json, sys; print(round(json.loads(sys.stdin.readlines()[-1])["total_ms"]))' <"$dir/runs.jsonl")
-    say "$c_size $c_workload run $c_run/$runs $c_label: downtime $downtime ms, app gap ${app_gap%.*} ms, total $total ms, memory ok"
-}
-
-record_unavailable() {
-    local mode=$1 reason=$2
-    [ "$warming" -eq 0 ] || return 0
-    python3 "$report_py" record "$dir/runs.jsonl" \
-        size="$c_size" size_bytes="$(size_bytes "$c_size")" workload="$c_workload" \
-        run="$c_run" label="$c_label" case=migrate mode="$mode" status=unavailable reason="$reason"
-}
-
-# 1. CRIU's floor: checkpoint to tmpfs and restore on one host.
-run_floor() {
-    c_label=criu-floor
-    c_id=$tag-floor-$c_size-$c_workload-$c_run
-    start_source_container
-    local base=$c_base t0 t1 t2
-    criu_timing_config "$base/criu"
-    t0=$(now_ms)
-    CRIU_CONFIG_FILE=$base/criu/criu.conf on_host "$tag-src" runc --root "$dir/runc-src" \
-        checkpoint --image-path "$base/images" --work-path "$base/dump-work" "$c_id" ||
-        { show_log "$base/dump-work/dump.log"; die "$c_label: runc checkpoint failed"; }
-    t1=$(now_ms)
-    CRIU_CONFIG_FILE=$base/criu/criu.conf on_host "$tag-src" runc --root "$dir/runc-floor" \
-        restore --detach --image-path "$base/images" --work-path "$base/restore-work" \
-        --bundle "$base/bundle" "$c_id" </dev/null > >(exec cat >>"$base/stdout.log") 2>&1 ||
-        { show_log "$base/restore-work/restore.log"; die "$c_label: runc restore failed"; }
-    children+=("$!")
-    t2=$(now_ms)
-    local frozen resumed
-    frozen=$(criu_action_ms "$base/criu" pre-dump)
-    resumed=$(criu_action_ms "$base/criu" post-resume)
-    check_destination "$dir/runc-floor" "$c_status" "$t2"
-    record_case case=criu-floor mode=null \
-        downtime_ms=$((t2 - frozen)) total_ms=$((t2 - t0)) bytes_wire=0 \
-        checkpoint_ms=$((t1 - t0)) restore_ms=$((t2 - t1)) \
-        frozen_to_resumed_ms=$((resumed - frozen)) \
-        images_bytes="$(du -sb "$base/images" | cut -f1)"
-    teardown_case
-}
-
-# 2. CRIU's page-server pipeline between the hosts.
-run_page_server() {
-    c_label=criu-page-server
-    c_id=$tag-ps-$c_size-$c_workload-$c_run
-    start_source_container
-    local base=$c_base d=$c_base/dst ps_pid i
-    mkdir -p "$d"/{images,upper,work,rootfs,bundle}
-    # The destination's bundle is known in advance: the source's, with the
-    # destination's rootfs and cgroup.
-    python3 - "$base/bundle/config.json" "$d/bundle/config.json" "$d/rootfs" "/$cg_dst/$c_id" <<'PY'
-import json, sys
-src, dst, rootfs, cgroup = sys.argv[1:]
-c = json.load(open(src))
-c["root"]["path"] = rootfs
-c["linux"]["cgroupsPath"] = cgroup
-json.dump(c, open(dst, "w"), indent=2)
-PY
-    criu_timing_config "$base/criu"
-    nsenter --net="/run/netns/$tag-dst" criu page-server --images-dir "$d/images" --address "$DST_ADDR" \
-        --port "$page_server_port" --log-file "$d/page-server.log" -v4 </dev/null >/dev/null 2>&1 &
-    ps_pid=$!
-    children+=("$ps_pid")
-    for ((i = 0; i < 100; i++)); do
-        nsenter --net="/run/netns/$tag-dst" ss -Hltn "sport = :$page_server_port" | grep -q . && break
-        child_alive "$ps_pid" || { show_log "$d/page-server.log"; die "criu page-server exited"; }
-        sleep 0.1
-    done
-    local w0 w1 t0 t1 t2 t3
-    w0=$(veth_bytes)
-    t0=$(now_ms)
-    CRIU_CONFIG_FILE=$base/criu/criu.conf on_host "$tag-src" runc --root "$dir/runc-src" \
-        checkpoint --page-server "$DST_ADDR:$page_server_port" \
-        --image-path "$base/images" --work-path "$base/dump-work" "$c_id" ||
-        { show_log "$base/dump-work/dump.log"; show_log "$d/page-server.log"; die "$c_label: runc checkpoint --page-server failed"; }
-    t1=$(now_ms)
-    # The page server exits once it has written the last page.
-    for ((i = 0; i < 6000; i++)); do
-        child_alive "$ps_pid" || break
-        sleep 0.01
-    done
-    wait "$ps_pid" || { show_log "$d/page-server.log"; die "$c_label: criu page-server failed"; }
-    # The other images and the rootfs changes "across" (the pages are there
-    # already; -n keeps the page server's pagemap).
-    cp -rn "$base/images/." "$d/images/"
-    cp -a "$base/upper/." "$d/upper/"
-    mount -t overlay overlay \
-        -o "lowerdir=$dir/layer,upperdir=$d/upper,workdir=$d/work" "$d/rootfs"
-    t2=$(now_ms)
-    CRIU_CONFIG_FILE=$base/criu/criu.conf on_host "$tag-dst" runc --root "$dir/runc-ps" \
-        restore --detach --image-path "$d/images" --work-path "$d/restore-work" \
-        --bundle "$d/bundle" "$c_id" </dev/null > >(exec cat >>"$base/stdout.log") 2>&1 ||
-        { show_log "$d/restore-work/restore.log"; die "$c_label: runc restore failed"; }
-    children+=("$!")
-    t3=$(now_ms)
-    w1=$(veth_bytes)
-    local frozen resumed copied upper
-    frozen=$(criu_action_ms "$base/criu" pre-dump)
-    resumed=$(criu_action_ms "$base/criu" post-resume)
-    copied=$(du -sb "$base/images" | cut -f1)
-    upper=$(du -sb "$base/upper" | cut -f1)
-    c_status=$d/rootfs/heap/status.json
-    check_destination "$dir/runc-ps" "$c_status" "$t3"
-    record_case case=criu-page-server mode=null \
-        downtime_ms=$((t3 - frozen)) total_ms=$((t3 - t0)) \
-        bytes_wire=$((w1 - w0 + copied + upper)) veth_bytes=$((w1 - w0)) \
-        checkpoint_ms=$((t1 - t0)) copy_ms=$((t2 - t1)) restore_ms=$((t3 - t2)) \
-        frozen_to_resumed_ms=$((resumed - frozen)) \
-        copied_images_bytes="$copied" upper_bytes="$upper"
-    teardown_case
-}
-
-# Modes migrate refused, with its reason.
-declare -A unavailable=()
-
-# 3. migrate in mode $1.
-run_migrate() {
-    local mode=$1
-    c_label="migrate $mode"
-    c_id=$tag-m-$mode-$c_size-$c_workload-$c_run
-    if [ -n "${unavailable[$mode]:-}" ]; then
-        [ "$c_run" -eq 1 ] && record_unavailable "$mode" "${unavailable[$mode]}"
-        return 0
-    fi
-    local -a mode_args=()
-    # Today's migrate has no --mode; stop-and-copy is what it does then.
-    if [ "$mode" != stop-and-copy ] || [ "$has_mode_flag" -eq 1 ]; then
-        mode_args=(--mode "$mode")
-    fi
-    start_source_container
-    local base=$c_base w0 w1 t0 t1 rc=0
-    w0=$(veth_bytes)
-    t0=$(now_ms)
-    on_host "$tag-src" "$bin/migrate" "$c_id" --to "$DST_ADDR:$migrate_port" \
-        --tls-dir "$dir/tls-src" --runc-root "$dir/runc-src" --work-dir "$dir/src-work" \
-        --json "${mode_args[@]}" </dev/null >"$base/migrate.json" 2>"$base/migrate.err" || rc=$?
-    t1=$(now_ms)
-    w1=$(veth_bytes)
-    if [ "$rc" -ne 0 ]; then
-        local reason
-        reason=$(sed -n 's/^migrate: error: //p' "$base/migrate.err" | head -n1)
-        [ -n "$reason" ] || reason=$(grep -m1 -v '^\s*$' "$base/migrate.err" || echo "exit $rc")
-        reason=${reason#error: }
-        # A refusal leaves the container running on the source, never
-        # frozen: no gap longer than a few beats.
-        local gap=999999
-        if runc --root "$dir/runc-src" state "$c_id" 2>/dev/null | grep -q '"status": *"running"' &&
-            heap_wait_beat_after "$c_status" "$t1" 10 2>/dev/null; then
-            gap=$(heap_num "$c_status" max_gap_ms)
-        fi
-        if [ "$mode" != stop-and-copy ] && { [ "$rc" -eq 2 ] || [ "${gap%.*}" -lt 250 ]; }; then
-            say "$c_size $c_workload $c_label: unavailable: $reason"
-            unavailable[$mode]=$reason
-            record_unavailable "$mode" "$reason"
-            teardown_case
-            return 0
-        fi
-        show_log "$base/migrate.err"
-        show_log "$dir/migrate-dst.log"
-        die "$c_label ($c_size, $c_workload, run $c_run) failed: $reason"
-    fi
-    local reported
-    reported=$(json_get "$base/migrate.json" mode)
-    if [ "$reported" != null ] && [ "$reported" != "\"$mode\"" ]; then
-        say "warning: asked for mode $mode, migrate reports $reported"
-    fi
-    c_status=$dir/mdst-state/containers/$c_id/rootfs/heap/status.json
-    check_destination "$dir/runc-mdst" "$c_status" "$t1"
-    record_case case=migrate mode="$mode" mode_flag="$([ "${#mode_args[@]}" -gt 0 ] && echo true || echo false)" \
-        downtime_ms="$(json_get "$base/migrate.json" downtime_ms)" \
-        total_ms="$(json_get "$base/migrate.json" total_ms)" \
-        bytes_wire="$(json_get "$base/migrate.json" bytes_wire)" \
-        wall_ms=$((t1 - t0)) veth_bytes=$((w1 - w0)) \
-        migrate=@"$base/migrate.json"
-    teardown_case
 }
 
 write_meta
@@ -543,14 +405,19 @@ say "destination daemon on $DST_ADDR:$migrate_port"
 start_migrate_dst
 
 run_cases() {
-    local c m
+    local c m i
     for c in "${case_list[@]}"; do
         case $c in
             floor) run_floor ;;
+            tcp-copy) run_tcp_copy ;;
             page-server) run_page_server ;;
+            manual) run_manual ;;
             migrate)
                 for m in "${mode_list[@]}"; do
                     run_migrate "$m"
+                    for i in "${!variant_names[@]}"; do
+                        run_migrate "$m" "${variant_names[$i]}" "${variant_args[$i]}"
+                    done
                 done
                 ;;
         esac
@@ -560,16 +427,21 @@ run_cases() {
 # One unrecorded round on a small heap first: the first checkpoint, restore
 # and migration of a run pay for cold caches (and migrate sends the layer).
 say "warm-up round (16M, idle; not recorded)"
-warming=1 c_size=16M c_workload=idle c_run=0
+warming=1 c_link=bare c_size=16M c_workload=idle c_run=0
 run_cases
 warming=0
 
-for c_size in "${size_list[@]}"; do
-    for c_workload in "${workload_list[@]}"; do
-        for ((c_run = 1; c_run <= runs; c_run++)); do
-            run_cases
+for c_link in "${link_list[@]}"; do
+    say "link: $c_link"
+    link_shape "$c_link"
+    for c_size in "${size_list[@]}"; do
+        for c_workload in "${workload_list[@]}"; do
+            for ((c_run = 1; c_run <= runs; c_run++)); do
+                run_cases
+            done
         done
     done
 done
+link_unshape
 
 finish_report

@@ -2,8 +2,9 @@
 # Installs what migrate needs on a Debian 12 host: CRIU >= 4.2 (built from
 # Debian's sid source package when missing), runc, iptables (CRIU's network
 # lock), busybox-static (the demo's rootfs), iproute2 and util-linux (nsenter),
-# systemd (systemd-analyze, which checks the units in contrib/systemd/), and
-# socat (the workload tests copy it into their containers).
+# systemd (systemd-analyze, which checks the units in contrib/systemd/),
+# socat (the workload tests copy it into their containers; the benchmark's
+# plain TCP copies) and zstd (the benchmark's manual pipeline).
 # Idempotent: every step is skipped when what it provides is already there.
 set -euo pipefail
 
@@ -21,7 +22,7 @@ apt_update() {
 }
 
 missing=()
-for pkg in runc iptables busybox-static iproute2 util-linux socat ca-certificates xz-utils systemd; do
+for pkg in runc iptables busybox-static iproute2 util-linux socat zstd ca-certificates xz-utils systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -92,7 +93,7 @@ if ! ls criu_4.2*.orig.tar.xz >/dev/null 2>&1; then
     # packaging files may fail to arrive, which is harmless here.
     apt-get source --download-only criu >/dev/null 2>&1 || true
 fi
-tarball=$(ls criu_4.2*.orig.tar.xz 2>/dev/null | sort -V | tail -n1)
+tarball=$(find . -maxdepth 1 -name 'criu_4.2*.orig.tar.xz' | sort -V | tail -n1)
 [ -n "$tarball" ] || { echo "could not download CRIU >= 4.2 source from sid" >&2; exit 1; }
 srcdir=$workdir/src
 rm -rf "$srcdir"

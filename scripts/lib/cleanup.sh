@@ -6,6 +6,8 @@
 #
 #   child_alive PID             whether PID is a live child of this shell
 #   stop_child PID [SECS]       SIGTERM, then SIGKILL after SECS (default 5)
+#   stop_group PID [SECS]       the same for the process group PID leads
+#                               (a child started with setsid)
 #   unmount_under DIR           unmounts DIR and everything below it, deepest first
 #   runc_remove ROOT ID         kills container ID of runc root ROOT, deletes it
 #   runc_remove_all ROOT        the same for every container of ROOT
@@ -30,6 +32,21 @@ stop_child() {
             sleep 0.1
         done
         child_alive "$pid" && kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# The group is signalled only while its leader is our live child: until
+# then no other process can have been given its id.
+stop_group() {
+    local pid=$1 secs=${2:-5} i
+    if child_alive "$pid"; then
+        kill -TERM -- "-$pid" 2>/dev/null || true
+        for ((i = 0; i < secs * 10; i++)); do
+            child_alive "$pid" || break
+            sleep 0.1
+        done
+        child_alive "$pid" && kill -KILL -- "-$pid" 2>/dev/null
     fi
     wait "$pid" 2>/dev/null || true
 }
