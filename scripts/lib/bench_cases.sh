@@ -420,7 +420,8 @@ run_migrate() {
     check_destination "$dir/runc-mdst" "$c_status" "$t1"
     # raw_bytes: everything migrate moved uncompressed (post-copy: and the
     # pages after the restore); transfer_bytes over transfer_ms: what its
-    # rounds sent in the time they spent sending it, and post-copy's pages
+    # rounds sent in the time they spent sending it (the final dump's
+    # included when its pages went while CRIU wrote them), and post-copy's pages
     # in the time they took to arrive after the restore.
     local transfer
     local -a transfer_fields
@@ -428,7 +429,9 @@ run_migrate() {
 m = json.load(open(sys.argv[1]))
 r = m.get("rounds") or []
 pages = m.get("bytes_pages") or 0
-t = sum(x.get("transfer_s") or 0 for x in r) * 1000 + (m.get("pages_after_restore_ms") or 0)
+# A round whose pages went while CRIU dumped sent them in its dump time too
+# (as the page-server case counts its checkpoint).
+t = sum((x.get("transfer_s") or 0) + ((x.get("dump_s") or 0) if x.get("bytes_raw_during_dump") else 0) for x in r) * 1000 + (m.get("pages_after_restore_ms") or 0)
 b = sum(x.get("bytes_raw") or 0 for x in r) + pages
 raw = (m.get("bytes_raw") or 0) + pages
 print(f"raw_bytes={raw}", end=" ")
