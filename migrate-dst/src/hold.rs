@@ -325,14 +325,7 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
                             finish(session).await;
                             return Ok(());
                         }
-                        Some(Body::Commit(_)) => {
-                            session.send(Committed {}).await.map_err(Ending::Keep)?;
-                            if let Err(e) = record::remove(&dir.record()) {
-                                warn!(container = id, error = %e, "removing the record");
-                            }
-                            finish(session).await;
-                            return Ok(());
-                        }
+                        Some(Body::Commit(_)) => return commit(session, daemon, id, &dir).await,
                         other => break format!(
                             "unexpected {} from the source",
                             ControlMessage { body: other }.kind()
@@ -421,14 +414,7 @@ async fn drive_released(
             session.control = Some(request.control);
         }
         match recv_if_up(session).await.map(|m| m.body) {
-            Ok(Some(Body::Commit(_))) => {
-                session.send(Committed {}).await.map_err(Ending::Keep)?;
-                if let Err(e) = record::remove(&dir.record()) {
-                    warn!(container = id, error = %e, "removing the record");
-                }
-                finish(session).await;
-                return Ok(());
-            }
+            Ok(Some(Body::Commit(_))) => return commit(session, daemon, id, dir).await,
             Ok(other) => warn!(
                 container = id,
                 got = ControlMessage { body: other }.kind(),
@@ -501,6 +487,25 @@ async fn settle_undo(restoring: &mut Restoring, lazy: Option<&mut Lazy>) {
     if let Some(lazy) = lazy {
         lazy.daemon.kill().await;
     }
+}
+
+/// The source's commit: the migration is over, its record and images go
+/// (the copy runs; the restore that read them has ended).
+async fn commit(
+    session: &mut Session,
+    daemon: &Arc<Daemon>,
+    id: &str,
+    dir: &ContainerDir,
+) -> Result<(), Ending> {
+    // Before the answer, so that a committed migration has left nothing
+    // in the image dir.
+    restore::drop_images(daemon, id, dir);
+    session.send(Committed {}).await.map_err(Ending::Keep)?;
+    if let Err(e) = record::remove(&dir.record()) {
+        warn!(container = id, error = %e, "removing the record");
+    }
+    finish(session).await;
+    Ok(())
 }
 
 async fn discard(daemon: &Arc<Daemon>, id: &str, dir: &ContainerDir) {

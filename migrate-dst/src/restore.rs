@@ -18,6 +18,7 @@ use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::runc::{CriuOptions, RestoreSpec, Runc};
 use tokio::sync::oneshot;
 
+use crate::images::ImageDir;
 use crate::receive::{dump_dir, link_parent};
 use crate::Daemon;
 
@@ -39,9 +40,10 @@ pub struct ContainerDir {
 }
 
 impl ContainerDir {
-    /// Creates the directory; fails if it exists, which means another
+    /// Creates the directory, and the container's dir in the image dir that
+    /// its `images` links to; fails if it exists, which means another
     /// migration of this id is under way or left its state behind.
-    pub fn claim(state_dir: &Path, id: &str) -> Result<Self> {
+    pub fn claim(state_dir: &Path, images: &ImageDir, id: &str) -> Result<Self> {
         let parent = state_dir.join("containers");
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -56,17 +58,37 @@ impl ContainerDir {
             Err(e) => return Err(e).with_context(|| format!("creating {}", root.display())),
         }
         let dir = Self { root };
+        // The container dir is ours now, so images under its id are left
+        // from an earlier migration that could not remove them.
+        images.remove(id);
+        let held_in = images.of(id);
+        let made = dir.make_layout(&held_in);
+        if made.is_err() {
+            images.remove(id);
+            let _ = std::fs::remove_dir_all(&dir.root);
+        }
+        made.map(|()| dir)
+    }
+
+    fn make_layout(&self, held_in: &Path) -> Result<()> {
+        let dir = self;
         for sub in [
             dir.upper(),
             dir.work(),
             dir.rootfs(),
             dir.bundle(),
-            dir.images(),
+            held_in.to_owned(),
             dir.criu_work(),
         ] {
             std::fs::create_dir(&sub).with_context(|| format!("creating {}", sub.display()))?;
         }
-        Ok(dir)
+        std::os::unix::fs::symlink(held_in, dir.images()).with_context(|| {
+            format!(
+                "linking {} to {}",
+                dir.images().display(),
+                held_in.display()
+            )
+        })
     }
 
     pub fn upper(&self) -> PathBuf {
@@ -81,6 +103,7 @@ impl ContainerDir {
     pub fn bundle(&self) -> PathBuf {
         self.root.join("bundle")
     }
+    /// A link to the container's dir in the image dir (a tmpfs).
     pub fn images(&self) -> PathBuf {
         self.root.join("images")
     }
@@ -511,6 +534,8 @@ fn spawn_log_shim(daemon: &Daemon, dir: &ContainerDir) -> Result<(Stdio, Stdio)>
 /// that dir recursively, through a leftover `criu-root` bind mount into the
 /// container's rootfs.
 pub fn discard(daemon: &Daemon, id: &str, dir: &ContainerDir) {
+    // Nothing reads them any more: the restore, if any, has ended.
+    daemon.images.remove(id);
     let runc_dir = daemon.runc.state_dir(id);
     if let Err(e) = unmount_all_under(&runc_dir) {
         tracing::error!(error = %e, "unmounting leftovers under {}; not deleting", runc_dir.display());
@@ -534,11 +559,16 @@ pub fn discard(daemon: &Daemon, id: &str, dir: &ContainerDir) {
     }
 }
 
-/// After the commit: the images are no longer needed (they can be large);
-/// CRIU's logs stay for the record.
-pub fn drop_images(dir: &ContainerDir) {
-    if let Err(e) = std::fs::remove_dir_all(dir.images()) {
-        tracing::warn!(error = %e, "removing {}", dir.images().display());
+/// After the commit: the images are no longer needed (they hold the
+/// container's memory, in memory); CRIU's logs stay for the record. The
+/// link goes too: a container dir without it runs its container here (see
+/// [`crate::restart::status`]).
+pub fn drop_images(daemon: &Daemon, id: &str, dir: &ContainerDir) {
+    daemon.images.remove(id);
+    match std::fs::remove_file(dir.images()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, "removing {}", dir.images().display()),
     }
 }
 

@@ -78,9 +78,16 @@ async fn files_and_streams_arrive_intact_with_matching_digests() {
         StreamId::new(StreamKind::Image, 2, "pages-1.img")
     );
     assert_eq!(header.declared_bytes, payload.len() as u64);
-    let got_file = receive_file(recv, &header, &out, budget.clone(), recv_stats.clone())
-        .await
-        .unwrap();
+    let got_file = receive_file(
+        recv,
+        &header,
+        &out,
+        Durability::Synced,
+        budget.clone(),
+        recv_stats.clone(),
+    )
+    .await
+    .unwrap();
     let mut recv = dst.accept_uni().await.unwrap();
     let header = read_header(&mut recv).await.unwrap();
     assert_eq!(header.id.kind, StreamKind::UpperDir);
@@ -144,9 +151,16 @@ async fn a_stream_declared_beyond_the_budget_is_refused_before_anything_is_taken
     let header = read_header(&mut recv).await.unwrap();
     let budget = Arc::new(ByteBudget::new(CHUNK as u64));
     let path = dir.path().join("big.img");
-    let err = receive_file(recv, &header, &path, budget.clone(), Arc::default())
-        .await
-        .unwrap_err();
+    let err = receive_file(
+        recv,
+        &header,
+        &path,
+        Durability::Volatile,
+        budget.clone(),
+        Arc::default(),
+    )
+    .await
+    .unwrap_err();
     match &err {
         TransferError::BudgetExceeded {
             stream,
@@ -178,9 +192,16 @@ async fn the_receiver_stops_at_the_first_byte_beyond_the_declared_size() {
     let header = read_header(&mut recv).await.unwrap();
     let budget = Arc::new(ByteBudget::new(u64::MAX));
     let path = dir.path().join("big.img");
-    let err = receive_file(recv, &header, &path, budget, Arc::default())
-        .await
-        .unwrap_err();
+    let err = receive_file(
+        recv,
+        &header,
+        &path,
+        Durability::Synced,
+        budget,
+        Arc::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, TransferError::Overlong { stream, declared: 10 } if stream.contains("big.img")),
         "{err:?}"
