@@ -32,6 +32,7 @@ use migrate_common::record::{self, DestinationPhase, DestinationRecord};
 use migrate_common::tunnel::TunnelError;
 use tracing::{error, info, warn};
 
+use crate::prepare::Prepared;
 use crate::restore::{self, ContainerDir, RestorePlan, Restoring};
 use crate::session::{same_peer, Ending, Session};
 use crate::{Daemon, ResumeRequest};
@@ -112,6 +113,7 @@ pub async fn conclude(
     hello: &Hello,
     dir: &ContainerDir,
     plan: RestorePlan,
+    prepared: Prepared,
     peer: Option<String>,
 ) -> Result<(), Ending> {
     let id = hello.container_id.as_str();
@@ -123,7 +125,7 @@ pub async fn conclude(
         ),
         false => None,
     };
-    let mut restoring = match Restoring::start(daemon, hello, dir, plan) {
+    let mut restoring = match Restoring::start(daemon, hello, dir, plan, prepared) {
         Ok(restoring) => restoring,
         Err(failed) => {
             if let Some(lazy) = lazy.as_mut() {
@@ -200,6 +202,9 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
                 event = restore_event(&mut restoring, status.held.is_none(), releasing) => match event {
                   RestoreEvent::Held(held) => match held {
                     Ok(restored) => {
+                        if let Err(e) = restoring.upper_durable().await {
+                            return Err(undo(session, &mut restoring, lazy.as_mut(), e).await);
+                        }
                         rec.phase = DestinationPhase::Held;
                         if let Err(e) = record::store(&dir.record(), &rec) {
                             return Err(undo(session, &mut restoring, lazy.as_mut(), anyhow!(e)).await);

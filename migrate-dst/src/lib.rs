@@ -12,6 +12,7 @@ pub mod gc;
 pub mod hold;
 pub mod images;
 pub mod preflight;
+pub mod prepare;
 pub mod receive;
 pub mod restart;
 pub mod restore;

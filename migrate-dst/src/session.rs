@@ -13,6 +13,7 @@ use migrate_common::rootfs::archive::UnpackPolicy;
 use migrate_common::transfer::{ByteBudget, TransferStats};
 use tracing::{info, warn};
 
+use crate::prepare::prepare;
 use crate::receive::{self, Budgets, Inbox, MAX_ROUNDS};
 use crate::restore::{self, ContainerDir, RestorePlan};
 use crate::{hold, preflight, Daemon};
@@ -254,6 +255,9 @@ async fn exchange(
         targets.upper = Some(dir.upper());
     }
     session.send(LayersReady {}).await?;
+    // While the source dumps: none of it waits for the images, so none of
+    // it is left for the frozen step.
+    let prepared = prepare(daemon, hello, dir).context("preparing the restore")?;
 
     let mut rounds = 0;
     let sent = loop {
@@ -303,7 +307,7 @@ async fn exchange(
         parent_round: sent.parent_round,
         lazy: sent.lazy,
     };
-    hold::conclude(session, daemon, hello, dir, plan, peer).await
+    hold::conclude(session, daemon, hello, dir, plan, prepared, peer).await
 }
 
 /// The next control message, unless a data stream fails first: then why,
