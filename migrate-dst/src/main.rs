@@ -50,7 +50,8 @@ struct DaemonArgs {
     /// Where received CRIU images are held until their restore ends: a
     /// tmpfs (refused otherwise), so that the restore reads memory from
     /// memory. It needs room for the memory of the containers received at
-    /// once.
+    /// once. One per daemon: at start, a daemon removes what it finds there
+    /// that none of its held copies needs.
     #[arg(long, value_name = "DIR", default_value = migrate_dst::images::DEFAULT_IMAGE_DIR)]
     image_dir: PathBuf,
     /// runc root to register restored containers in.
