@@ -39,6 +39,8 @@ bin=$repo/target/release
 
 prefix=mdemo$$
 demo=$(mktemp -d /tmp/migrate-demo.XXXXXX)
+# The destination holds received images in memory, on a tmpfs of its own.
+images=/dev/shm/migrate-demo-$$
 id=game-$$
 dst_pid=
 reader_pid=
@@ -61,7 +63,7 @@ cleanup() {
     for ctl in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
         rmdir "$ctl"migrate-demo-{src,dst}-$$ 2>/dev/null
     done
-    rm -rf "$demo"
+    rm -rf "$demo" "$images"
 }
 trap cleanup EXIT
 
@@ -75,7 +77,7 @@ say "certificates: one CA, one certificate per host"
 
 say "destination daemon on $DST_ADDR:7070"
 nsenter --net="/run/netns/$prefix-dst" "$bin/migrate-dst" --listen "$DST_ADDR:7070" --tls-dir "$demo/tls-dst" \
-    --state-dir "$demo/dst-state" --runc-root "$demo/runc-dst" --allow "$SRC_ADDR" \
+    --state-dir "$demo/dst-state" --image-dir "$images" --runc-root "$demo/runc-dst" --allow "$SRC_ADDR" \
     --cgroup-parent "/migrate-demo-dst-$$" 2>"$demo/migrate-dst.log" &
 dst_pid=$!
 

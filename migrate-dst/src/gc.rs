@@ -287,7 +287,7 @@ pub fn claim(daemon: &Daemon, id: &str, layers: &[LayerInfo]) -> anyhow::Result<
         .iter()
         .map(|l| LayerDigest::parse(&l.digest))
         .collect::<Result<Vec<_>, _>>()?;
-    let dir = ContainerDir::claim(&daemon.state_dir, id)?;
+    let dir = ContainerDir::claim(&daemon.state_dir, &daemon.images, id)?;
     if let Err(e) = record_use(&daemon.store, &dir, &digests) {
         restore::discard(daemon, id, &dir);
         return Err(e.into());

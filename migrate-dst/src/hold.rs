@@ -32,6 +32,7 @@ use migrate_common::record::{self, DestinationPhase, DestinationRecord};
 use migrate_common::tunnel::TunnelError;
 use tracing::{error, info, warn};
 
+use crate::prepare::Prepared;
 use crate::restore::{self, ContainerDir, RestorePlan, Restoring};
 use crate::session::{same_peer, Ending, Session};
 use crate::{Daemon, ResumeRequest};
@@ -112,6 +113,7 @@ pub async fn conclude(
     hello: &Hello,
     dir: &ContainerDir,
     plan: RestorePlan,
+    prepared: Prepared,
     peer: Option<String>,
 ) -> Result<(), Ending> {
     let id = hello.container_id.as_str();
@@ -123,7 +125,7 @@ pub async fn conclude(
         ),
         false => None,
     };
-    let mut restoring = match Restoring::start(daemon, hello, dir, plan) {
+    let mut restoring = match Restoring::start(daemon, hello, dir, plan, prepared) {
         Ok(restoring) => restoring,
         Err(failed) => {
             if let Some(lazy) = lazy.as_mut() {
@@ -200,6 +202,9 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
                 event = restore_event(&mut restoring, status.held.is_none(), releasing) => match event {
                   RestoreEvent::Held(held) => match held {
                     Ok(restored) => {
+                        if let Err(e) = restoring.upper_durable().await {
+                            return Err(undo(session, &mut restoring, lazy.as_mut(), e).await);
+                        }
                         rec.phase = DestinationPhase::Held;
                         if let Err(e) = record::store(&dir.record(), &rec) {
                             return Err(undo(session, &mut restoring, lazy.as_mut(), anyhow!(e)).await);
@@ -325,14 +330,7 @@ pub async fn drive(session: &mut Session, daemon: &Arc<Daemon>, held: Held) -> R
                             finish(session).await;
                             return Ok(());
                         }
-                        Some(Body::Commit(_)) => {
-                            session.send(Committed {}).await.map_err(Ending::Keep)?;
-                            if let Err(e) = record::remove(&dir.record()) {
-                                warn!(container = id, error = %e, "removing the record");
-                            }
-                            finish(session).await;
-                            return Ok(());
-                        }
+                        Some(Body::Commit(_)) => return commit(session, daemon, id, &dir).await,
                         other => break format!(
                             "unexpected {} from the source",
                             ControlMessage { body: other }.kind()
@@ -421,14 +419,7 @@ async fn drive_released(
             session.control = Some(request.control);
         }
         match recv_if_up(session).await.map(|m| m.body) {
-            Ok(Some(Body::Commit(_))) => {
-                session.send(Committed {}).await.map_err(Ending::Keep)?;
-                if let Err(e) = record::remove(&dir.record()) {
-                    warn!(container = id, error = %e, "removing the record");
-                }
-                finish(session).await;
-                return Ok(());
-            }
+            Ok(Some(Body::Commit(_))) => return commit(session, daemon, id, dir).await,
             Ok(other) => warn!(
                 container = id,
                 got = ControlMessage { body: other }.kind(),
@@ -501,6 +492,25 @@ async fn settle_undo(restoring: &mut Restoring, lazy: Option<&mut Lazy>) {
     if let Some(lazy) = lazy {
         lazy.daemon.kill().await;
     }
+}
+
+/// The source's commit: the migration is over, its record and images go
+/// (the copy runs; the restore that read them has ended).
+async fn commit(
+    session: &mut Session,
+    daemon: &Arc<Daemon>,
+    id: &str,
+    dir: &ContainerDir,
+) -> Result<(), Ending> {
+    // Before the answer, so that a committed migration has left nothing
+    // in the image dir.
+    restore::drop_images(daemon, id, dir);
+    session.send(Committed {}).await.map_err(Ending::Keep)?;
+    if let Err(e) = record::remove(&dir.record()) {
+        warn!(container = id, error = %e, "removing the record");
+    }
+    finish(session).await;
+    Ok(())
 }
 
 async fn discard(daemon: &Arc<Daemon>, id: &str, dir: &ContainerDir) {

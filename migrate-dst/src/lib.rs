@@ -10,7 +10,9 @@
 
 pub mod gc;
 pub mod hold;
+pub mod images;
 pub mod preflight;
+pub mod prepare;
 pub mod receive;
 pub mod restart;
 pub mod restore;
@@ -32,10 +34,12 @@ use migrate_common::transport;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{info, warn, Instrument};
 
+use images::ImageDir;
 use store::LayerStore;
 
 /// Migrations handled at once by default (`--max-migrations`); each holds a
-/// container's images on disk and memory for its streams, and runs CRIU.
+/// container's images in the image dir and memory for its streams, and runs
+/// CRIU.
 pub const DEFAULT_MAX_MIGRATIONS: usize = 4;
 
 /// Connections beyond `max_migrations` taken at once only to say why they
@@ -51,6 +55,9 @@ const LAST_WORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 #[derive(Debug)]
 pub struct Daemon {
     pub state_dir: PathBuf,
+    /// `--image-dir`, a tmpfs: where received images are held until the
+    /// restore no longer needs them.
+    pub images: ImageDir,
     pub runc: Runc,
     pub criu: Criu,
     /// Cgroup parent for restored containers; `None` keeps the source's.
@@ -101,6 +108,7 @@ impl ResumeRequest {
 impl Daemon {
     pub fn new(
         state_dir: PathBuf,
+        images: ImageDir,
         runc: Runc,
         criu: Criu,
         cgroup_parent: Option<String>,
@@ -111,6 +119,7 @@ impl Daemon {
         let store = Arc::new(LayerStore::open(state_dir.join("layers"))?);
         Ok(Self {
             state_dir,
+            images,
             runc,
             criu,
             cgroup_parent,
@@ -233,6 +242,16 @@ pub async fn serve_on(endpoint: quinn::Endpoint, daemon: Daemon) -> Result<()> {
             container = id,
             "removed state left by an interrupted migration"
         );
+    }
+    // A held copy's restore may still read its images; every other
+    // migration of an earlier run has ended, and its images with it.
+    let still_restoring = adopted
+        .iter()
+        .filter(|held| held.record().phase == migrate_common::record::DestinationPhase::Held)
+        .map(|held| held.record().container_id.clone())
+        .collect();
+    for id in daemon.images.remove_orphans(&still_restoring)? {
+        info!(container = id, "removed images left by an earlier run");
     }
     {
         let daemon = daemon.clone();

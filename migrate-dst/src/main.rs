@@ -12,6 +12,7 @@ use migrate_common::certs::TlsDir;
 use migrate_common::criu::Criu;
 use migrate_common::policy::Policy;
 use migrate_common::runc::Runc;
+use migrate_dst::images::ImageDir;
 use migrate_dst::Daemon;
 use tracing::{info, warn};
 
@@ -42,9 +43,17 @@ struct DaemonArgs {
     /// Directory with ca.pem, cert.pem and key.pem (see `migrate certs`).
     #[arg(long, default_value = "/etc/migrate/tls")]
     tls_dir: PathBuf,
-    /// Where layers, received images and restored containers' files live.
+    /// Where layers and restored containers' files live (on disk: they must
+    /// survive a crash).
     #[arg(long, default_value = "/var/lib/migrate-dst")]
     state_dir: PathBuf,
+    /// Where received CRIU images are held until their restore ends: a
+    /// tmpfs (refused otherwise), so that the restore reads memory from
+    /// memory. It needs room for the memory of the containers received at
+    /// once. One per daemon: at start, a daemon removes what it finds there
+    /// that none of its held copies needs.
+    #[arg(long, value_name = "DIR", default_value = migrate_dst::images::DEFAULT_IMAGE_DIR)]
+    image_dir: PathBuf,
     /// runc root to register restored containers in.
     #[arg(long, default_value = "/run/runc")]
     runc_root: PathBuf,
@@ -62,8 +71,8 @@ struct DaemonArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     in_doubt_after: u64,
     /// Migrations received at once; more are refused at their preflight
-    /// (their containers keep running on their sources). Each takes disk
-    /// for its images and memory for its streams.
+    /// (their containers keep running on their sources). Each takes room
+    /// in the image dir for its images and memory for its streams.
     #[arg(long, value_name = "N", default_value_t = migrate_dst::DEFAULT_MAX_MIGRATIONS as u64,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     max_migrations: u64,
@@ -284,8 +293,10 @@ fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let listen = args.listen.context("--listen is required")?;
     let tls = TlsDir::load(&args.tls_dir).context("loading TLS material")?;
     let policy = policy(&args)?;
+    let images = ImageDir::open(&args.image_dir)?;
     let mut daemon = Daemon::new(
         args.state_dir,
+        images,
         Runc::new(args.runc, args.runc_root, Some(args.criu.clone())),
         Criu::new(args.criu),
         args.cgroup_parent,

@@ -29,8 +29,10 @@ use crate::session::Control;
 use crate::Daemon;
 
 mod checks;
+mod room;
 
 use checks::Verdict;
+use room::{room, Needs};
 
 /// A source the destination's `--allow` list does not name; the message is
 /// the one the source was sent.
@@ -38,14 +40,14 @@ use checks::Verdict;
 #[error("refused a source: {0}")]
 pub struct SourceRefused(String);
 
-/// Room kept free on the state dir's filesystem beyond the estimate.
-const DISK_RESERVE: u64 = 256 << 20;
-
 /// The verdict, and on acceptance the claimed container dir.
 #[derive(Debug)]
 pub struct Preflight {
     pub reply: PreflightReply,
     pub claimed: Option<ContainerDir>,
+    /// Free bytes in the image dir, as measured (the reply's `free_bytes`
+    /// is the state dir's).
+    pub image_free_bytes: u64,
 }
 
 /// Accepts a connection's control stream and reads its first message, if
@@ -138,6 +140,7 @@ const BIND_SOURCES: &str = "bind sources";
 const CGROUP: &str = "cgroup";
 const LAYERS: &str = "layers";
 const DISK: &str = "disk";
+const IMAGE_SPACE: &str = "image space";
 const MEMORY: &str = "memory";
 const CLAIM: &str = "claim";
 
@@ -276,19 +279,18 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     if let Err(e) = &store_lock {
         bad_digests.push(format!("{e:#}"));
     }
-    let mut needed = hello.upper_bytes + hello.memory_bytes + DISK_RESERVE;
-    let mut missing_bytes = 0;
+    let mut missing_bytes = Some(0u64);
     for layer in &hello.layers {
         match LayerDigest::parse(&layer.digest) {
             Ok(digest) if daemon.store.has(&digest) => {}
             Ok(_) => {
                 reply.missing_layers.push(layer.digest.clone());
-                missing_bytes += layer.size_bytes;
+                missing_bytes = missing_bytes.and_then(|sum| sum.checked_add(layer.size_bytes));
             }
             Err(e) => bad_digests.push(format!("layer digest {:?}: {e}", layer.digest)),
         }
     }
-    needed += missing_bytes;
+    let missing_bytes = missing_bytes.unwrap_or(u64::MAX);
     verdict.record(
         LAYERS,
         reasons_or(bad_digests, || match reply.missing_layers.len() {
@@ -306,39 +308,36 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
             ),
         }),
     );
-    match checks::free_bytes(daemon) {
-        Ok(free) => {
-            reply.free_bytes = free;
-            let room = format!(
-                "{} has {} free, the migration needs about {}",
-                daemon.state_dir.display(),
-                HumanBytes(free),
-                HumanBytes(needed)
-            );
-            if free < needed {
-                verdict.fail(DISK, room);
-            } else {
-                verdict.pass(DISK, room);
-            }
-        }
-        Err(e) => verdict.fail(
-            DISK,
-            format!(
-                "cannot measure free space in {}: {e}",
-                daemon.state_dir.display()
-            ),
+    let needs = Needs::of(hello, missing_bytes);
+    let disk = checks::free_bytes(&daemon.state_dir);
+    reply.free_bytes = *disk.as_ref().unwrap_or(&0);
+    verdict.record(
+        DISK,
+        room(
+            disk,
+            needs.disk,
+            &daemon.state_dir,
+            "layers and the upper dir",
         ),
-    }
+    );
+    let images = daemon.images.free_bytes();
+    let image_free_bytes = *images.as_ref().unwrap_or(&0);
+    verdict.record(
+        IMAGE_SPACE,
+        room(images, needs.images, daemon.images.root(), "images"),
+    );
 
     match checks::mem_available() {
         Ok(available) => {
             reply.mem_available_bytes = available;
             let room = format!(
-                "the container uses {} of memory and this host has {} available",
+                "the container uses {} of memory, its images in the image dir's tmpfs {} more \
+                 until the restore ends, and this host has {} available",
                 HumanBytes(hello.memory_bytes),
+                HumanBytes(needs.images_in_memory),
                 HumanBytes(available)
             );
-            if hello.memory_bytes > available {
+            if needs.memory > available {
                 verdict.fail(MEMORY, room);
             } else {
                 verdict.pass(MEMORY, room);
@@ -366,7 +365,11 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     drop(store_lock);
     reply.accepted = verdict.accepted();
     (reply.checks, reply.refusals) = verdict.into_parts();
-    Preflight { reply, claimed }
+    Preflight {
+        reply,
+        claimed,
+        image_free_bytes,
+    }
 }
 
 /// A layer digest as people compare them: its first hex digits.

@@ -24,7 +24,7 @@ use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::transfer::probe::MAX_PROBE_BYTES;
 use migrate_common::transfer::segments::{self, SegmentMap};
 use migrate_common::transfer::{
-    self, ByteBudget, DataHeader, StreamId, TransferError, TransferStats,
+    self, ByteBudget, DataHeader, Durability, StreamId, TransferError, TransferStats,
 };
 use tokio::sync::Notify;
 
@@ -43,6 +43,32 @@ pub struct Targets {
     /// phase begins.
     pub images: Option<PathBuf>,
     pub upper: Option<PathBuf>,
+}
+
+/// What the streams of one migration may take of this host: images go to
+/// the image dir (a tmpfs), layers and the upper dir to the state dir's
+/// disk, each bounded by what its preflight item measured free.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub disk: Arc<ByteBudget>,
+    pub images: Arc<ByteBudget>,
+}
+
+impl Budgets {
+    /// The budget a stream of `kind` is charged to.
+    pub fn of(&self, kind: StreamKind) -> &Arc<ByteBudget> {
+        match kind {
+            StreamKind::Image => &self.images,
+            StreamKind::Layer
+            | StreamKind::UpperDir
+            | StreamKind::UpperDelta
+            | StreamKind::PageTunnel
+            | StreamKind::Invalid => &self.disk,
+            // Never charged: it takes nothing of this host but a bounded
+            // read (see `receive_one`).
+            StreamKind::Probe => &self.disk,
+        }
+    }
 }
 
 /// What the data streams of one migration delivered, and what they may.
@@ -313,7 +339,7 @@ pub async fn accept_streams(
     conn: quinn::Connection,
     inbox: Arc<Inbox>,
     store: Arc<LayerStore>,
-    budget: Arc<ByteBudget>,
+    budgets: Budgets,
     stats: Arc<TransferStats>,
 ) {
     let mut streams = tokio::task::JoinSet::new();
@@ -321,7 +347,7 @@ pub async fn accept_streams(
         while streams.try_join_next().is_some() {}
         let inbox = inbox.clone();
         let store = store.clone();
-        let budget = budget.clone();
+        let budgets = budgets.clone();
         let stats = stats.clone();
         streams.spawn(async move {
             let header = match transfer::read_header(&mut recv).await {
@@ -336,6 +362,7 @@ pub async fn accept_streams(
                 inbox.refuse(header.id.to_string(), format!("{e:#}"));
                 return;
             }
+            let budget = budgets.of(header.id.kind).clone();
             let result = receive_one(recv, &header, &inbox, &store, budget, stats)
                 .await
                 .map_err(|e| format!("{e:#}"));
@@ -389,9 +416,13 @@ async fn receive_one(
                 images.ok_or_else(|| anyhow!("{id} arrived before the checkpoint phase"))?;
             let dir = dump_dir(&images, id.round)?;
             let path = image_path(&dir, &id.name)?;
-            Ok(transfer::receive_file(recv, header, &path, budget, stats)
-                .await
-                .with_context(|| format!("receiving {id}"))?)
+            // Needed only until the restore ends; a crash before then
+            // leaves the source its copy.
+            Ok(
+                transfer::receive_file(recv, header, &path, Durability::Volatile, budget, stats)
+                    .await
+                    .with_context(|| format!("receiving {id}"))?,
+            )
         }
         StreamKind::UpperDir => {
             let dir = upper

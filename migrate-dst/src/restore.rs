@@ -3,21 +3,20 @@
 //! failure, remove every trace of it.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use migrate_common::bundle::{BundleConfig, DestinationRewrite, Hook};
-use migrate_common::criu::{log_tail, ConfigFile, LOG_TAIL_LINES};
-use migrate_common::hook::{
-    action_script, write_action_script, Gate, Verdict, DESTINATION_ACTIONS, POST_RESTORE,
-};
+use migrate_common::criu::{log_tail, LOG_TAIL_LINES};
+use migrate_common::hook::{Gate, Verdict, POST_RESTORE};
 use migrate_common::mount::{mount_overlay, unmount_all_under};
 use migrate_common::protocol::{Failed, Hello, Restored};
 use migrate_common::rootfs::digest::LayerDigest;
-use migrate_common::runc::{CriuOptions, RestoreSpec, Runc};
+use migrate_common::runc::{RestoreSpec, Runc};
 use tokio::sync::oneshot;
 
+use crate::images::ImageDir;
+use crate::prepare::Prepared;
 use crate::receive::{dump_dir, link_parent};
 use crate::Daemon;
 
@@ -39,9 +38,10 @@ pub struct ContainerDir {
 }
 
 impl ContainerDir {
-    /// Creates the directory; fails if it exists, which means another
+    /// Creates the directory, and the container's dir in the image dir that
+    /// its `images` links to; fails if it exists, which means another
     /// migration of this id is under way or left its state behind.
-    pub fn claim(state_dir: &Path, id: &str) -> Result<Self> {
+    pub fn claim(state_dir: &Path, images: &ImageDir, id: &str) -> Result<Self> {
         let parent = state_dir.join("containers");
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -56,17 +56,37 @@ impl ContainerDir {
             Err(e) => return Err(e).with_context(|| format!("creating {}", root.display())),
         }
         let dir = Self { root };
+        // The container dir is ours now, so images under its id are left
+        // from an earlier migration that could not remove them.
+        images.remove(id);
+        let held_in = images.of(id);
+        let made = dir.make_layout(&held_in);
+        if made.is_err() {
+            images.remove(id);
+            let _ = std::fs::remove_dir_all(&dir.root);
+        }
+        made.map(|()| dir)
+    }
+
+    fn make_layout(&self, held_in: &Path) -> Result<()> {
+        let dir = self;
         for sub in [
             dir.upper(),
             dir.work(),
             dir.rootfs(),
             dir.bundle(),
-            dir.images(),
+            held_in.to_owned(),
             dir.criu_work(),
         ] {
             std::fs::create_dir(&sub).with_context(|| format!("creating {}", sub.display()))?;
         }
-        Ok(dir)
+        std::os::unix::fs::symlink(held_in, dir.images()).with_context(|| {
+            format!(
+                "linking {} to {}",
+                dir.images().display(),
+                held_in.display()
+            )
+        })
     }
 
     pub fn upper(&self) -> PathBuf {
@@ -81,6 +101,7 @@ impl ContainerDir {
     pub fn bundle(&self) -> PathBuf {
         self.root.join("bundle")
     }
+    /// A link to the container's dir in the image dir (a tmpfs).
     pub fn images(&self) -> PathBuf {
         self.root.join("images")
     }
@@ -116,6 +137,9 @@ impl ContainerDir {
 pub struct Restoring {
     gate: Gate,
     end: End,
+    /// The `syncfs` of the upper dir, under way beside the restore; `None`
+    /// once waited for, or for an adopted copy (held, so synced before).
+    upper_synced: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     holder_pid: Option<u32>,
     started: Instant,
     decided_at: Option<Instant>,
@@ -128,31 +152,39 @@ pub struct Restoring {
 }
 
 impl Restoring {
-    /// Prepares the bundle and starts `runc restore`.
+    /// Mounts the rootfs and starts `runc restore` with what was
+    /// [prepared](crate::prepare) while the images came.
     pub fn start(
         daemon: &Daemon,
         hello: &Hello,
         dir: &ContainerDir,
         plan: RestorePlan,
+        prepared: Prepared,
     ) -> Result<Self, Failed> {
         let started = Instant::now();
         let id = &hello.container_id;
         let keep = |failed| keep_logs_of(daemon, id, dir, failed);
         let images = final_images(dir, plan.parent_round)
             .map_err(|e| keep(failed("preparing the images", &e, String::new())))?;
-        let cgroups_path = prepare(daemon, hello, dir)
-            .map_err(|e| keep(failed("preparing the bundle", &e, String::new())))?;
+        // Only now: the upper dir is complete, and overlayfs leaves changes
+        // made to the upper dir of a mounted overlay undefined.
+        mount_rootfs(daemon, hello, dir)
+            .map_err(|e| keep(failed("mounting the rootfs", &e, String::new())))?;
+        // Beside the restore, which reads its images from memory: the
+        // upper dir's files are still in the page cache.
+        let upper = dir.upper();
+        let upper_synced = tokio::task::spawn_blocking(move || sync_filesystem(&upper));
         let gate = Gate::bind(&dir.hold_socket(), POST_RESTORE)
             .map_err(|e| keep(failed("holding the restore", &e.into(), String::new())))?;
-        let options = CriuOptions::from_names(hello.tcp_established, &hello.criu_options)
-            .map_err(|e| keep(failed("reading the CRIU options", &e.into(), String::new())))?;
-        let criu_config = restore_config(daemon, dir, cgroups_path.as_deref(), &options)
-            .map_err(|e| keep(failed("preparing CRIU's configuration", &e, String::new())))?;
-        let (stdout, stderr) = spawn_log_shim(daemon, dir)
-            .map_err(|e| keep(failed("starting the log shim", &e, String::new())))?;
+        let Prepared {
+            criu_config,
+            options,
+            stdout,
+            stderr,
+        } = prepared;
         tracing::debug!(
             ms = started.elapsed().as_millis(),
-            "bundle ready; runc restore"
+            "rootfs mounted; runc restore"
         );
         let (bundle, criu_work, runc_log) = (dir.bundle(), dir.criu_work(), dir.runc_log());
         let spec = RestoreSpec {
@@ -184,6 +216,7 @@ impl Restoring {
         Ok(Self {
             gate,
             end: End::Child(Some(end)),
+            upper_synced: Some(upper_synced),
             holder_pid,
             started,
             decided_at: None,
@@ -218,6 +251,7 @@ impl Restoring {
         Ok(Self {
             gate,
             end: End::Adopted(pid),
+            upper_synced: None,
             holder_pid,
             started: Instant::now(),
             decided_at: None,
@@ -260,6 +294,20 @@ impl Restoring {
             restore_ms: millis(self.started.elapsed()),
             pid,
         })
+    }
+
+    /// Waits until the upper dir (the container's rootfs changes) is on
+    /// disk. Before the source hears `Restored`: once it decides, its copy
+    /// goes, and this one's rootfs must survive a crash of this host.
+    pub async fn upper_durable(&mut self) -> Result<()> {
+        let Some(syncing) = self.upper_synced.take() else {
+            return Ok(());
+        };
+        let upper = self.dir.upper();
+        syncing
+            .await
+            .context("the sync of the upper dir panicked")?
+            .with_context(|| format!("syncing the filesystem of {}", upper.display()))
     }
 
     /// Lets the held processes run, or makes CRIU kill them.
@@ -422,87 +470,23 @@ pub fn final_images(dir: &ContainerDir, parent_round: u32) -> Result<PathBuf> {
     Ok(images)
 }
 
-/// The restore's CRIU configuration: the action script that holds the
-/// restored processes at post-restore, and on cgroup v2 hosts where their
-/// cgroups go: runc does that itself on cgroup v1 only (its `CgRoot` list),
-/// and on v2 CRIU would put them back under the cgroup path they were dumped
-/// from, ignoring `--cgroup-parent`. The root is the container's cgroup, as
-/// runc's v1 list makes it.
-fn restore_config(
-    daemon: &Daemon,
-    dir: &ContainerDir,
-    cgroups_path: Option<&str>,
-    options: &CriuOptions,
-) -> Result<PathBuf> {
-    let script = dir.root.join("criu-action.sh");
-    write_action_script(
-        &script,
-        &action_script(&daemon.exe, &dir.hold_socket(), DESTINATION_ACTIONS, &[]),
-    )?;
-    let cgroup_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let cgroup_root = cgroups_path
-        .filter(|_| daemon.cgroup_parent.is_some() && cgroup_v2)
-        .map(str::to_owned);
-    let config = dir.root.join("criu-restore.conf");
-    let mut file = ConfigFile {
-        action_script: Some(script),
-        cgroup_root,
-        ..ConfigFile::default()
-    };
-    options.apply_to_restore(&mut file);
-    file.write(&config)?;
-    Ok(config)
+/// Writes the dirty data of the filesystem holding `dir` to disk (one
+/// `syncfs`: the upper dir's files were unpacked without an fsync each).
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    let handle = std::fs::File::open(dir)?;
+    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&handle))?;
+    Ok(())
 }
 
-/// Mounts the overlay from the layer store and the received upper dir, and
-/// writes config.json rewritten for this host; returns its cgroupsPath.
-fn prepare(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Option<String>> {
+/// Mounts the overlay from the layer store and the received upper dir.
+fn mount_rootfs(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<()> {
     let lowers = hello
         .layers
         .iter()
         .map(|l| Ok(daemon.store.path(&LayerDigest::parse(&l.digest)?)))
         .collect::<Result<Vec<_>>>()?;
     mount_overlay(&lowers, &dir.upper(), &dir.work(), &dir.rootfs())?;
-    let mut config = BundleConfig::parse(&hello.config_json)?;
-    config.rewrite_for_destination(&DestinationRewrite {
-        container_id: hello.container_id.clone(),
-        rootfs: dir.rootfs(),
-        cgroup_parent: daemon.cgroup_parent.clone(),
-        network_hook: Some(Hook {
-            path: daemon.exe.clone(),
-            args: vec!["migrate-dst".into(), "network-hook".into()],
-        }),
-    })?;
-    let path = dir.bundle().join("config.json");
-    std::fs::write(&path, config.to_json())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(config.cgroups_path().map(str::to_owned))
-}
-
-/// Starts `migrate-dst log-shim`, a small process of its own that appends
-/// what the container writes to its stdout and stderr to `stdio.log`; returns
-/// the pipe ends to give the restored processes. A pipe, not the file
-/// itself, so that the container stays checkpointable: CRIU cannot dump a
-/// descriptor on a host file.
-fn spawn_log_shim(daemon: &Daemon, dir: &ContainerDir) -> Result<(Stdio, Stdio)> {
-    // Close-on-exec, so that no other child of this daemon (the shim itself
-    // included) holds the write end and keeps the shim from seeing EOF.
-    let (read_end, write_end) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the stdio pipe")?;
-    let mut cmd = tokio::process::Command::new(&daemon.exe);
-    cmd.arg("log-shim")
-        .arg(dir.stdio_log())
-        .stdin(Stdio::from(read_end))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(false);
-    // Dropping the child leaves it running; tokio reaps it when it exits.
-    cmd.spawn().context("starting migrate-dst log-shim")?;
-    let stderr = write_end
-        .try_clone()
-        .context("duplicating the stdio pipe")?;
-    Ok((Stdio::from(write_end), Stdio::from(stderr)))
+    Ok(())
 }
 
 /// Removes every trace of a container that is not (or no longer) wanted
@@ -511,6 +495,8 @@ fn spawn_log_shim(daemon: &Daemon, dir: &ContainerDir) -> Result<(Stdio, Stdio)>
 /// that dir recursively, through a leftover `criu-root` bind mount into the
 /// container's rootfs.
 pub fn discard(daemon: &Daemon, id: &str, dir: &ContainerDir) {
+    // Nothing reads them any more: the restore, if any, has ended.
+    daemon.images.remove(id);
     let runc_dir = daemon.runc.state_dir(id);
     if let Err(e) = unmount_all_under(&runc_dir) {
         tracing::error!(error = %e, "unmounting leftovers under {}; not deleting", runc_dir.display());
@@ -534,11 +520,16 @@ pub fn discard(daemon: &Daemon, id: &str, dir: &ContainerDir) {
     }
 }
 
-/// After the commit: the images are no longer needed (they can be large);
-/// CRIU's logs stay for the record.
-pub fn drop_images(dir: &ContainerDir) {
-    if let Err(e) = std::fs::remove_dir_all(dir.images()) {
-        tracing::warn!(error = %e, "removing {}", dir.images().display());
+/// After the commit: the images are no longer needed (they hold the
+/// container's memory, in memory); CRIU's logs stay for the record. The
+/// link goes too: a container dir without it runs its container here (see
+/// [`crate::restart::status`]).
+pub fn drop_images(daemon: &Daemon, id: &str, dir: &ContainerDir) {
+    daemon.images.remove(id);
+    match std::fs::remove_file(dir.images()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, "removing {}", dir.images().display()),
     }
 }
 

@@ -13,7 +13,8 @@ use migrate_common::rootfs::archive::UnpackPolicy;
 use migrate_common::transfer::{ByteBudget, TransferStats};
 use tracing::{info, warn};
 
-use crate::receive::{self, Inbox, MAX_ROUNDS};
+use crate::prepare::prepare;
+use crate::receive::{self, Budgets, Inbox, MAX_ROUNDS};
 use crate::restore::{self, ContainerDir, RestorePlan};
 use crate::{hold, preflight, Daemon};
 
@@ -87,7 +88,17 @@ pub async fn serve(
     let accepted = checked.reply.accepted;
     let refusals = checked.reply.refusals.clone();
     let missing = checked.reply.missing_layers.clone();
-    let free_bytes = checked.reply.free_bytes;
+    let budgets = Budgets {
+        disk: Arc::new(ByteBudget::new(
+            checked.reply.free_bytes.saturating_sub(DISK_BUDGET_RESERVE),
+        )),
+        images: Arc::new(ByteBudget::for_space(
+            checked
+                .image_free_bytes
+                .saturating_sub(IMAGE_BUDGET_RESERVE),
+            "destination image space, --image-dir",
+        )),
+    };
     if let Err(e) = session.send(checked.reply).await {
         if let Some(dir) = &checked.claimed {
             restore::discard(&daemon, &hello.container_id, dir);
@@ -118,14 +129,11 @@ pub async fn serve(
         .layers
         .extend(missing);
     let stats = Arc::new(TransferStats::default());
-    let budget = Arc::new(ByteBudget::new(
-        free_bytes.saturating_sub(preflight_reserve()),
-    ));
     let mut acceptor = tokio::spawn(receive::accept_streams(
         conn.clone(),
         inbox.clone(),
         daemon.store.clone(),
-        budget,
+        budgets,
         stats.clone(),
     ));
 
@@ -147,7 +155,6 @@ pub async fn serve(
                 bytes_compressed = stats.compressed_bytes(),
                 "migration committed"
             );
-            restore::drop_images(&dir);
             Ok(())
         }
         Err(Ending::Keep(e)) => {
@@ -212,10 +219,10 @@ impl<E: Into<anyhow::Error>> From<E> for Ending {
 /// before closing it itself.
 const STREAMS_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Bytes of the free space the byte budget leaves untouched.
-fn preflight_reserve() -> u64 {
-    64 << 20
-}
+/// Bytes of the state dir's free space the disk budget leaves untouched.
+const DISK_BUDGET_RESERVE: u64 = 64 << 20;
+/// Bytes of the image dir's free space the image budget leaves untouched.
+const IMAGE_BUDGET_RESERVE: u64 = 16 << 20;
 
 async fn exchange(
     session: &mut Session,
@@ -248,6 +255,9 @@ async fn exchange(
         targets.upper = Some(dir.upper());
     }
     session.send(LayersReady {}).await?;
+    // While the source dumps: none of it waits for the images, so none of
+    // it is left for the frozen step.
+    let prepared = prepare(daemon, hello, dir).context("preparing the restore")?;
 
     let mut rounds = 0;
     let sent = loop {
@@ -297,7 +307,7 @@ async fn exchange(
         parent_round: sent.parent_round,
         lazy: sent.lazy,
     };
-    hold::conclude(session, daemon, hello, dir, plan, peer).await
+    hold::conclude(session, daemon, hello, dir, plan, prepared, peer).await
 }
 
 /// The next control message, unless a data stream fails first: then why,

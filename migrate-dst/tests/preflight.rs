@@ -203,6 +203,7 @@ async fn every_check_leaves_an_item_in_order() {
             "cgroup",
             "layers",
             "disk",
+            "image space",
             "memory",
         ]
     );
@@ -214,6 +215,12 @@ async fn every_check_leaves_an_item_in_order() {
     assert_eq!(
         cpu.detail, "not checked (the source sent no cpuinfo image)",
         "an old source sends none"
+    );
+    let images = &reply.checks[13];
+    assert!(
+        images.detail.contains("/dev/shm/migrate-dst-test.")
+            && images.detail.contains("the migration's images need about"),
+        "the image space item names the image dir: {images:?}"
     );
     conn.close(0u32.into(), b"done");
     endpoint.wait_idle().await;

@@ -168,8 +168,8 @@ enum Command {
     Resolve(ResolveArgs),
     /// Ask destinations whether they would take containers, and why not:
     /// the preflight alone, a verdict per item (versions, CRIU features,
-    /// CPU, disk, memory, layers, bind sources, cgroup, policy). Nothing is
-    /// frozen or claimed.
+    /// CPU, disk, image space, memory, layers, bind sources, cgroup,
+    /// policy). Nothing is frozen or claimed.
     #[command(
         after_help = "Exit status: 0 every container would move to every destination; 1 \
                             some would not, or could not be checked.\n\n\

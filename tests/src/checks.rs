@@ -98,6 +98,7 @@ pub fn assert_destination_discarded(dst: &Destination, id: &str) {
         dst.runc(&["state", id]).stdout.is_empty(),
         "runc still knows {id} on the destination"
     );
+    assert_no_images(dst, id);
     assert!(
         mounts_under(&dst.state_dir).is_empty(),
         "mounts left: {:?}",
@@ -180,4 +181,21 @@ pub fn wait_until_mid_transfer(dst: &Destination, id: &str, migrate: &mut Child)
         assert!(Instant::now() < deadline, "the memory never arrived");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The destination holds no images of `id` in its image dir: a migration
+/// that ended, however it ended, leaves none.
+pub fn assert_no_images(dst: &Destination, id: &str) {
+    let images = dst.images_of(id);
+    assert!(
+        dst.image_dir.is_dir(),
+        "{} is not there",
+        dst.image_dir.display()
+    );
+    assert!(
+        !images.exists(),
+        "the destination left images in {}: {:?}",
+        images.display(),
+        std::fs::read_dir(&images).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
 }

@@ -11,6 +11,8 @@ use crate::{remove_cgroup_parent, runc_delete, unmount_under};
 pub struct Destination {
     pub(crate) child: Option<Child>,
     pub state_dir: PathBuf,
+    /// Its `--image-dir`, removed with it.
+    pub image_dir: PathBuf,
     pub runc_root: PathBuf,
     pub log: PathBuf,
     pub(crate) cgroup_parent: String,
@@ -28,6 +30,11 @@ impl Destination {
 
     pub fn container_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("containers").join(id)
+    }
+
+    /// Where the daemon holds the images of container `id`.
+    pub fn images_of(&self, id: &str) -> PathBuf {
+        self.image_dir.join(id)
     }
 
     pub fn log_text(&self) -> String {
@@ -81,6 +88,13 @@ impl Drop for Destination {
             }
         }
         remove_cgroup_parent(&self.cgroup_parent);
+        // A link to a test's own tmpfs goes alone (the tmpfs guard removes
+        // the tmpfs).
+        let _ = if self.image_dir.is_symlink() {
+            std::fs::remove_file(&self.image_dir)
+        } else {
+            std::fs::remove_dir_all(&self.image_dir)
+        };
     }
 }
 

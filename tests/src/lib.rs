@@ -183,7 +183,14 @@ impl Lab {
         self.dir.path().join(name)
     }
 
-    /// Starts `migrate-dst` on the destination host with `extra` arguments.
+    /// The `--image-dir` of the daemon named `name` (its own, on the
+    /// tmpfs of /dev/shm: two daemons of a test must not share one).
+    pub fn image_dir(&self, name: &str) -> PathBuf {
+        PathBuf::from(format!("/dev/shm/migrate-e2e-{}-{name}-images", self.n))
+    }
+
+    /// Starts `migrate-dst` on the destination host with `extra` arguments
+    /// (its own `--image-dir` unless they name one).
     pub fn start_destination(&self, extra: &[&str]) -> Destination {
         self.start_daemon(&self.hosts.dst, DST_ADDR, &self.tls_dst, "dst", extra)
     }
@@ -200,9 +207,13 @@ impl Lab {
         extra: &[&str],
     ) -> Destination {
         let state_dir = self.path(&format!("{name}-state"));
+        let image_dir = self.image_dir(name);
         let runc_root = self.path(&format!("runc-{name}"));
         let log = self.path(&format!("migrate-{name}-{}.log", unique()));
         let mut cmd = self.hosts.on(ns, &bin("migrate-dst"));
+        if !extra.contains(&"--image-dir") {
+            cmd.arg("--image-dir").arg(&image_dir);
+        }
         cmd.arg("--listen")
             .arg(format!("{addr}:{DST_PORT}"))
             .arg("--tls-dir")
@@ -223,6 +234,7 @@ impl Lab {
         let dst = Destination {
             child: Some(child),
             state_dir,
+            image_dir,
             runc_root,
             log,
             cgroup_parent: format!("migrate-e2e-{}-{name}", self.n),

@@ -63,6 +63,9 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         unmount_under(&self.mount_point);
+        // Outside the lab's temp dir (an image dir's, under /dev/shm) the
+        // mount point would stay.
+        let _ = std::fs::remove_dir(&self.mount_point);
     }
 }
 

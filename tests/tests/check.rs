@@ -16,7 +16,7 @@ use migrate_e2e::checks::{
 use migrate_e2e::{bin, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT};
 
 /// The items a destination reports, in its order.
-const ITEMS: [&str; 14] = [
+const ITEMS: [&str; 15] = [
     "protocol",
     "container id",
     "criu version",
@@ -30,6 +30,7 @@ const ITEMS: [&str; 14] = [
     "cgroup",
     "layers",
     "disk",
+    "image space",
     "memory",
 ];
 
@@ -138,6 +139,19 @@ fn check_reports_every_item_and_moves_nothing() {
     // The source sent its CPU, and this host's CRIU took it.
     let cpu = &items[5]["detail"];
     assert!(cpu.as_str().unwrap().contains("accepts"), "{cpu}");
+    // The images are measured against the image dir, the rest against the
+    // state dir's disk.
+    let image_space = items[13]["detail"].as_str().unwrap();
+    assert!(
+        image_space.starts_with(&format!("{} has ", dst.image_dir.display()))
+            && image_space.contains("the migration's images need about"),
+        "{image_space}"
+    );
+    let disk = items[12]["detail"].as_str().unwrap();
+    assert!(
+        disk.contains("the migration's layers and the upper dir need about"),
+        "{disk}"
+    );
 
     assert!(!frozen, "the container was frozen during the check");
 

@@ -10,8 +10,9 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use migrate_e2e::checks::{
-    assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
-    counter, heap, stderr, wait_for_heap, wait_for_ticks, wait_until_mid_transfer, GAME,
+    assert_destination_discarded, assert_no_images, assert_running_on_source_unchanged,
+    assert_work_dir_clean, counter, heap, stderr, wait_for_heap, wait_for_ticks,
+    wait_until_mid_transfer, GAME,
 };
 use migrate_e2e::{
     runc_exec, sh, wait_until, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT,
@@ -235,6 +236,8 @@ fn a_destination_killed_while_holding_its_copy_and_restarted_ends_in_one_copy() 
         Some(0) => assert_runs_on_destination_only(&dst, &container, &before),
         other => panic!("exit {other:?}:\n{}", stderr(&out)),
     }
+    // Either way the adopted copy's images went with the migration's end.
+    assert_no_images(&dst, "f3");
     assert!(
         dst.log_text().contains("f3"),
         "the restarted destination never heard of f3"

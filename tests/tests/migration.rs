@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use migrate_e2e::checks::{
-    assert_destination_discarded, assert_running_on_source_unchanged, assert_work_dir_clean,
-    counter, heap, stderr, wait_for_heap, wait_for_ticks, wait_until_mid_transfer, GAME,
+    assert_destination_discarded, assert_no_images, assert_running_on_source_unchanged,
+    assert_work_dir_clean, counter, heap, stderr, wait_for_heap, wait_for_ticks,
+    wait_until_mid_transfer, GAME,
 };
 use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
 
@@ -62,11 +63,14 @@ fn migration_preserves_memory_files_and_rootfs_changes() {
         "{summary}"
     );
 
-    // Gone from the source, with nothing left behind.
+    // Gone from the source, with nothing left behind; the destination's
+    // images went at the commit.
     assert!(
         container.state().is_none(),
         "the container is still registered on the source"
     );
+    assert_no_images(&dst, "game1");
+    assert!(!dst.container_dir("game1").join("images").exists());
     assert!(mounts_under(&container.runc_root).is_empty());
     assert_work_dir_clean(&lab);
 
@@ -212,6 +216,9 @@ fn failed_restore_resumes_the_container_on_the_source() {
     assert!(std::fs::read_to_string(&restore_log)
         .unwrap()
         .contains("Restoring FAILED"));
+    // The logs, not the images: those go with the rest.
+    assert!(!log_dir.join("images").exists());
+    assert_no_images(&dst, "game3");
     assert!(
         err.contains("was resumed and is running on the source"),
         "{err}"
@@ -327,6 +334,15 @@ fn killing_the_destination_mid_transfer_resumes_the_container() {
     );
     assert_running_on_source_unchanged(&container, pid, &before);
     assert_work_dir_clean(&lab);
+    assert!(
+        dst.images_of("game4").join("final").is_dir(),
+        "the killed destination held no images to leave behind"
+    );
+    // Images of no container dir at all: left by a daemon killed between
+    // the removal of a container dir and that of its images.
+    let orphan = dst.images_of("orphan8").join("final");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("pages-1.img"), [0u8; 4096]).unwrap();
 
     // A restarted destination removes what the killed one left half-done.
     let dst = lab.start_destination(&[]);
@@ -334,6 +350,13 @@ fn killing_the_destination_mid_transfer_resumes_the_container() {
     assert!(dst
         .log_text()
         .contains("removed state left by an interrupted migration"));
+    assert_no_images(&dst, "orphan8");
+    assert!(
+        dst.log_text()
+            .contains("removed images left by an earlier run"),
+        "{}",
+        dst.log_text()
+    );
 }
 
 #[test]

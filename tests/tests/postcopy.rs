@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use migrate_e2e::checks::{
-    assert_destination_discarded, assert_heap_intact, assert_running_on_source_unchanged,
-    assert_work_dir_clean, counter, heap, stderr, wait_for_heap, wait_for_ticks, GAME,
+    assert_destination_discarded, assert_heap_intact, assert_no_images,
+    assert_running_on_source_unchanged, assert_work_dir_clean, counter, heap, stderr,
+    wait_for_heap, wait_for_ticks, GAME,
 };
 use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
 
@@ -34,6 +35,7 @@ fn post_copy_moves_the_container_before_its_memory() {
     );
     assert!(mounts_under(&container.runc_root).is_empty());
     assert_work_dir_clean(&lab);
+    assert_no_images(&dst, "pc1");
 
     let exec = |args: &[&str]| runc_exec(&dst.runc_root, "pc1", args);
     let after = counter(exec);

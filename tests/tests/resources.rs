@@ -16,7 +16,10 @@ use migrate_e2e::checks::{
 use migrate_e2e::resources::{
     assert_no_network_lock, failed_on_source, fault_injection_migrate, peak_rss_kib, Tmpfs,
 };
-use migrate_e2e::{mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer};
+use migrate_e2e::{
+    bin, mounts_under, runc_exec, wait_until, Destination, Lab, SourceContainer, DST_ADDR,
+    DST_PORT, SRC_ADDR,
+};
 
 /// The game beside `size` of checksummed heap, its memory filled.
 fn start_with_heap(lab: &Lab, id: &str, size: &str) -> SourceContainer {
@@ -67,7 +70,7 @@ fn destination_without_room_refuses_in_preflight() {
         "{err}"
     );
     assert!(
-        err.contains(" free, the migration needs about"),
+        err.contains(" free, the migration's layers and the upper dir need about"),
         "the refusal must say the destination lacks disk space: {err}"
     );
     assert!(
@@ -79,10 +82,73 @@ fn destination_without_room_refuses_in_preflight() {
 }
 
 #[test]
-fn destination_disk_filling_during_the_transfer_resumes_the_container() {
+fn destination_images_beyond_the_image_space_are_refused_in_preflight() {
     let lab = Lab::new();
-    // Room for the preflight's estimate (memory + 256 MiB kept free).
-    let disk = Tmpfs::behind(&lab.path("dst-state"), 448);
+    let image_space = Tmpfs::behind(&lab.image_dir("dst"), 1);
+    let dst = lab.start_destination(&[]);
+    let container = start_with_heap(&lab, "tiny1", "64M");
+    let before = wait_for_ticks(&container, 3);
+    let pid = container.pid().unwrap();
+
+    let err = failed_on_source(&lab.migrate(&container, &[]));
+    assert!(
+        err.contains("the destination refused the migration"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{} has 1.00 MiB free, the migration's images need about",
+            dst.image_dir.display()
+        )),
+        "the refusal must say the images do not fit the image dir: {err}"
+    );
+    assert!(
+        !err.contains("the migration's layers and the upper dir need"),
+        "the disk has room: {err}"
+    );
+    assert!(
+        err.contains("was not touched and is running on the source"),
+        "{err}"
+    );
+    assert_resumed_and_clean(&lab, &dst, &container, pid, &before);
+    image_space.assert_holds_no_mounts();
+}
+
+#[test]
+fn an_image_dir_not_on_a_tmpfs_is_refused_at_start() {
+    let lab = Lab::new();
+    // Beside the build: on the disk, whatever /tmp is.
+    let on_disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image_dir = on_disk.path().join("images");
+    let out = lab
+        .hosts
+        .on(&lab.hosts.dst, &bin("migrate-dst"))
+        .arg("--listen")
+        .arg(format!("{DST_ADDR}:{DST_PORT}"))
+        .args(["--allow", SRC_ADDR, "--tls-dir"])
+        .arg(&lab.tls_dst)
+        .arg("--state-dir")
+        .arg(lab.path("dst-state"))
+        .arg("--image-dir")
+        .arg(&image_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "migrate-dst started: {err}");
+    assert!(
+        err.contains(&format!("--image-dir {} is on ", image_dir.display()))
+            && err.contains(", not a tmpfs"),
+        "the refusal must name the dir and its filesystem: {err}"
+    );
+    assert!(!err.contains("listening"), "{err}");
+}
+
+#[test]
+fn destination_image_space_filling_during_the_transfer_resumes_the_container() {
+    let lab = Lab::new();
+    // Room for the preflight's estimate (memory + 64 MiB kept free).
+    let disk = Tmpfs::behind(&lab.image_dir("dst"), 448);
     let dst = lab.start_destination(&[]);
     let container = start_with_heap(&lab, "full2", "128M");
     let before = wait_for_ticks(&container, 3);

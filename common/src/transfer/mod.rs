@@ -80,12 +80,13 @@ pub enum TransferError {
     UnknownKind(i32),
     #[error("data stream in unknown codec {0}")]
     UnknownCodec(i32),
-    #[error("{stream} declares {declared} bytes, but only {available} of the migration's byte budget of {limit} bytes are left (destination disk space)")]
+    #[error("{stream} declares {declared} bytes, but only {available} of the migration's byte budget of {limit} bytes are left ({space})")]
     BudgetExceeded {
         stream: String,
         declared: u64,
         available: u64,
         limit: u64,
+        space: &'static str,
     },
     #[error("{stream} carries more than the {declared} bytes it declared")]
     Overlong { stream: String, declared: u64 },
@@ -200,13 +201,22 @@ impl TransferStats {
 pub struct ByteBudget {
     limit: u64,
     used: AtomicU64,
+    /// What the budget stands for, as its refusals say.
+    space: &'static str,
 }
 
 impl ByteBudget {
+    /// A budget of the destination's disk space.
     pub fn new(limit: u64) -> Self {
+        Self::for_space(limit, "destination disk space")
+    }
+
+    /// A budget of `space` (a receiver may keep one per place it writes to).
+    pub fn for_space(limit: u64, space: &'static str) -> Self {
         Self {
             limit,
             used: AtomicU64::new(0),
+            space,
         }
     }
 
@@ -456,6 +466,7 @@ where
             declared,
             available,
             limit: budget.limit,
+            space: budget.space,
         });
     }
     let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
@@ -544,6 +555,17 @@ struct Received {
     overran: bool,
 }
 
+/// Whether a received file is on disk before its stream counts as received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsynced: the file must survive a crash of the host.
+    Synced,
+    /// Left to the page cache (or written to a tmpfs): the file is needed
+    /// only until the process that reads it ends, and a crash loses nothing
+    /// another copy does not have.
+    Volatile,
+}
+
 /// Receives a data stream into the file at `path`, from the stream's offset
 /// on: the file is made by whichever of its segments comes first. The
 /// receiver admits each range of a file once (the destination's inbox), so
@@ -552,6 +574,7 @@ pub async fn receive_file(
     recv: quinn::RecvStream,
     header: &DataHeader,
     path: &Path,
+    durability: Durability,
     budget: Arc<ByteBudget>,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
@@ -569,8 +592,10 @@ pub async fn receive_file(
             .map_err(|e| TransferError::io(format!("seeking in {}", path.display()), e))?;
         copy_large(source, &mut file)
             .map_err(|e| TransferError::io(format!("writing {}", path.display()), e))?;
-        file.sync_data()
-            .map_err(|e| TransferError::io(format!("syncing {}", path.display()), e))?;
+        if durability == Durability::Synced {
+            file.sync_data()
+                .map_err(|e| TransferError::io(format!("syncing {}", path.display()), e))?;
+        }
         Ok(())
     })
     .await?;

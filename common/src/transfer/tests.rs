@@ -84,9 +84,16 @@ async fn files_and_streams_arrive_intact_with_matching_digests() {
         StreamId::new(StreamKind::Image, 2, "pages-1.img")
     );
     assert_eq!(header.declared_bytes, payload.len() as u64);
-    let got_file = receive_file(recv, &header, &out, budget.clone(), recv_stats.clone())
-        .await
-        .unwrap();
+    let got_file = receive_file(
+        recv,
+        &header,
+        &out,
+        Durability::Synced,
+        budget.clone(),
+        recv_stats.clone(),
+    )
+    .await
+    .unwrap();
     let mut recv = dst.accept_uni().await.unwrap();
     let header = read_header(&mut recv).await.unwrap();
     assert_eq!(header.id.kind, StreamKind::UpperDir);
@@ -152,9 +159,16 @@ async fn a_stream_declared_beyond_the_budget_is_refused_before_anything_is_taken
     let header = read_header(&mut recv).await.unwrap();
     let budget = Arc::new(ByteBudget::new(CHUNK as u64));
     let path = dir.path().join("big.img");
-    let err = receive_file(recv, &header, &path, budget.clone(), Arc::default())
-        .await
-        .unwrap_err();
+    let err = receive_file(
+        recv,
+        &header,
+        &path,
+        Durability::Volatile,
+        budget.clone(),
+        Arc::default(),
+    )
+    .await
+    .unwrap_err();
     match &err {
         TransferError::BudgetExceeded {
             stream,
@@ -186,9 +200,16 @@ async fn the_receiver_stops_at_the_first_byte_beyond_the_declared_size() {
     let header = read_header(&mut recv).await.unwrap();
     let budget = Arc::new(ByteBudget::new(u64::MAX));
     let path = dir.path().join("big.img");
-    let err = receive_file(recv, &header, &path, budget, Arc::default())
-        .await
-        .unwrap_err();
+    let err = receive_file(
+        recv,
+        &header,
+        &path,
+        Durability::Synced,
+        budget,
+        Arc::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, TransferError::Overlong { stream, declared: 10 } if stream.contains("big.img")),
         "{err:?}"
@@ -320,6 +341,7 @@ async fn an_uncompressed_stream_arrives_intact_and_counts_its_bytes_once() {
         recv,
         &header,
         &path,
+        Durability::Volatile,
         Arc::new(ByteBudget::new(u64::MAX)),
         recv_stats.clone(),
     )
@@ -344,9 +366,16 @@ async fn an_uncompressed_stream_stops_at_the_first_byte_beyond_its_declared_size
     let header = read_header(&mut recv).await.unwrap();
     let budget = Arc::new(ByteBudget::new(u64::MAX));
     let path = dir.path().join("big.img");
-    let err = receive_file(recv, &header, &path, budget, Arc::default())
-        .await
-        .unwrap_err();
+    let err = receive_file(
+        recv,
+        &header,
+        &path,
+        Durability::Volatile,
+        budget,
+        Arc::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, TransferError::Overlong { declared: 10, .. }),
         "{err:?}"
@@ -366,6 +395,7 @@ async fn an_uncompressed_stream_is_charged_to_the_budget_before_it_is_read() {
         recv,
         &header,
         &path,
+        Durability::Volatile,
         Arc::new(ByteBudget::new(CHUNK as u64)),
         Arc::default(),
     )

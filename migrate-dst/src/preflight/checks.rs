@@ -412,9 +412,9 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-pub(crate) fn free_bytes(daemon: &Daemon) -> nix::Result<u64> {
-    let st = nix::sys::statvfs::statvfs(&daemon.state_dir)?;
-    Ok(st.blocks_available() * st.fragment_size())
+pub(crate) fn free_bytes(dir: &Path) -> nix::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 #[cfg(test)]

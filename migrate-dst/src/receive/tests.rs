@@ -97,6 +97,14 @@ struct Rig {
 }
 
 async fn rig(hello: Hello, policy: UnpackPolicy, layers: &[&str]) -> Rig {
+    let unbounded = Budgets {
+        disk: Arc::new(ByteBudget::new(u64::MAX)),
+        images: Arc::new(ByteBudget::new(u64::MAX)),
+    };
+    rig_within(hello, policy, layers, unbounded).await
+}
+
+async fn rig_within(hello: Hello, policy: UnpackPolicy, layers: &[&str], budgets: Budgets) -> Rig {
     use migrate_common::certs::{create_ca, issue, TlsDir};
     use migrate_common::transport;
 
@@ -136,7 +144,7 @@ async fn rig(hello: Hello, policy: UnpackPolicy, layers: &[&str]) -> Rig {
         dst,
         inbox.clone(),
         store.clone(),
-        Arc::new(ByteBudget::new(u64::MAX)),
+        budgets,
         Arc::default(),
     ));
     Rig {
@@ -445,4 +453,35 @@ async fn a_link_probe_is_read_and_dropped_once_and_bounded() {
     .await;
     let reason = refusal(&oversized.inbox).await;
     assert!(reason.contains("more than the"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_are_charged_to_the_image_space_and_the_rest_to_the_disk() {
+    // Room on the disk for the upper dir, none in the image space for an
+    // image as large.
+    let budgets = Budgets {
+        disk: Arc::new(ByteBudget::new(1 << 20)),
+        images: Arc::new(ByteBudget::for_space(1 << 10, "destination image space")),
+    };
+    let rig = rig_within(Hello::default(), UnpackPolicy::strict(), &[], budgets).await;
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("data"), vec![7u8; 64 << 10]).unwrap();
+    let id = StreamId::new(StreamKind::UpperDir, 0, "");
+    let sent = send_tree(&rig.src, id, tree.path()).await;
+    rig.inbox.verify(&[sent]).await.unwrap();
+    assert_eq!(
+        std::fs::read(rig.upper.join("data")).unwrap().len(),
+        64 << 10
+    );
+
+    send_forged(
+        &rig.src,
+        forged(StreamKind::Image, 0, "pages-1.img", 64 << 10),
+    )
+    .await;
+    let refused = refusal(&rig.inbox).await;
+    assert!(
+        refused.contains("pages-1.img") && refused.contains("(destination image space)"),
+        "{refused}"
+    );
 }

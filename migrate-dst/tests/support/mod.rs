@@ -16,6 +16,7 @@ use migrate_common::protocol::{
 };
 use migrate_common::runc::Runc;
 use migrate_common::transport::{self, TransportError};
+use migrate_dst::images::ImageDir;
 use migrate_dst::Daemon;
 
 pub type Control = ControlChannel<quinn::SendStream>;
@@ -86,15 +87,25 @@ pub async fn start_daemon(
     } else {
         ("/nonexistent/runc".into(), "/nonexistent/criu".into())
     };
+    // The image dir must be a tmpfs; it lives as long as the daemon's task.
+    let images = tempfile::Builder::new()
+        .prefix("migrate-dst-test.")
+        .tempdir_in("/dev/shm")
+        .unwrap();
     let daemon = Daemon::new(
         dir.join("state"),
+        ImageDir::open(images.path()).unwrap(),
         Runc::new(runc, dir.join("runc"), None),
         Criu::new(criu),
         None,
         setup.policy,
     )
     .unwrap();
-    (port, tokio::spawn(migrate_dst::serve_on(endpoint, daemon)))
+    let serve = async move {
+        let _images = images;
+        migrate_dst::serve_on(endpoint, daemon).await
+    };
+    (port, tokio::spawn(serve))
 }
 
 /// Connects to the daemon on `port` as the source would and opens the
