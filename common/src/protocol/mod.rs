@@ -6,7 +6,8 @@
 //! carries on ([`Resume`]). The source opens a single bidirectional
 //! **control stream** that carries length-prefixed prost messages
 //! ([`framing`]); bulk data (layers, CRIU image files, the rootfs base and
-//! delta) travels on unidirectional **data streams**, one per file, each
+//! delta) travels on unidirectional **data streams**, one per file (a large
+//! image: one per 32 MiB segment, at the offset the header names), each
 //! starting with a [`messages::StreamHeader`] frame followed by the file's
 //! bytes, zstd-compressed or as they are, as the header's codec says
 //! ([`crate::transfer`]). Post-copy adds one
@@ -33,10 +34,13 @@
 //!  pre-copy, hybrid — repeated while the rule says so:
 //!    runc checkpoint --pre-dump [--parent-path ../n-1]
 //!    data: Image(round n)…,  RoundSent{n, files} ──► images/n/ (parent → ../n-1)
+//!  auto compression: data: Probe (32 MiB, as is) ──► read and dropped
 //!  freeze:
-//!    eager: runc checkpoint [--parent-path ../n], held in CRIU's post-dump
+//!    eager: runc checkpoint [--parent-path ../n], held in CRIU's post-dump;
+//!      data: Image(final, pages-*.img @offset)… as CRIU writes them
 //!    lazy:  runc checkpoint --lazy-pages [--parent-path ../n]; cgroup frozen again
-//!  data: Image(final)…, UpperDelta ────────────────► images/final/, delta on upper/
+//!  data: Image(final)…, UpperDelta ────────────────► images/final/ (on a tmpfs),
+//!                                                     delta on upper/
 //!  CheckpointSent{files, parent_round, lazy} ──────► verify every checksum, mount,
 //!                                                     bundle; lazy: criu lazy-pages;
 //!                                                     runc restore -d [--lazy-pages],
