@@ -262,12 +262,25 @@ pub(crate) fn channel(
 pub(crate) fn header(rt: &tokio::runtime::Runtime, input: &[u8]) -> Result<(), TestCaseError> {
     let mut stream = input;
     match rt.block_on(transfer::read_header(&mut stream)) {
-        Ok(header) => ensure!(
-            header.id.kind != StreamKind::Invalid,
-            "a header of kind {:?}",
-            header.id.kind
-        ),
-        Err(transfer::TransferError::Header(_))
+        Ok(header) => {
+            ensure!(
+                header.id.kind != StreamKind::Invalid,
+                "a header of kind {:?}",
+                header.id.kind
+            );
+            ensure!(
+                header.id.offset == 0 || header.id.kind == StreamKind::Image,
+                "a {:?} header with offset {}",
+                header.id.kind,
+                header.id.offset
+            );
+        }
+        // A segment of anything but an image.
+        Err(transfer::TransferError::Declaration {
+            problem: "only images come in segments",
+            ..
+        })
+        | Err(transfer::TransferError::Header(_))
         | Err(transfer::TransferError::NoHeader)
         | Err(transfer::TransferError::UnknownKind(_))
         | Err(transfer::TransferError::UnknownCodec(_)) => {}
