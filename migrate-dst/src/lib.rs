@@ -8,6 +8,7 @@
 //! still receiving its pages), which the daemon keeps in its table. At
 //! start-up [`restart`] adopts the copies an earlier run left held.
 
+pub mod durable;
 pub mod gc;
 pub mod hold;
 pub mod images;

@@ -137,7 +137,7 @@ impl ContainerDir {
 pub struct Restoring {
     gate: Gate,
     end: End,
-    /// The `syncfs` of the upper dir, under way beside the restore; `None`
+    /// The fsync of the upper dir's tree, under way beside the restore; `None`
     /// once waited for, or for an adopted copy (held, so synced before).
     upper_synced: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     holder_pid: Option<u32>,
@@ -173,7 +173,7 @@ impl Restoring {
         // Beside the restore, which reads its images from memory: the
         // upper dir's files are still in the page cache.
         let upper = dir.upper();
-        let upper_synced = tokio::task::spawn_blocking(move || sync_filesystem(&upper));
+        let upper_synced = tokio::task::spawn_blocking(move || crate::durable::sync_tree(&upper));
         let gate = Gate::bind(&dir.hold_socket(), POST_RESTORE)
             .map_err(|e| keep(failed("holding the restore", &e.into(), String::new())))?;
         let Prepared {
@@ -468,14 +468,6 @@ pub fn final_images(dir: &ContainerDir, parent_round: u32) -> Result<PathBuf> {
         link_parent(&images, parent_round)?;
     }
     Ok(images)
-}
-
-/// Writes the dirty data of the filesystem holding `dir` to disk (one
-/// `syncfs`: the upper dir's files were unpacked without an fsync each).
-fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
-    let handle = std::fs::File::open(dir)?;
-    nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&handle))?;
-    Ok(())
 }
 
 /// Mounts the overlay from the layer store and the received upper dir.
