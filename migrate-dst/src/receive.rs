@@ -24,7 +24,7 @@ use migrate_common::rootfs::digest::LayerDigest;
 use migrate_common::transfer::probe::MAX_PROBE_BYTES;
 use migrate_common::transfer::segments::{self, SegmentMap};
 use migrate_common::transfer::{
-    self, ByteBudget, DataHeader, Durability, StreamId, TransferError, TransferStats,
+    self, ByteBudget, DataHeader, Durability, StreamId, TransferError, TransferStats, WriteTurns,
 };
 use tokio::sync::Notify;
 
@@ -82,6 +82,8 @@ pub struct Inbox {
     /// both times, and layers do not change).
     announced_layers: HashMap<String, u64>,
     policy: UnpackPolicy,
+    /// The segments of one image file write it in turns.
+    write_turns: WriteTurns,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +119,7 @@ impl Inbox {
             targets: Mutex::default(),
             announced_layers,
             policy,
+            write_turns: WriteTurns::default(),
         }
     }
 
@@ -418,11 +421,17 @@ async fn receive_one(
             let path = image_path(&dir, &id.name)?;
             // Needed only until the restore ends; a crash before then
             // leaves the source its copy.
-            Ok(
-                transfer::receive_file(recv, header, &path, Durability::Volatile, budget, stats)
-                    .await
-                    .with_context(|| format!("receiving {id}"))?,
+            Ok(transfer::receive_file(
+                recv,
+                header,
+                &path,
+                Durability::Volatile,
+                &inbox.write_turns,
+                budget,
+                stats,
             )
+            .await
+            .with_context(|| format!("receiving {id}"))?)
         }
         StreamKind::UpperDir => {
             let dir = upper

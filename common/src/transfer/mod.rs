@@ -15,12 +15,13 @@
 //! uncompressed bytes: the sender reports them in the manifest
 //! ([`FileDigest`]) and the receiver compares what it computed itself.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -566,18 +567,55 @@ pub enum Durability {
     Volatile,
 }
 
+/// Turns at writing, one per file, for the streams that write segments of
+/// the same file. The kernel serialises writes to one file on its inode
+/// lock, and a writer waiting for it spins on its CPU while the holder
+/// copies: four writers into one tmpfs file took 2.3 times the system time
+/// of four writing a file each (0.42 against 0.18 s for 512 MiB), and in a
+/// 512 MiB stop-and-copy profile the destination spent a tenth of its CPU
+/// spinning so. Waiting for a turn sleeps instead.
+#[derive(Debug, Default)]
+pub struct WriteTurns(Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>);
+
+impl WriteTurns {
+    fn of(&self, path: &Path) -> Arc<Mutex<()>> {
+        // A poisoned map only means a writer panicked; the turns still order.
+        let mut turns = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        turns.entry(path.to_owned()).or_default().clone()
+    }
+}
+
+/// A file written only in its turn, one `write` at a time.
+struct TakingTurns<'a> {
+    file: &'a File,
+    turn: &'a Mutex<()>,
+}
+
+impl Write for TakingTurns<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        (&mut &*self.file).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Receives a data stream into the file at `path`, from the stream's offset
 /// on: the file is made by whichever of its segments comes first. The
 /// receiver admits each range of a file once (the destination's inbox), so
-/// segments never overlap; a symbolic link is never followed.
+/// segments never overlap; a symbolic link is never followed. Streams into
+/// one file write in turns (`turns`).
 pub async fn receive_file(
     recv: quinn::RecvStream,
     header: &DataHeader,
     path: &Path,
     durability: Durability,
+    turns: &WriteTurns,
     budget: Arc<ByteBudget>,
     stats: Arc<TransferStats>,
 ) -> Result<FileDigest, TransferError> {
+    let turn = turns.of(path);
     let path = path.to_owned();
     let offset = header.id.offset;
     let (_, digest) = receive_stream(recv, header, budget, stats, move |source| {
@@ -590,7 +628,11 @@ pub async fn receive_file(
             .map_err(|e| TransferError::io(format!("creating {}", path.display()), e))?;
         file.seek(SeekFrom::Start(offset))
             .map_err(|e| TransferError::io(format!("seeking in {}", path.display()), e))?;
-        copy_large(source, &mut file)
+        let mut writer = TakingTurns {
+            file: &file,
+            turn: &turn,
+        };
+        copy_large(source, &mut writer)
             .map_err(|e| TransferError::io(format!("writing {}", path.display()), e))?;
         if durability == Durability::Synced {
             file.sync_data()

@@ -89,6 +89,7 @@ async fn files_and_streams_arrive_intact_with_matching_digests() {
         &header,
         &out,
         Durability::Synced,
+        &WriteTurns::default(),
         budget.clone(),
         recv_stats.clone(),
     )
@@ -164,6 +165,7 @@ async fn a_stream_declared_beyond_the_budget_is_refused_before_anything_is_taken
         &header,
         &path,
         Durability::Volatile,
+        &WriteTurns::default(),
         budget.clone(),
         Arc::default(),
     )
@@ -205,6 +207,7 @@ async fn the_receiver_stops_at_the_first_byte_beyond_the_declared_size() {
         &header,
         &path,
         Durability::Synced,
+        &WriteTurns::default(),
         budget,
         Arc::default(),
     )
@@ -342,6 +345,7 @@ async fn an_uncompressed_stream_arrives_intact_and_counts_its_bytes_once() {
         &header,
         &path,
         Durability::Volatile,
+        &WriteTurns::default(),
         Arc::new(ByteBudget::new(u64::MAX)),
         recv_stats.clone(),
     )
@@ -371,6 +375,7 @@ async fn an_uncompressed_stream_stops_at_the_first_byte_beyond_its_declared_size
         &header,
         &path,
         Durability::Volatile,
+        &WriteTurns::default(),
         budget,
         Arc::default(),
     )
@@ -396,6 +401,7 @@ async fn an_uncompressed_stream_is_charged_to_the_budget_before_it_is_read() {
         &header,
         &path,
         Durability::Volatile,
+        &WriteTurns::default(),
         Arc::new(ByteBudget::new(CHUNK as u64)),
         Arc::default(),
     )
@@ -471,4 +477,24 @@ async fn a_capped_stream_goes_no_faster_than_its_cap() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn streams_into_one_file_share_its_turn_and_other_files_have_their_own() {
+    let turns = WriteTurns::default();
+    let pages = turns.of(Path::new("/images/0/pages-1.img"));
+    assert!(Arc::ptr_eq(
+        &pages,
+        &turns.of(Path::new("/images/0/pages-1.img"))
+    ));
+    assert!(!Arc::ptr_eq(
+        &pages,
+        &turns.of(Path::new("/images/0/pages-2.img"))
+    ));
+    // Holding one file's turn does not keep another from being written.
+    let _held = pages.lock().unwrap();
+    assert!(turns
+        .of(Path::new("/images/0/pages-2.img"))
+        .try_lock()
+        .is_ok());
 }
