@@ -46,6 +46,7 @@ repo=$(pwd)
 # shellcheck source=scripts/lib/bench_cases.sh
 . scripts/lib/bench_cases.sh
 report_py=$repo/scripts/lib/bench_report.py
+profile_py=$repo/scripts/lib/bench_profile.py
 
 usage() {
     cat <<'EOF'
@@ -79,6 +80,12 @@ cgroup v1 cpuacct hierarchy, and cargo; builds what it runs.
   --warmup SECS      how long the heap runs before it is moved (default 2)
   --out FILE         the JSON results (default target/bench/bench-<time>.json)
   --quick            a smoke run: --sizes 64M --runs 1
+  --profile          also record every CPU with perf (linux-perf) through the
+                     run, and add to each case where its CPU time went: the
+                     seconds of each process and kernel thread in the case's
+                     CPU window (each CRIU process apart, dump before
+                     restore), with their top functions; printed and in the
+                     JSON as "profile"
   -h, --help         this text
 
 Figures, per case:
@@ -130,6 +137,7 @@ modes=stop-and-copy,post-copy,pre-copy,hybrid
 migrate_args=
 warmup=2
 out=
+profile=0
 while [ $# -gt 0 ]; do
     arg=$1
     shift
@@ -140,6 +148,7 @@ while [ $# -gt 0 ]; do
             ;;
         -h | --help) usage; exit 0 ;;
         --quick) sizes=64M runs=1 ;;
+        --profile) profile=1 ;;
         --links | --sizes | --workloads | --dirty-rate | --runs | --cases | --modes | --migrate-args | --warmup | --out)
             [ $# -gt 0 ] || die "$arg needs a value (see --help)"
             case $arg in
@@ -229,6 +238,9 @@ criu check >/dev/null 2>&1 || die "criu check fails on this kernel (run it to se
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null ||
     die "the kernel has no overlay filesystem"
 cpuacct_root >/dev/null || die "the CPU figures need cgroup v1's cpuacct controller mounted"
+if [ "$profile" -eq 1 ]; then
+    command -v perf >/dev/null || die "--profile needs perf: install linux-perf (scripts/setup.sh does)"
+fi
 
 # Unique names: namespaces, veths, cgroups and dirs cannot collide with the
 # tests' (me<n>s, ve<n>s, migrate-e2e-*) or another benchmark's.
@@ -265,6 +277,24 @@ link_shape() {
     shaped=1
     tc -n "$tag-src" qdisc add dev "$tag-s" root tbf rate "$rate" burst 256kb latency 10ms
     tc -n "$tag-dst" qdisc add dev "$tag-d" root tbf rate "$rate" burst 256kb latency 10ms
+}
+
+# The system-wide profile (--profile): perf from the warm-up to the end.
+profiler=
+profile_start() {
+    perf record -a -F 499 -k CLOCK_REALTIME -q -o "$dir/perf.data" >"$dir/perf.log" 2>&1 &
+    profiler=$!
+    children+=("$profiler")
+}
+
+profile_attach() {
+    [ -n "$profiler" ] || return 0
+    kill -INT "$profiler" 2>/dev/null || true
+    wait "$profiler" 2>/dev/null || true
+    profiler=
+    say "profile: where each case's CPU time went"
+    perf script -i "$dir/perf.data" -F pid,tid,comm,time,period,ip,sym,dso 2>/dev/null >"$dir/perf.txt"
+    python3 "$profile_py" attach "$dir/runs.jsonl" "$dir/perf.txt"
 }
 
 finish_report() {
@@ -397,6 +427,7 @@ write_meta() {
         links="$links" sizes="$sizes" workloads="$workloads" dirty_rate="$dirty_rate" \
         dirty_bytes_per_sec="$(size_bytes "$dirty_rate")" runs="$runs" cases="$cases" \
         modes="$modes" migrate_args="$migrate_args" warmup_s="$warmup" beat_ms=10 settle_ms="$settle_ms" \
+        profile="$profile" \
         migrate_has_mode_flag="$has_mode_flag"
 }
 
@@ -426,6 +457,7 @@ run_cases() {
 
 # One unrecorded round on a small heap first: the first checkpoint, restore
 # and migration of a run pay for cold caches (and migrate sends the layer).
+[ "$profile" -eq 0 ] || profile_start
 say "warm-up round (16M, idle; not recorded)"
 warming=1 c_link=bare c_size=16M c_workload=idle c_run=0
 run_cases
@@ -444,4 +476,5 @@ for c_link in "${link_list[@]}"; do
 done
 link_unshape
 
+profile_attach
 finish_report

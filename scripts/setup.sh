@@ -4,7 +4,8 @@
 # lock), busybox-static (the demo's rootfs), iproute2 and util-linux (nsenter),
 # systemd (systemd-analyze, which checks the units in contrib/systemd/),
 # socat (the workload tests copy it into their containers; the benchmark's
-# plain TCP copies) and zstd (the benchmark's manual pipeline).
+# plain TCP copies), zstd (the benchmark's manual pipeline) and linux-perf
+# (the benchmark's --profile).
 # Idempotent: every step is skipped when what it provides is already there.
 set -euo pipefail
 
@@ -22,7 +23,7 @@ apt_update() {
 }
 
 missing=()
-for pkg in runc iptables busybox-static iproute2 util-linux socat zstd ca-certificates xz-utils systemd; do
+for pkg in runc iptables busybox-static iproute2 util-linux socat zstd linux-perf ca-certificates xz-utils systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -12,8 +12,9 @@
 
 # The case being run, for messages and records.
 c_link='' c_size='' c_workload='' c_run='' c_label='' c_id='' c_base='' c_status=''
-# CPU seconds of each side since cpu_mark, set by cpu_read.
-c_cpu_src0=0 c_cpu_dst0=0 c_cpu_src_s=null c_cpu_dst_s=null
+# CPU seconds of each side since cpu_mark, set by cpu_read, and the
+# window's ends (epoch ms).
+c_cpu_src0=0 c_cpu_dst0=0 c_cpu_src_s=null c_cpu_dst_s=null c_cpu_from_ms=null c_cpu_to_ms=null
 
 # 1 during the warm-up round, whose cases are not recorded.
 warming=0
@@ -22,6 +23,7 @@ warming=0
 declare -A unavailable=()
 
 cpu_mark() {
+    c_cpu_from_ms=$(now_ms)
     c_cpu_src0=$(cpuacct_usage_ns "$cg_src")
     c_cpu_dst0=$(cpuacct_usage_ns "$cg_dst")
 }
@@ -32,6 +34,7 @@ ns_to_s() {
 }
 
 cpu_read() {
+    c_cpu_to_ms=$(now_ms)
     c_cpu_src_s=$(ns_to_s $(($(cpuacct_usage_ns "$cg_src") - c_cpu_src0)))
     c_cpu_dst_s=$(ns_to_s $(($(cpuacct_usage_ns "$cg_dst") - c_cpu_dst0)))
 }
@@ -161,6 +164,7 @@ record_case() {
     gap_end=$(heap_num "$c_base/heap.json" max_gap_end_ms)
     record_fields status=ok app_downtime_ms="$app_gap" app_gap_end_ms="$gap_end" \
         cpu_src_s="$c_cpu_src_s" cpu_dst_s="$c_cpu_dst_s" \
+        cpu_from_ms="$c_cpu_from_ms" cpu_to_ms="$c_cpu_to_ms" \
         verify=@"$c_base/verify.json" heap=@"$c_base/heap.json" "$@"
     say "$c_link $c_size $c_workload run $c_run/$runs $c_label: downtime $(last_record downtime_ms) ms," \
         "app gap ${app_gap%.*} ms, total $(last_record total_ms) ms," \
