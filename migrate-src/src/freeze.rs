@@ -405,6 +405,7 @@ pub(crate) fn hello(
         criu_options: opts.criu_options.names(),
         preflight_only: false,
         cpuinfo,
+        network: None,
     }
 }
 

@@ -153,6 +153,60 @@ pub struct Hello {
     /// that sends none; at most [`MAX_CPUINFO_BYTES`].
     #[prost(bytes = "vec", tag = "13")]
     pub cpuinfo: Vec<u8>,
+    /// The container's network identity on the source, for the destination
+    /// to recreate before the sockets are restored; none for a container
+    /// with no interface but loopback (or none of its own).
+    #[prost(message, optional, tag = "14")]
+    pub network: Option<NetworkIdentity>,
+}
+
+/// A container's interfaces (loopback aside) and routes, as the source
+/// found them in its network namespace. Untrusted on the destination:
+/// `crate::netns::identity` checks it before anything is made of it.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct NetworkIdentity {
+    #[prost(message, repeated, tag = "1")]
+    pub interfaces: Vec<NetInterface>,
+    /// Routes besides those the kernel makes for the addresses.
+    #[prost(message, repeated, tag = "2")]
+    pub routes: Vec<NetRoute>,
+}
+
+/// One interface of the container: a veth whose peer on the host is a
+/// port of a bridge.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct NetInterface {
+    /// Its name inside the container ("eth0").
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// "02:42:0a:4d:00:0a".
+    #[prost(string, tag = "2")]
+    pub mac: String,
+    #[prost(uint32, tag = "3")]
+    pub mtu: u32,
+    /// "10.77.0.10/24", "fd00:77::10/64": the addresses of global scope.
+    #[prost(string, repeated, tag = "4")]
+    pub addresses: Vec<String>,
+    /// The bridge the host's end is a port of.
+    #[prost(string, tag = "5")]
+    pub bridge: String,
+    /// The host's end on the source (its name there, for messages).
+    #[prost(string, tag = "6")]
+    pub host_peer: String,
+}
+
+/// A route of the container's main table.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct NetRoute {
+    /// "default" or a prefix, "10.0.0.0/8".
+    #[prost(string, tag = "1")]
+    pub destination: String,
+    /// Next hop; empty for a route on the link.
+    #[prost(string, tag = "2")]
+    pub gateway: String,
+    /// The interface, by its name inside the container.
+    #[prost(string, tag = "3")]
+    pub device: String,
 }
 
 /// Largest `Hello.cpuinfo` a destination takes: CRIU's x86 image is about

@@ -68,6 +68,7 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 preflight_only: false,
                 // Empty, so the corpus seed keeps its bytes.
                 cpuinfo: Vec::new(),
+                network: None,
             }
             .into(),
         ),

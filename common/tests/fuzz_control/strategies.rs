@@ -111,6 +111,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                     criu_options,
                     preflight_only,
                     cpuinfo,
+                    network: None,
                 })
             },
         );
