@@ -322,6 +322,7 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
     );
     let images = daemon.images.free_bytes();
     let image_free_bytes = *images.as_ref().unwrap_or(&0);
+    reply.image_free_bytes = image_free_bytes;
     verdict.record(
         IMAGE_SPACE,
         room(images, needs.images, daemon.images.root(), "images"),

@@ -27,6 +27,7 @@ pub struct Verdict {
     /// What the destination said of itself.
     pub hostname: String,
     pub free_bytes: u64,
+    pub image_free_bytes: u64,
     pub mem_available_bytes: u64,
     pub criu_version: String,
     pub runc_version: String,
@@ -107,6 +108,7 @@ fn verdict(
         refusals: reply.refusals,
         hostname: reply.hostname,
         free_bytes: reply.free_bytes,
+        image_free_bytes: reply.image_free_bytes,
         mem_available_bytes: reply.mem_available_bytes,
         criu_version: reply.criu_version,
         runc_version: reply.runc_version,

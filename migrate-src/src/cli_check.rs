@@ -267,6 +267,7 @@ mod tests {
             refusals: refusals.iter().map(|r| (*r).to_owned()).collect(),
             hostname: "dst".into(),
             free_bytes: 1 << 30,
+            image_free_bytes: 1 << 30,
             mem_available_bytes: 1 << 30,
             criu_version: "4.2.1".into(),
             runc_version: "1.1.5".into(),

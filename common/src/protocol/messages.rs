@@ -279,6 +279,10 @@ pub struct PreflightReply {
     /// `refusals` repeats the failed ones' reasons.
     #[prost(message, repeated, tag = "11")]
     pub checks: Vec<PreflightCheck>,
+    /// Free bytes of the destination's image dir (a tmpfs): a container's
+    /// images are there from their arrival to the end of its restore.
+    #[prost(uint64, tag = "12")]
+    pub image_free_bytes: u64,
 }
 
 /// One preflight check's verdict: `migrate check` prints one line per item.

@@ -261,6 +261,7 @@ async fn ask(
                         destination: destination.clone(),
                         mode: verdict.mode.to_owned(),
                         free_bytes: verdict.free_bytes,
+                        image_free_bytes: verdict.image_free_bytes,
                         mem_available_bytes: verdict.mem_available_bytes,
                     }
                 } else {

@@ -4,8 +4,10 @@
 //! Containers are placed in the drain's order. Each goes to a destination
 //! that accepted it and still has room for it once the containers placed
 //! before it are counted: its memory out of the destination's available
-//! memory, its memory and upper dir out of its free disk (the images and
-//! the rootfs land there). Among those, the one with the most memory left
+//! memory, its upper dir out of its free disk (the rootfs lands there); its
+//! images (as large as its memory at most) must fit the destination's image
+//! dir, which holds them only until the restore ends, so they are not
+//! added up over the containers placed there. Among those, the one with the most memory left
 //! wins; memory within [`MEMORY_TIE`] counts as a tie, broken by fewer
 //! containers placed there so far (so that equal hosts share the work),
 //! then by more disk left (within [`DISK_TIE`] a tie), then by the order of
@@ -24,6 +26,7 @@ pub enum Answer {
         /// The mode the migration would use.
         mode: String,
         free_bytes: u64,
+        image_free_bytes: u64,
         mem_available_bytes: u64,
     },
     /// Refused, or could not be asked: why, in the destination's words.
@@ -78,6 +81,7 @@ struct Room {
     destination: String,
     memory: u64,
     disk: u64,
+    images: u64,
     placed: usize,
 }
 
@@ -105,6 +109,7 @@ fn rooms(candidates: &[Candidate]) -> Vec<Room> {
                     destination: answer.destination().to_owned(),
                     memory: u64::MAX,
                     disk: u64::MAX,
+                    images: u64::MAX,
                     placed: 0,
                 });
                 rooms.len() - 1
@@ -112,6 +117,7 @@ fn rooms(candidates: &[Candidate]) -> Vec<Room> {
         };
         if let Answer::Accepted {
             free_bytes,
+            image_free_bytes,
             mem_available_bytes,
             ..
         } = answer
@@ -119,13 +125,15 @@ fn rooms(candidates: &[Candidate]) -> Vec<Room> {
             let room = &mut rooms[index];
             room.memory = room.memory.min(*mem_available_bytes);
             room.disk = room.disk.min(*free_bytes);
+            room.images = room.images.min(*image_free_bytes);
         }
     }
     rooms
 }
 
 fn place_one(candidate: &Candidate, rooms: &mut [Room]) -> Placement {
-    let disk_needed = candidate.memory_bytes.saturating_add(candidate.upper_bytes);
+    let disk_needed = candidate.upper_bytes;
+    let images_needed = candidate.memory_bytes;
     let mut reasons = Vec::new();
     let mut fitting: Vec<(usize, &str)> = Vec::new();
     for answer in &candidate.answers {
@@ -144,7 +152,14 @@ fn place_one(candidate: &Candidate, rooms: &mut [Room]) -> Placement {
                 destination, mode, ..
             } => {
                 let room = &rooms[index];
-                if room.memory >= candidate.memory_bytes && room.disk >= disk_needed {
+                if room.images < images_needed {
+                    reasons.push(format!(
+                        "{destination}: accepted, but its image dir has {} free and this \
+                         container's images need up to {}",
+                        indicatif::HumanBytes(room.images),
+                        indicatif::HumanBytes(images_needed)
+                    ));
+                } else if room.memory >= candidate.memory_bytes && room.disk >= disk_needed {
                     fitting.push((index, mode));
                 } else {
                     reasons.push(format!(
@@ -209,7 +224,27 @@ mod tests {
             destination: destination.into(),
             mode: "stop-and-copy".into(),
             free_bytes: disk,
+            image_free_bytes: memory,
             mem_available_bytes: memory,
+        }
+    }
+
+    fn with_image_space(answer: Answer, images: u64) -> Answer {
+        match answer {
+            Answer::Accepted {
+                destination,
+                mode,
+                free_bytes,
+                mem_available_bytes,
+                ..
+            } => Answer::Accepted {
+                destination,
+                mode,
+                free_bytes,
+                image_free_bytes: images,
+                mem_available_bytes,
+            },
+            refused => refused,
         }
     }
 
@@ -340,10 +375,34 @@ mod tests {
     }
 
     #[test]
-    fn disk_counts_memory_and_upper_dir() {
-        let mut c = candidate("c1", GIB, vec![yes("a", 8 * GIB, 2 * GIB)]);
+    fn disk_counts_the_upper_dir_and_the_image_dir_the_images() {
+        // The images go to the image dir, not the disk: 1 GiB of memory
+        // and 1 GiB of upper dir fit 1.5 GiB of disk.
+        let mut c = candidate("c1", GIB, vec![yes("a", 8 * GIB, 3 * GIB / 2)]);
+        c.upper_bytes = GIB;
+        assert_eq!(destinations(&place(&[c.clone()])), ["a"]);
         c.upper_bytes = 2 * GIB;
         assert_eq!(destinations(&place(&[c])), ["-"]);
+    }
+
+    #[test]
+    fn images_must_fit_the_image_dir_each_alone() {
+        let small = || vec![with_image_space(yes("a", 8 * GIB, 100 * GIB), GIB)];
+        let plan = place(&[
+            candidate("big", 2 * GIB, small()),
+            candidate("c1", GIB, small()),
+            candidate("c2", GIB, small()),
+        ]);
+        // The image dir empties after each restore: two containers of its
+        // size both fit, one larger does not.
+        assert_eq!(destinations(&plan), ["-", "a", "a"]);
+        let Placement::Skipped { reasons, .. } = &plan[0] else {
+            panic!("{plan:?}")
+        };
+        assert!(
+            reasons[0].contains("image dir has 1.00 GiB free"),
+            "{reasons:?}"
+        );
     }
 
     #[test]
