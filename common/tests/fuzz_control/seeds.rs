@@ -88,6 +88,8 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 mem_available_bytes: 0,
                 // Empty, so the corpus seed keeps its bytes.
                 checks: Vec::new(),
+                // Zero, so the corpus seed keeps its bytes.
+                image_free_bytes: 0,
             }
             .into(),
         ),

@@ -119,7 +119,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         any::<bool>(),
         vec(text(), 0..4),
         (text(), text()),
-        (any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
         vec(text(), 0..4),
         text(),
         (any::<bool>(), text()),
@@ -148,6 +148,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                     lazy_pages_problem: why,
                     mem_available_bytes: room.1,
                     checks,
+                    image_free_bytes: room.2,
                 })
             },
         );
