@@ -66,6 +66,38 @@ pub(crate) fn preflight_checks() -> impl Strategy<Value = Vec<PreflightCheck>> {
     vec(one, 0..16)
 }
 
+/// A network identity, every field any value (the destination's checks
+/// see what a source could send).
+pub(crate) fn network_identity() -> impl Strategy<Value = Option<NetworkIdentity>> {
+    let interface = (
+        text(),
+        text(),
+        any::<u32>(),
+        vec(text(), 0..3),
+        text(),
+        text(),
+    )
+        .prop_map(
+            |(name, mac, mtu, addresses, bridge, host_peer)| NetInterface {
+                name,
+                mac,
+                mtu,
+                addresses,
+                bridge,
+                host_peer,
+            },
+        );
+    let route = (text(), text(), text()).prop_map(|(destination, gateway, device)| NetRoute {
+        destination,
+        gateway,
+        device,
+    });
+    proptest::option::of(
+        (vec(interface, 0..3), vec(route, 0..3))
+            .prop_map(|(interfaces, routes)| NetworkIdentity { interfaces, routes }),
+    )
+}
+
 /// Any control message, every field any value.
 pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
     let layers = vec(
@@ -82,7 +114,12 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         any::<bool>(),
         enumeration(4),
         text(),
-        (vec(text(), 0..3), any::<bool>(), vec(any::<u8>(), 0..256)),
+        (
+            vec(text(), 0..3),
+            any::<bool>(),
+            vec(any::<u8>(), 0..256),
+            network_identity(),
+        ),
     )
         .prop_map(
             |(
@@ -95,7 +132,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                 tcp,
                 mode,
                 id,
-                (criu_options, preflight_only, cpuinfo),
+                (criu_options, preflight_only, cpuinfo, network),
             )| {
                 ControlMessage::from(Hello {
                     protocol_version,
@@ -111,7 +148,7 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
                     criu_options,
                     preflight_only,
                     cpuinfo,
-                    network: None,
+                    network,
                 })
             },
         );
