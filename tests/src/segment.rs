@@ -192,6 +192,22 @@ impl Segment {
         attachment
     }
 
+    /// Waits until the client reaches `addr` (an ICMP echo answered): the
+    /// links just made may drop the very first frames, and a test's client
+    /// should start on a path that works.
+    pub fn wait_reachable(&self, addr: &str) {
+        wait_until(
+            &format!("the client to reach {addr}"),
+            Duration::from_secs(10),
+            || {
+                self.on_client(Path::new("/bin/busybox"))
+                    .args(["ping", "-c", "1", "-W", "1", addr])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+    }
+
     /// A command run in the client's namespace (network only, as
     /// [`Hosts::on`]).
     pub fn on_client(&self, program: &Path) -> Command {

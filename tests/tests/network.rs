@@ -64,6 +64,7 @@ impl Bed {
         let container = lab.start_container(id, &echo_server());
         let nic = segment.attach(container.pid().unwrap());
         wait_for_echo_server(&container.output);
+        segment.wait_reachable(CONTAINER_ADDR);
         let client = EchoClient::start(&lab, &segment, id, reconnect);
         Self {
             client,
