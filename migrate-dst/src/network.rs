@@ -64,7 +64,10 @@ pub fn recreate_in_hook(path: &Path, pid: u32, host_ends: &[String]) -> Result<(
         .with_context(|| format!("reading {}", path.display()))?
         .len();
     if len > MAX_IDENTITY_BYTES {
-        bail!("{} holds {len} bytes, more than an identity", path.display());
+        bail!(
+            "{} holds {len} bytes, more than an identity",
+            path.display()
+        );
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let id = NetworkIdentity::decode(bytes.as_slice())
@@ -199,7 +202,10 @@ mod tests {
         let mut bad = identity();
         bad.interfaces[0].bridge = "../../x".into();
         let refused = preflight(Some(&bad)).unwrap().unwrap_err();
-        assert!(refused[0].starts_with("the container's network identity"), "{refused:?}");
+        assert!(
+            refused[0].starts_with("the container's network identity"),
+            "{refused:?}"
+        );
         assert!(preflight(None).is_none());
     }
 

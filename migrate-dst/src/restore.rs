@@ -16,9 +16,9 @@ use migrate_common::runc::{RestoreSpec, Runc};
 use tokio::sync::oneshot;
 
 use crate::images::ImageDir;
+use crate::network;
 use crate::prepare::Prepared;
 use crate::receive::{dump_dir, link_parent};
-use crate::network;
 use crate::Daemon;
 
 /// How the images are to be restored.
