@@ -12,7 +12,6 @@ pub mod durable;
 pub mod gc;
 pub mod hold;
 pub mod images;
-pub mod network;
 pub mod preflight;
 pub mod prepare;
 pub mod receive;
