@@ -23,7 +23,7 @@ apt_update() {
 }
 
 missing=()
-for pkg in runc iptables busybox-static iproute2 util-linux socat zstd linux-perf ca-certificates xz-utils systemd; do
+for pkg in runc iptables busybox-static iproute2 util-linux procps socat zstd linux-perf ca-certificates xz-utils systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

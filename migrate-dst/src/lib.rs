@@ -12,6 +12,7 @@ pub mod durable;
 pub mod gc;
 pub mod hold;
 pub mod images;
+pub mod network;
 pub mod preflight;
 pub mod prepare;
 pub mod receive;

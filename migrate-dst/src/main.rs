@@ -111,7 +111,15 @@ fn parse_size(text: &str) -> Result<u64, String> {
 enum Command {
     /// OCI createRuntime hook run by runc during restore; not for users.
     #[command(hide = true)]
-    NetworkHook,
+    NetworkHook {
+        /// The container's network identity (written at prepare) to
+        /// recreate in its namespace; without it only loopback comes up.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// The host's end of each interface, by the identity's order.
+        #[arg(long = "host-end")]
+        host_ends: Vec<String>,
+    },
     /// Appends stdin to FILE until EOF: a restored container's stdio sink.
     #[command(hide = true)]
     LogShim { file: PathBuf },
@@ -175,7 +183,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::NetworkHook) => network_hook(),
+        Some(Command::NetworkHook {
+            identity,
+            host_ends,
+        }) => network_hook(identity.as_deref(), &host_ends),
         Some(Command::LogShim { file }) => log_shim(&file),
         Some(Command::CriuActionHook { socket }) => {
             use migrate_common::hook::{run_action_hook, AgentGone, ACTION_ENV, POST_RESTORE};
@@ -228,8 +239,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn network_hook() -> anyhow::Result<()> {
+fn network_hook(identity: Option<&std::path::Path>, host_ends: &[String]) -> anyhow::Result<()> {
     let state = migrate_common::netns::read_hook_state(std::io::stdin())?;
+    // From the host's namespace, before loopback's setns leaves it.
+    if let Some(path) = identity {
+        migrate_dst::network::recreate_in_hook(path, state.pid, host_ends)?;
+    }
     migrate_common::netns::bring_up_loopback(state.pid)?;
     Ok(())
 }

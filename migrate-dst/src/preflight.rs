@@ -24,6 +24,7 @@ use migrate_common::runc::CriuOptions;
 use migrate_common::transport;
 
 use crate::gc;
+use crate::network;
 use crate::restore::ContainerDir;
 use crate::session::Control;
 use crate::Daemon;
@@ -138,6 +139,7 @@ const EXISTING: &str = "existing container";
 const POLICY: &str = "policy";
 const BIND_SOURCES: &str = "bind sources";
 const CGROUP: &str = "cgroup";
+const NETWORK: &str = "network";
 const LAYERS: &str = "layers";
 const DISK: &str = "disk";
 const IMAGE_SPACE: &str = "image space";
@@ -263,6 +265,17 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
                 ),
             );
             verdict.record(CGROUP, cgroup(daemon, &config, id).map_err(|r| vec![r]));
+            if config.has_private_netns() {
+                if let Some(outcome) = network::preflight(hello.network.as_ref()) {
+                    verdict.record(NETWORK, outcome);
+                }
+            } else if hello.network.is_some() {
+                verdict.fail(
+                    NETWORK,
+                    "a network identity came for a container that joins a network namespace: \
+                     only a namespace of its own is recreated",
+                );
+            }
         }
         Err(e) => verdict.fail(
             POLICY,

@@ -17,6 +17,7 @@ use migrate_common::hook::{action_script, write_action_script, DESTINATION_ACTIO
 use migrate_common::protocol::Hello;
 use migrate_common::runc::CriuOptions;
 
+use crate::network;
 use crate::restore::ContainerDir;
 use crate::Daemon;
 
@@ -84,13 +85,19 @@ fn restore_config(
 /// will be mounted); returns its cgroupsPath.
 fn write_bundle(daemon: &Daemon, hello: &Hello, dir: &ContainerDir) -> Result<Option<String>> {
     let mut config = BundleConfig::parse(&hello.config_json)?;
+    let mut hook_args = vec!["migrate-dst".to_owned(), "network-hook".to_owned()];
+    if let Some(identity) = &hello.network {
+        let hook = network::prepare(&dir.bundle(), &hello.container_id, identity)
+            .context("preparing the container's network identity")?;
+        hook_args.extend(hook.args());
+    }
     config.rewrite_for_destination(&DestinationRewrite {
         container_id: hello.container_id.clone(),
         rootfs: dir.rootfs(),
         cgroup_parent: daemon.cgroup_parent.clone(),
         network_hook: Some(Hook {
             path: daemon.exe.clone(),
-            args: vec!["migrate-dst".into(), "network-hook".into()],
+            args: hook_args,
         }),
     })?;
     let path = dir.bundle().join("config.json");

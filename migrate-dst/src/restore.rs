@@ -16,6 +16,7 @@ use migrate_common::runc::{RestoreSpec, Runc};
 use tokio::sync::oneshot;
 
 use crate::images::ImageDir;
+use crate::network;
 use crate::prepare::Prepared;
 use crate::receive::{dump_dir, link_parent};
 use crate::Daemon;
@@ -337,6 +338,13 @@ impl Restoring {
                 "runc reports the released container {}, not running",
                 state.status
             )));
+        }
+        // The container runs: a guard left on would only keep it from
+        // refusing connections, so it is no reason to fail what is done.
+        if network::has_identity(&self.dir.bundle()) {
+            if let Err(e) = network::restored(state.pid) {
+                tracing::warn!(container = %self.id, error = %format!("{e:#}"), "restored container");
+            }
         }
         Ok(self
             .decided_at

@@ -198,6 +198,13 @@ pub(crate) async fn clean_up(session: &mut Session, opts: &MigrateOptions) -> Ve
             warnings.push(format!("{e:#}"));
         }
     }
+    // A namespace runc made goes with its last process, and its veth with
+    // it, but not at once; one that outlives the container keeps its ports.
+    for end in std::mem::take(&mut session.host_ends) {
+        if let Err(e) = migrate_common::netns::remove_host_end(&end) {
+            warnings.push(format!("removing the container's host end {end}: {e:#}"));
+        }
+    }
     if let Some(link) = session.link.as_mut() {
         let confirmed = tokio::time::timeout(FAREWELL_TIMEOUT, async {
             link.control.send(Commit {}).await?;

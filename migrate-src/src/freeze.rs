@@ -96,6 +96,11 @@ pub(crate) async fn freeze_and_send(
     ));
     let lazy = choice.mode.is_lazy();
     session.source_pid = i32::try_from(container.state.pid).ok();
+    session.host_ends = container
+        .network
+        .iter()
+        .flat_map(|n| n.interfaces.iter().map(|i| i.host_peer.clone()))
+        .collect();
     session
         .journal
         .as_mut()
@@ -405,7 +410,7 @@ pub(crate) fn hello(
         criu_options: opts.criu_options.names(),
         preflight_only: false,
         cpuinfo,
-        network: None,
+        network: container.network.clone(),
     }
 }
 

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use migrate_common::bundle::BundleConfig;
-use migrate_common::protocol::LayerInfo;
+use migrate_common::netns;
+use migrate_common::protocol::{LayerInfo, NetworkIdentity};
 use migrate_common::rootfs::{tree_size, OverlayMount};
 use migrate_common::runc::{ContainerState, Runc};
 
@@ -25,6 +26,9 @@ pub struct Container {
     pub layers_hashed: usize,
     pub upper_bytes: u64,
     pub memory_bytes: u64,
+    /// Its interfaces on a bridge, for the destination to recreate; none
+    /// when it has only loopback or no network namespace of its own.
+    pub network: Option<NetworkIdentity>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +89,14 @@ pub fn inspect(runc: &Runc, id: &str, cache: &mut DigestCache) -> Result<Contain
     let upper_bytes = tree_size(&overlay.upper)
         .with_context(|| format!("measuring upper dir {}", overlay.upper.display()))?;
     let memory_bytes = cgroup_memory_bytes(state.pid).unwrap_or(0);
+    // Found before anything is frozen: an interface that cannot move
+    // refuses the migration here.
+    let network = if config.has_private_netns() {
+        netns::discover(state.pid)
+            .with_context(|| format!("reading the network identity of container {id}"))?
+    } else {
+        None
+    };
     Ok(Container {
         state,
         config_json,
@@ -93,6 +105,7 @@ pub fn inspect(runc: &Runc, id: &str, cache: &mut DigestCache) -> Result<Contain
         layers_hashed,
         upper_bytes,
         memory_bytes,
+        network,
     })
 }
 

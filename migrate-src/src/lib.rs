@@ -121,6 +121,9 @@ pub struct Session {
     work: Option<WorkDir>,
     /// The container's init on the source, as inspected.
     source_pid: Option<i32>,
+    /// The host's ends of its interfaces, as inspected: gone with the
+    /// source copy's namespace, or removed after it.
+    host_ends: Vec<String>,
     eager: Option<Checkpoint>,
     lazy: Option<LazyDump>,
     tunnel: Option<Tunnel>,
@@ -141,6 +144,7 @@ pub async fn migrate(
         journal: None,
         work: None,
         source_pid: None,
+        host_ends: Vec::new(),
         eager: None,
         lazy: None,
         tunnel: None,

@@ -16,6 +16,7 @@ pub mod drain;
 mod hosts;
 pub mod inventory;
 pub mod resources;
+pub mod segment;
 pub mod workloads;
 
 pub use destination::Destination;
