@@ -4,7 +4,8 @@
 //! namespace with a br0 of its own and an empty container namespace) the
 //! preflight looks at it, a failed recreate leaves nothing behind, a
 //! successful one gives a container that discovery finds the same, and the
-//! reset guard turns a refused connection into silence and back.
+//! reset guard turns a refused connection into silence and back, and the
+//! announcement of the container's addresses leaves by its interface.
 //!
 //! Each namespace is held by a `sleep` started under `unshare --net`, so
 //! it goes when that process is killed, by the guard's `Drop` or, if the
@@ -15,12 +16,13 @@
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use migrate_common::netns::{
-    addresses_in_use, check_identity, discover, guard_resets, host_veth_name, lift_reset_guard,
-    missing_bridges, recreate, remove_host_end, NetnsError,
+    addresses_in_use, announcements, check_identity, discover, guard_resets, host_veth_name,
+    lift_reset_guard, missing_bridges, recreate, remove_host_end, tell_peers, NetnsError,
 };
 use migrate_common::protocol::{NetInterface, NetRoute, NetworkIdentity};
 
@@ -171,6 +173,57 @@ fn connect(host: &Netns, addr: &str) -> ErrorKind {
         .kind()
 }
 
+/// A packet socket of `host` that receives every frame passing `interface`.
+fn capture(host: &Netns, interface: &str) -> OwnedFd {
+    host.within(|| {
+        let all = i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be());
+        // SAFETY: plain syscalls on values made here; results checked.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, all);
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut at: libc::sockaddr_ll = std::mem::zeroed();
+            at.sll_family = libc::AF_PACKET as u16;
+            at.sll_protocol = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
+            at.sll_ifindex =
+                i32::try_from(nix::net::if_::if_nametoindex(interface).unwrap()).unwrap();
+            let size = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            assert_eq!(
+                libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(at).cast(), size),
+                0
+            );
+            let wait = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            let len = std::mem::size_of::<libc::timeval>() as u32;
+            let set = libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(wait).cast(),
+                len,
+            );
+            assert_eq!(set, 0);
+            fd
+        }
+    })
+}
+
+/// The frames `socket` receives until it has been quiet for its timeout.
+fn frames(socket: &OwnedFd) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: buf outlives the call and its length is passed.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else {
+            return frames;
+        };
+        frames.push(buf[..n].to_vec());
+    }
+}
+
 #[test]
 fn a_bridged_veth_is_found_and_made_again() {
     require_prerequisites();
@@ -229,6 +282,21 @@ fn a_bridged_veth_is_found_and_made_again() {
     let sysctl = |path: &str| dst.run("cat", &[path]);
     assert_eq!(sysctl("/proc/sys/net/ipv4/conf/eth0/arp_notify"), "1\n");
     assert_eq!(sysctl("/proc/sys/net/ipv6/conf/eth0/ndisc_notify"), "1\n");
+
+    // Its addresses are announced on the link, out of the host's end.
+    let socket = capture(&dst_host, &host_name);
+    tell_peers(dst.pid(), &id, &[]).unwrap();
+    let seen = frames(&socket);
+    let sent = announcements(&id);
+    assert_eq!(sent.len(), 2, "one for 10.77.0.10, one for fd00:77::10");
+    for announcement in &sent {
+        assert!(
+            seen.contains(&announcement.frame),
+            "{:02x?} not among the {} frames seen on {host_name}",
+            announcement.frame,
+            seen.len()
+        );
+    }
 
     // Port 9 is closed in the new container: the kernel answers with a
     // reset, which the guard keeps in.

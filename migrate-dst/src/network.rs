@@ -11,11 +11,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use migrate_common::netns::{self, identity};
-use migrate_common::protocol::NetworkIdentity;
+use migrate_common::protocol::{NetworkIdentity, TcpConnection, MAX_CLOSED_CONNECTIONS};
 use prost::Message;
 
 /// The identity's file in the bundle dir.
 const IDENTITY_FILE: &str = "network.pb";
+/// The connections restored closed, one "local remote" per line: in the
+/// bundle, so that a restore adopted after a restart still tells their
+/// peers.
+const CLOSED_CONNECTIONS_FILE: &str = "closed-connections";
+/// The most that file is read of: [`MAX_CLOSED_CONNECTIONS`] lines of two
+/// bracketed IPv6 endpoints.
+const MAX_CLOSED_CONNECTIONS_BYTES: u64 = MAX_CLOSED_CONNECTIONS as u64 * 112;
 /// The most the hook reads of it: `identity::check_identity` bounds what an
 /// identity may hold far below this.
 const MAX_IDENTITY_BYTES: u64 = 256 << 10;
@@ -60,6 +67,89 @@ pub fn prepare(bundle: &Path, container_id: &str, id: &NetworkIdentity) -> Resul
 /// new namespace sends before CRIU's own lock tells a peer its connection
 /// is gone.
 pub fn recreate_in_hook(path: &Path, pid: u32, host_ends: &[String]) -> Result<()> {
+    let id = read_identity(path)?;
+    if host_ends.len() != id.interfaces.len() {
+        bail!(
+            "{} host ends named for {} interfaces",
+            host_ends.len(),
+            id.interfaces.len()
+        );
+    }
+    netns::guard_resets(pid).context("guarding against resets")?;
+    netns::recreate(pid, &id, host_ends).context("recreating the container's interfaces")?;
+    Ok(())
+}
+
+/// Keeps, for [`restored`], the connections the source saw open at the
+/// dump that are restored closed: at most [`MAX_CLOSED_CONNECTIONS`], the
+/// rest dropped (their peers find out when they time out).
+pub fn note_closed(bundle: &Path, closed: &[TcpConnection]) -> Result<()> {
+    let path = bundle.join(CLOSED_CONNECTIONS_FILE);
+    std::fs::write(&path, closed_lines(closed))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Once the container whose bundle is `bundle` runs here (pid `pid`), the
+/// restore returned and CRIU's own lock is gone: lifts the hook's guard,
+/// announces where its addresses are now and tells the peers of
+/// connections restored closed that they are gone. Nothing to do for a
+/// container that came without an identity.
+pub fn restored(bundle: &Path, pid: u32) -> Result<Option<netns::Told>> {
+    let path = bundle.join(IDENTITY_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let id = read_identity(&path)?;
+    netns::lift_reset_guard(pid).context("lifting the guard against resets")?;
+    let closed = read_closed(&bundle.join(CLOSED_CONNECTIONS_FILE))?;
+    let told = netns::tell_peers(pid, &id, &closed).context("telling the container's peers")?;
+    Ok(Some(told))
+}
+
+fn closed_lines(closed: &[TcpConnection]) -> String {
+    closed
+        .iter()
+        .take(MAX_CLOSED_CONNECTIONS)
+        .filter(|c| {
+            !(c.local.contains(char::is_whitespace) || c.remote.contains(char::is_whitespace))
+        })
+        .map(|c| format!("{} {}\n", c.local, c.remote))
+        .collect()
+}
+
+/// What [`note_closed`] wrote, none when it wrote nothing; like the
+/// identity, bounded and parsed again by [`netns::reset_probes`].
+fn read_closed(path: &Path) -> Result<Vec<TcpConnection>> {
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if len > MAX_CLOSED_CONNECTIONS_BYTES {
+        bail!(
+            "{} holds {len} bytes, more than {MAX_CLOSED_CONNECTIONS} connections",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(parse_closed(&text))
+}
+
+fn parse_closed(text: &str) -> Vec<TcpConnection> {
+    text.lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(local, remote)| TcpConnection {
+            local: local.to_owned(),
+            remote: remote.to_owned(),
+        })
+        .take(MAX_CLOSED_CONNECTIONS)
+        .collect()
+}
+
+/// The identity [`prepare`] wrote, checked again: the file is in a
+/// directory other processes could write to.
+fn read_identity(path: &Path) -> Result<NetworkIdentity> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();
@@ -73,28 +163,7 @@ pub fn recreate_in_hook(path: &Path, pid: u32, host_ends: &[String]) -> Result<(
     let id = NetworkIdentity::decode(bytes.as_slice())
         .with_context(|| format!("decoding {}", path.display()))?;
     identity::check_identity(&id)?;
-    if host_ends.len() != id.interfaces.len() {
-        bail!(
-            "{} host ends named for {} interfaces",
-            host_ends.len(),
-            id.interfaces.len()
-        );
-    }
-    netns::guard_resets(pid).context("guarding against resets")?;
-    netns::recreate(pid, &id, host_ends).context("recreating the container's interfaces")?;
-    Ok(())
-}
-
-/// Whether the container whose bundle is `bundle` came with an identity.
-pub fn has_identity(bundle: &Path) -> bool {
-    bundle.join(IDENTITY_FILE).exists()
-}
-
-/// Lifts the hook's guard from the restored container (pid `pid`), once the
-/// restore has returned and CRIU's own lock is gone.
-pub fn restored(pid: u32) -> Result<()> {
-    netns::lift_reset_guard(pid).context("lifting the guard against resets")?;
-    Ok(())
+    Ok(id)
 }
 
 /// The preflight's verdict on the identity: whether it is well formed and
@@ -195,6 +264,37 @@ mod tests {
                 hook.host_ends[0].clone(),
             ]
         );
+    }
+
+    #[test]
+    fn closed_connections_survive_their_file_and_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_closed(&dir.path().join(CLOSED_CONNECTIONS_FILE))
+            .unwrap()
+            .is_empty());
+        let connection = |local: &str, remote: &str| TcpConnection {
+            local: local.into(),
+            remote: remote.into(),
+        };
+        let closed = vec![
+            connection("10.77.0.10:7000", "10.77.0.200:41000"),
+            connection("[fd00:77::10]:7000", "[fd00:77::200]:41002"),
+            connection("10.77.0.10:7000", "10.77.0.200:1 extra"),
+        ];
+        note_closed(dir.path(), &closed).unwrap();
+        let read = read_closed(&dir.path().join(CLOSED_CONNECTIONS_FILE)).unwrap();
+        assert_eq!(read, closed[..2]);
+
+        let many = vec![
+            connection(
+                "[fd00:77::10]:65535",
+                "[fd00:77:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            );
+            MAX_CLOSED_CONNECTIONS + 5
+        ];
+        note_closed(dir.path(), &many).unwrap();
+        let read = read_closed(&dir.path().join(CLOSED_CONNECTIONS_FILE)).unwrap();
+        assert_eq!(read.len(), MAX_CLOSED_CONNECTIONS);
     }
 
     #[test]

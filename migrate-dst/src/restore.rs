@@ -340,10 +340,18 @@ impl Restoring {
             )));
         }
         // The container runs: a guard left on would only keep it from
-        // refusing connections, so it is no reason to fail what is done.
-        if network::has_identity(&self.dir.bundle()) {
-            if let Err(e) = network::restored(state.pid) {
-                tracing::warn!(container = %self.id, error = %format!("{e:#}"), "restored container");
+        // refusing connections, and a missed announcement delays its peers
+        // until it sends; neither is a reason to fail what is done.
+        match network::restored(&self.dir.bundle(), state.pid) {
+            Ok(Some(told)) => tracing::info!(
+                container = %self.id,
+                announcements = told.announcements,
+                reset_probes = told.reset_probes,
+                "told the container's peers where it is"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(container = %self.id, error = %format!("{e:#}"), "restored container's network")
             }
         }
         Ok(self

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::prepare::prepare;
 use crate::receive::{self, Budgets, Inbox, MAX_ROUNDS};
 use crate::restore::{self, ContainerDir, RestorePlan};
-use crate::{hold, preflight, Daemon};
+use crate::{hold, network, preflight, Daemon};
 
 pub type Control = ControlChannel<quinn::SendStream>;
 
@@ -297,6 +297,10 @@ async fn exchange(
         .verify(&sent.files)
         .await
         .context("receiving the checkpoint")?;
+    if hello.network.is_some() && !hello.tcp_established {
+        network::note_closed(&dir.bundle(), &sent.closed_connections)
+            .context("keeping the connections restored closed")?;
+    }
     info!(
         container = hello.container_id,
         files = sent.files.len(),

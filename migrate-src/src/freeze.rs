@@ -313,6 +313,8 @@ pub(crate) async fn freeze_and_send(
         dump.fenced().await.map_err(Failure::Source)?;
     }
 
+    let closed_connections = closed_connections(&container, opts.criu_options.tcp_established);
+
     // The decision point: from here the destination may run the container.
     advance(session, SourcePhase::AwaitingRestore)?;
     let link = session.link.as_mut().ok_or_else(no_link)?;
@@ -321,6 +323,7 @@ pub(crate) async fn freeze_and_send(
             files,
             parent_round: last_round,
             lazy,
+            closed_connections,
         })
         .await
         .map_err(Failure::Link)?;
@@ -411,6 +414,27 @@ pub(crate) fn hello(
         preflight_only: false,
         cpuinfo,
         network: container.network.clone(),
+    }
+}
+
+/// The container's TCP connections to peers outside it, for the
+/// destination to reset when they are restored closed and its address
+/// moves with it. Read frozen, after the dump: the sockets are still there
+/// (held in repair mode), and no new one can appear. A failure to read
+/// them only leaves their peers to time out, so it does not stop the move.
+fn closed_connections(
+    container: &inspect::Container,
+    tcp_established: bool,
+) -> Vec<migrate_common::protocol::TcpConnection> {
+    if tcp_established || container.network.is_none() {
+        return Vec::new();
+    }
+    match migrate_common::netns::open_connections(container.state.pid) {
+        Ok(open) => open,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the container's connections; their peers will time out");
+            Vec::new()
+        }
     }
 }
 

@@ -185,6 +185,13 @@ fn udp_replies(summary: &Value) -> u64 {
     summary["udp"]["replies"].as_u64().unwrap_or(0)
 }
 
+/// The new connection's echoes (`--reconnect`).
+fn reconnect_replies(summary: &Value) -> u64 {
+    summary["reconnect"]["connection"]["replies"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 /// The bed alone, before any migration: the client reaches the server in
 /// the container on the source's bridge, over TCP and UDP, through the
 /// switch's port to the source host.
@@ -266,6 +273,60 @@ fn bridged_container_keeps_its_address_and_connection_with_tcp_established() {
         "the connection went {gap} ms without an echo, migrate's downtime was {downtime} ms \
          (+{GAP_MARGIN_MS} ms allowed): {end}\n{summary}"
     );
+}
+
+#[test]
+fn without_tcp_established_the_connection_resets_and_the_address_still_serves() {
+    let mut bed = Bed::new("net2", DestinationBridge::Same, true);
+    let before = bed.serving();
+
+    bed.migrate_ok(&[]);
+    let moved = bed.client.summary();
+
+    // The old connection was restored closed: the client's next packet is
+    // answered by a reset (or it reads an EOF); a new connection to the same
+    // address is served, and UDP goes on.
+    let after = bed.client.wait_for(
+        "the connection to end and a new one to be served",
+        Duration::from_secs(30),
+        |s| reconnect_replies(s) >= 100 && udp_replies(s) >= udp_replies(&moved) + 100,
+    );
+    let ended = &after["tcp"]["ended"];
+    assert!(
+        ended["how"] == "reset" || ended["how"] == "eof",
+        "the old connection must reset or end: {after}"
+    );
+    assert!(
+        ended["after_replies"].as_u64().unwrap() >= tcp_replies(&before),
+        "{after}"
+    );
+    let new_port = after["reconnect"]["connection"]["local_port"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(
+        Some(new_port),
+        before["tcp"]["local_port"].as_u64(),
+        "{after}"
+    );
+    bed.assert_moved_to_destination(new_port);
+    // The process that accepted it is the one on the destination: its
+    // output goes to the destination's log.
+    let log = bed.dst.container_dir("net2").join("stdio.log");
+    let accepted = format!("migrate-echo: connection from {CLIENT_ADDR}:{new_port}");
+    wait_until(
+        "the destination's container to log the new connection",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&accepted)
+        },
+    );
+    let end = bed.client.stop();
+    let new = &end["reconnect"]["connection"];
+    assert!(new["ended"].is_null(), "the new connection ended: {end}");
+    assert_eq!(new["mismatched"], 0, "{end}");
+    assert_eq!(end["tcp"]["mismatched"], 0, "{end}");
 }
 
 #[test]

@@ -409,7 +409,7 @@ pub fn valid_ifname(name: &str) -> bool {
 }
 
 /// "02:42:0a:4d:00:0a" as its octets.
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
+pub(super) fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0; 6];
     let mut parts = text.split(':');
     for octet in &mut mac {

@@ -15,6 +15,17 @@ use crate::protocol::NetworkIdentity;
 /// namespace through `nsenter` and, for the veths' host ends, in the
 /// caller's (the host's). `None` for a container with loopback alone.
 pub fn discover(pid: u32) -> Result<Option<NetworkIdentity>, NetnsError> {
+    // Read without any tool first: a namespace with loopback alone needs
+    // no `ip`, and hosts whose `ip` cannot print JSON (busybox) move such
+    // containers as before.
+    let dev_path = format!("/proc/{pid}/net/dev");
+    let net_dev = std::fs::read_to_string(&dev_path).map_err(|source| NetnsError::Open {
+        path: dev_path,
+        source,
+    })?;
+    if interface_names(&net_dev).iter().all(|name| *name == "lo") {
+        return Ok(None);
+    }
     let inside = |args: &[&str]| run(in_netns(pid, "ip").args(args));
     let links = inside(&["-j", "-d", "link", "show"])?;
     let addrs = inside(&["-j", "addr", "show"])?;
@@ -28,6 +39,17 @@ pub fn discover(pid: u32) -> Result<Option<NetworkIdentity>, NetnsError> {
         &routes_v6,
         &host_links,
     )?)
+}
+
+/// The interface names in a `/proc/<pid>/net/dev` table (two header lines,
+/// then `name: counters` per interface).
+fn interface_names(net_dev: &str) -> Vec<&str> {
+    net_dev
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, _)| name.trim())
+        .collect()
 }
 
 /// The bridges `id` names that the caller's network namespace lacks, or
@@ -141,6 +163,16 @@ mod tests {
     const HOST_LINKS: &str = include_str!("testdata/veth-host-links.json");
     const HOST_ADDRS: &str = include_str!("testdata/veth-host-addrs.json");
     const BR0: &str = include_str!("testdata/host-link-br0.json");
+
+    #[test]
+    fn reads_interface_names_from_net_dev() {
+        let table = "Inter-|   Receive                |  Transmit\n \
+             face |bytes    packets errs|bytes    packets\n    \
+             lo:  883461   1442    0    883461   1442\n  \
+             eth0:       0       0    0        0       0\n";
+        assert_eq!(interface_names(table), ["lo", "eth0"]);
+        assert!(interface_names("header\nheader\n").is_empty());
+    }
 
     fn on_bridges(bridges: &[&str], addresses: &[&str]) -> NetworkIdentity {
         NetworkIdentity {

@@ -16,16 +16,20 @@
 //! preflight ([`missing_bridges`], [`addresses_in_use`]) and in the hook,
 //! in the host's namespace, [`recreate`]s the veths (sockets are restored
 //! after the hook, and they need their addresses) and [`guard_resets`]
-//! until the restore returns, then [`lift_reset_guard`].
+//! until the restore returns, then [`lift_reset_guard`] and [`tell_peers`]
+//! where its addresses are now and which connections are gone (the source
+//! reads them with [`open_connections`]).
 //!
 //! Children enter the container's namespace through `nsenter`, never the
 //! calling process: the source agent is a multi-threaded tokio program and
 //! setns applies to the calling thread only.
 
+mod connections;
 pub mod identity;
 mod ip;
 mod ip_json;
 mod iptables;
+mod peers;
 mod recreate;
 
 use std::io::Read;
@@ -35,10 +39,12 @@ use serde::Deserialize;
 
 use crate::process::{run, ToolError};
 
+pub use connections::open_connections;
 pub use identity::{check_identity, parse_identity, IdentityError};
 pub use ip::{addresses_in_use, discover, host_veth_name, missing_bridges, remove_host_end};
 pub use ip_json::JsonError;
 pub use iptables::{guard_resets, lift_reset_guard, remove_criu_network_lock};
+pub use peers::{announcements, reset_probes, tell_peers, Announcement, ResetProbe, Told};
 pub use recreate::recreate;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,8 @@ pub enum NetnsError {
     InvalidName { name: String },
     #[error("{name} is a {kind}, not a veth: not deleting it")]
     NotVeth { name: String, kind: String },
+    #[error("announcing the container's addresses: {0}")]
+    Announce(String),
 }
 
 /// The part of the OCI runtime state a hook receives that we need.

@@ -334,7 +334,28 @@ pub struct CheckpointSent {
     /// the page tunnel.
     #[prost(bool, tag = "3")]
     pub lazy: bool,
+    /// The container's TCP connections to peers outside it, as its kernel
+    /// held them at the dump, when they are restored closed (no
+    /// `tcp_established`) and its address moves with it: the destination
+    /// tells each peer its connection is gone. Untrusted: the destination
+    /// uses at most [`MAX_CLOSED_CONNECTIONS`], and only those from the
+    /// container's own addresses.
+    #[prost(message, repeated, tag = "4")]
+    pub closed_connections: Vec<TcpConnection>,
 }
+
+/// One TCP connection: its two ends, "10.77.0.10:7000", "[fd00:77::10]:7000".
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct TcpConnection {
+    #[prost(string, tag = "1")]
+    pub local: String,
+    #[prost(string, tag = "2")]
+    pub remote: String,
+}
+
+/// Most `CheckpointSent.closed_connections` a destination tells the peers
+/// of; the peers of the others find out when they time out.
+pub const MAX_CLOSED_CONNECTIONS: usize = 4096;
 
 /// Checksum of one data stream's uncompressed content.
 #[derive(Clone, PartialEq, Eq, Hash, prost::Message)]

@@ -115,6 +115,10 @@ pub(crate) fn control_seeds() -> Vec<(String, Vec<u8>)> {
                 files,
                 parent_round: 2,
                 lazy: true,
+                closed_connections: vec![TcpConnection {
+                    local: "10.77.0.10:7000".into(),
+                    remote: "10.77.0.200:41000".into(),
+                }],
             }
             .into(),
         ),

@@ -225,14 +225,24 @@ pub(crate) fn message() -> impl Strategy<Value = ControlMessage> {
         reply,
         file_digests().prop_map(|files| LayersSent { files }.into()),
         Just(LayersReady {}.into()),
-        (file_digests(), any::<u32>(), any::<bool>()).prop_map(|(files, parent_round, lazy)| {
-            CheckpointSent {
-                files,
-                parent_round,
-                lazy,
-            }
-            .into()
-        }),
+        (
+            file_digests(),
+            any::<u32>(),
+            any::<bool>(),
+            prop::collection::vec((text(), text()), 0..4)
+        )
+            .prop_map(|(files, parent_round, lazy, ends)| {
+                CheckpointSent {
+                    files,
+                    parent_round,
+                    lazy,
+                    closed_connections: ends
+                        .into_iter()
+                        .map(|(local, remote)| TcpConnection { local, remote })
+                        .collect(),
+                }
+                .into()
+            }),
         restored().prop_map(ControlMessage::from),
         failed().prop_map(ControlMessage::from),
         Just(Commit {}.into()),
