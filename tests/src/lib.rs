@@ -15,6 +15,7 @@ mod destination;
 pub mod drain;
 mod hosts;
 pub mod inventory;
+pub mod quake;
 pub mod resources;
 pub mod segment;
 pub mod workloads;
@@ -262,6 +263,20 @@ impl Lab {
         script: &str,
         binds: &[(&Path, &str)],
     ) -> SourceContainer {
+        let args = ["/bin/sh", "-c", script].map(String::from);
+        self.start_container_on(id, std::slice::from_ref(&self.layer), &args, binds)
+    }
+
+    /// Starts container `id` on the source host, its rootfs an overlay of
+    /// `layers` (uppermost first) running `args`, with `binds` as in
+    /// [`Lab::start_container_binding`].
+    pub fn start_container_on(
+        &self,
+        id: &str,
+        layers: &[PathBuf],
+        args: &[String],
+        binds: &[(&Path, &str)],
+    ) -> SourceContainer {
         let base = self.path(&format!("src-{id}"));
         let (upper, work, rootfs, bundle) = (
             base.join("upper"),
@@ -284,19 +299,13 @@ impl Lab {
             cgroup_parent: cgroup_parent.clone(),
             output: Arc::new(Mutex::new(String::new())),
         };
-        migrate_common::mount::mount_overlay(
-            std::slice::from_ref(&self.layer),
-            &upper,
-            &work,
-            &rootfs,
-        )
-        .unwrap();
+        migrate_common::mount::mount_overlay(layers, &upper, &work, &rootfs).unwrap();
         sh(Command::new("runc").arg("spec").current_dir(&bundle));
         let config_path = bundle.join("config.json");
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
         config["process"]["terminal"] = false.into();
-        config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
+        config["process"]["args"] = serde_json::json!(args);
         config["root"] = serde_json::json!({"path": rootfs, "readonly": false});
         config["linux"]["cgroupsPath"] = format!("/{cgroup_parent}/{id}").into();
         for (host, inside) in binds {
