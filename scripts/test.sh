@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (scripts/setup.sh, and the
-# VM test bed installs QEMU and its kernel), checks formatting and lints,
+# The test command: installs what the tests need (scripts/setup.sh, the
+# Quake test's game, and the VM test bed installs QEMU and its kernel), checks formatting and lints,
 # then runs every test: unit tests, the end-to-end migrations between two
 # network-namespace hosts with real CRIU and runc, a minute of fuzzing per
 # target, and pre-copy between two QEMU VMs. Run as root on Debian 12.
@@ -12,6 +12,11 @@ export CARGO_INCREMENTAL=0
 [ "$(id -u)" -eq 0 ] || { echo "scripts/test.sh must run as root (CRIU, runc, namespaces, mounts)" >&2; exit 1; }
 
 scripts/setup.sh
+# The Quake test's game (tests/tests/quake.rs): ioquake3's server and
+# OpenArena's data.
+# shellcheck source=scripts/lib/quake.sh
+. scripts/lib/quake.sh
+install_quake
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -192,6 +192,10 @@ async fn release_eager(
             }
         }
     }
+    #[cfg(feature = "fault-injection")]
+    if let Some(delay) = migrate_common::transfer::fault::release_delay() {
+        tokio::time::sleep(delay).await;
+    }
     let mut noted_signal = false;
     loop {
         if let Some(link) = session.link.as_mut() {

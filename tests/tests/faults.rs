@@ -14,6 +14,7 @@ use migrate_e2e::checks::{
     assert_work_dir_clean, counter, heap, stderr, wait_for_heap, wait_for_ticks,
     wait_until_mid_transfer, GAME,
 };
+use migrate_e2e::resources::fault_injection_migrate;
 use migrate_e2e::{
     runc_exec, sh, wait_until, Destination, Lab, SourceContainer, DST_ADDR, DST_PORT,
 };
@@ -135,11 +136,19 @@ fn release_lost_after_the_decision_is_in_doubt_until_resolve_releases() {
     let container = lab.start_container("f1", GAME);
     let before = wait_for_ticks(&container, 3);
 
-    let mut child = spawn_migrate(
-        &lab,
-        &container,
-        &["--link-timeout", "3", "--resume-timeout", "5"],
-    );
+    // The source holds its Release back for 2 s after its decision, so
+    // that the cut below comes before it, however slowly this test runs.
+    let mut child = lab
+        .migrate_command_of(
+            &fault_injection_migrate(),
+            &container,
+            &["--link-timeout", "3", "--resume-timeout", "5"],
+        )
+        .env("MIGRATE_FAULT_RELEASE_DELAY_MS", "2000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for_destination_phase(&dst, "f1", "held", &mut child);
     // The destination's Restored still reaches the source, which decides;
     // its Release does not arrive.

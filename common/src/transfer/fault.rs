@@ -8,9 +8,23 @@
 //! stream's name (an image file such as `pages-1.img`, or a layer digest),
 //! OFFSET the byte of its uncompressed content to invert (of the whole file
 //! for an image sent in segments: only the segment holding it is corrupted).
+//!
+//! [`RELEASE_DELAY_ENV`] holds the source's release back after its decision.
 
 /// The environment variable the sender reads.
 pub const FLIP_ENV: &str = "MIGRATE_FAULT_FLIP";
+
+/// Milliseconds the source waits, after its decision and the end of its
+/// copy, before it sends `Release`: so that a test can lose the release (cut
+/// the link once the destination holds its copy) without racing it.
+pub const RELEASE_DELAY_ENV: &str = "MIGRATE_FAULT_RELEASE_DELAY_MS";
+
+/// The delay [`RELEASE_DELAY_ENV`] asks for, if any.
+pub fn release_delay() -> Option<std::time::Duration> {
+    let ms = std::env::var(RELEASE_DELAY_ENV).ok()?.parse().ok()?;
+    tracing::warn!(ms, "fault injection: holding the release back");
+    Some(std::time::Duration::from_millis(ms))
+}
 
 /// One byte of one stream to invert.
 #[derive(Debug, Clone, PartialEq, Eq)]
