@@ -117,8 +117,10 @@ say "over rcon, a value only this server process has: migrate_token = $token"
 player cvar "$server" --password "$QUAKE_RCON_PASSWORD" --set "$token" migrate_token | sed 's/^/    the server says: migrate_token = /'
 
 say "the player's scoreboard (asked every 100 ms, shown every second)"
-player watch "$server" --poll 100ms --show 1s --stop-file "$demo/stop-watching" "${watch_from[@]}" \
-    > >(sed -u 's/^/    /') &
+# Not through player(): a function in the background is a subshell, and
+# its pid is not the watcher's.
+nsenter --net="/run/netns/$prefix-cl" "$bin/quake-status" watch "$server" --poll 100ms --show 1s \
+    --stop-file "$demo/stop-watching" "${watch_from[@]}" > >(sed -u 's/^/    /') &
 watcher_pid=$!
 sleep 8
 
@@ -133,8 +135,8 @@ watcher_pid=
 say "after the move"
 echo "    host a runs: $(runc --root "$demo/runc-src" list -q | tr '\n' ' ')(nothing of $id)"
 echo "    host b runs: $(runc --root "$demo/runc-dst" list -q | tr '\n' ' ')"
-echo "    host b's $SEGMENT_BRIDGE ports: $(ip -n "$prefix-dst" -br link show master "$SEGMENT_BRIDGE" | awk '{print $1}' | tr '\n' ' ')"
-echo "    host a's $SEGMENT_BRIDGE ports: $(ip -n "$prefix-src" -br link show master "$SEGMENT_BRIDGE" | awk '{print $1}' | tr '\n' ' ')(its uplink only)"
+echo "    host b's $SEGMENT_BRIDGE ports: $(ip -n "$prefix-dst" -br link show master "$SEGMENT_BRIDGE" | awk '{sub(/@.*/, "", $1); print $1}' | tr '\n' ' ')"
+echo "    host a's $SEGMENT_BRIDGE ports: $(ip -n "$prefix-src" -br link show master "$SEGMENT_BRIDGE" | awk '{sub(/@.*/, "", $1); print $1}' | tr '\n' ' ')(its uplink only)"
 now=$(player cvar "$server" --password "$QUAKE_RCON_PASSWORD" migrate_token)
 echo "    over rcon, migrate_token = $now (set to $token before the move)"
 [ "$now" = "$token" ] || { echo "the server lost the value set before the move" >&2; exit 1; }
