@@ -88,7 +88,7 @@ say "certificates: one CA, one certificate per host"
 say "destination daemon on host b, $DST_ADDR:7070"
 nsenter --net="/run/netns/$prefix-dst" "$bin/migrate-dst" --listen "$DST_ADDR:7070" --tls-dir "$demo/tls-dst" \
     --state-dir "$demo/dst-state" --image-dir "$images" --runc-root "$demo/runc-dst" --allow "$SRC_ADDR" \
-    --cgroup-parent "/migrate-demo-quake-dst-$$" 2>"$demo/migrate-dst.log" &
+    --allow-bridge "$SEGMENT_BRIDGE" --cgroup-parent "/migrate-demo-quake-dst-$$" 2>"$demo/migrate-dst.log" &
 dst_pid=$!
 
 say "the game server's layer: ioq3ded, its libraries, OpenArena's game library and one pk3 with $QUAKE_MAP and the bots"

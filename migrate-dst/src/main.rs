@@ -85,6 +85,11 @@ struct DaemonArgs {
     /// below it). Repeatable; by default containers may bind-mount nothing.
     #[arg(long = "allow-bind", value_name = "DIR")]
     allow_bind: Vec<PathBuf>,
+    /// A host bridge moved containers' interfaces may join (a container
+    /// that was on a bridge on its source gets a port on this host's bridge
+    /// of the same name). Repeatable; by default none may.
+    #[arg(long = "allow-bridge", value_name = "BRIDGE")]
+    allow_bridge: Vec<String>,
     /// Accept containers that ask for more than `runc spec` gives
     /// (capabilities, host namespaces, devices, sysctls, writable /proc and
     /// /sys paths, hooks...) and bind mounts from anywhere. Hooks from the
@@ -340,7 +345,8 @@ fn policy(args: &DaemonArgs) -> anyhow::Result<Policy> {
             bind_roots.push(real);
         }
     }
-    let policy = Policy::new(&args.allow, bind_roots, args.allow_privileged)?;
+    let policy = Policy::new(&args.allow, bind_roots, args.allow_privileged)?
+        .with_bridges(&args.allow_bridge);
     if policy.allows_no_source() {
         warn!(
             "no source may migrate containers here: every migration will be refused; \
@@ -354,6 +360,7 @@ fn policy(args: &DaemonArgs) -> anyhow::Result<Policy> {
     }
     info!(
         bind = policy.bind_roots_text(),
+        bridges = policy.bridges_text(),
         privileged = args.allow_privileged,
         "what received containers may use"
     );

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use migrate_common::netns::{self, identity};
+use migrate_common::policy::Policy;
 use migrate_common::protocol::{NetworkIdentity, TcpConnection, MAX_CLOSED_CONNECTIONS};
 use prost::Message;
 
@@ -166,13 +167,20 @@ fn read_identity(path: &Path) -> Result<NetworkIdentity> {
     Ok(id)
 }
 
-/// The preflight's verdict on the identity: whether it is well formed and
-/// this host has its bridges and none of its addresses; None for a
-/// container without one.
-pub fn preflight(network: Option<&NetworkIdentity>) -> Option<Result<String, Vec<String>>> {
+/// The preflight's verdict on the identity: whether it is well formed, the
+/// policy lets it join its bridges, and this host has them and none of its
+/// addresses; None for a container without one.
+pub fn preflight(
+    policy: &Policy,
+    network: Option<&NetworkIdentity>,
+) -> Option<Result<String, Vec<String>>> {
     let id = network?;
     if let Err(e) = identity::check_identity(id) {
         return Some(Err(vec![format!("the container's network identity: {e}")]));
+    }
+    let refused = refused_bridges(policy, id);
+    if !refused.is_empty() {
+        return Some(Err(refused));
     }
     let mut reasons = Vec::new();
     match netns::missing_bridges(id) {
@@ -207,6 +215,26 @@ pub fn preflight(network: Option<&NetworkIdentity>) -> Option<Result<String, Vec
         return Some(Err(reasons));
     }
     Some(Ok(describe(id)))
+}
+
+/// Why the policy refuses each bridge of `id` it does not allow: a port on
+/// a host bridge puts the container on that bridge's network, which the
+/// destination's operator chooses, not the source.
+fn refused_bridges(policy: &Policy, id: &NetworkIdentity) -> Vec<String> {
+    let mut bridges: Vec<&str> = id.interfaces.iter().map(|i| i.bridge.as_str()).collect();
+    bridges.sort_unstable();
+    bridges.dedup();
+    bridges
+        .into_iter()
+        .filter(|b| !policy.bridge_allowed(b))
+        .map(|b| {
+            format!(
+                "moved containers may not join bridge {b} on this host (it allows {}): add \
+                 `--allow-bridge {b}` to migrate-dst's command line to let them",
+                policy.bridges_text()
+            )
+        })
+        .collect()
 }
 
 /// "eth0 (10.77.0.10/24) onto bridge mbr0".
@@ -301,12 +329,42 @@ mod tests {
     fn a_malformed_identity_is_refused_before_the_host_is_asked() {
         let mut bad = identity();
         bad.interfaces[0].bridge = "../../x".into();
-        let refused = preflight(Some(&bad)).unwrap().unwrap_err();
+        let refused = preflight(&allowing_mbr0(), Some(&bad))
+            .unwrap()
+            .unwrap_err();
         assert!(
             refused[0].starts_with("the container's network identity"),
             "{refused:?}"
         );
-        assert!(preflight(None).is_none());
+        assert!(preflight(&allowing_mbr0(), None).is_none());
+    }
+
+    fn allowing_mbr0() -> Policy {
+        Policy::new(&[], Vec::new(), false)
+            .unwrap()
+            .with_bridges(&["mbr0".into()])
+    }
+
+    #[test]
+    fn only_the_bridges_the_policy_names_may_be_joined() {
+        let none = Policy::new(&[], Vec::new(), false).unwrap();
+        let refused = preflight(&none, Some(&identity())).unwrap().unwrap_err();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("may not join bridge mbr0")
+                && refused[0].contains("it allows none")
+                && refused[0].contains("--allow-bridge mbr0"),
+            "{refused:?}"
+        );
+        let other = none.clone().with_bridges(&["br-mgmt".into()]);
+        let refused = refused_bridges(&other, &identity());
+        assert!(
+            refused[0].contains("--allow-bridge br-mgmt)"),
+            "{refused:?}"
+        );
+        assert!(refused_bridges(&allowing_mbr0(), &identity()).is_empty());
+        let privileged = Policy::new(&[], Vec::new(), true).unwrap();
+        assert!(refused_bridges(&privileged, &identity()).is_empty());
     }
 
     #[test]

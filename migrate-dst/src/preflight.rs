@@ -266,7 +266,7 @@ pub fn run(daemon: &Daemon, hello: &Hello) -> Preflight {
             );
             verdict.record(CGROUP, cgroup(daemon, &config, id).map_err(|r| vec![r]));
             if config.has_private_netns() {
-                if let Some(outcome) = network::preflight(hello.network.as_ref()) {
+                if let Some(outcome) = network::preflight(&daemon.policy, hello.network.as_ref()) {
                     verdict.record(NETWORK, outcome);
                 }
             } else if hello.network.is_some() {

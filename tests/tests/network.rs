@@ -37,6 +37,9 @@ const DEADLINE: Duration = Duration::from_secs(90);
 /// waits until it resets, far longer.
 const GAP_MARGIN_MS: u64 = 1000;
 
+/// The destination policy that lets moved containers join `mbr0`.
+const ALLOW_BRIDGE: [&str; 2] = ["--allow-bridge", BRIDGE];
+
 /// The client's echoes before the migration starts.
 const WARM_UP: u64 = 100;
 
@@ -55,12 +58,14 @@ struct Bed {
 }
 
 impl Bed {
-    fn new(id: &str, dst_bridge: DestinationBridge, reconnect: bool) -> Self {
+    /// A bed whose destination daemon runs with `dst_args`
+    /// ([`ALLOW_BRIDGE`] to let the container join its `mbr0`).
+    fn new(id: &str, dst_bridge: DestinationBridge, reconnect: bool, dst_args: &[&str]) -> Self {
         let lab = Lab::new();
         install_echo(&lab);
         let segment = lab.segment(dst_bridge);
         let src_links = segment.links(&segment.src);
-        let dst = lab.start_destination(&[]);
+        let dst = lab.start_destination(dst_args);
         let container = lab.start_container(id, &echo_server());
         let nic = segment.attach(container.pid().unwrap());
         wait_for_echo_server(&container.output);
@@ -197,7 +202,7 @@ fn reconnect_replies(summary: &Value) -> u64 {
 /// switch's port to the source host.
 #[test]
 fn the_bed_serves_a_bridged_container_from_the_source() {
-    let mut bed = Bed::new("net0", DestinationBridge::Same, false);
+    let mut bed = Bed::new("net0", DestinationBridge::Same, false, &ALLOW_BRIDGE);
     let serving = bed.serving();
     let pid = bed.container.pid().unwrap();
     let eth0 = interface_of(pid, "eth0").unwrap();
@@ -239,7 +244,7 @@ fn the_bed_serves_a_bridged_container_from_the_source() {
 
 #[test]
 fn bridged_container_keeps_its_address_and_connection_with_tcp_established() {
-    let mut bed = Bed::new("net1", DestinationBridge::Same, false);
+    let mut bed = Bed::new("net1", DestinationBridge::Same, false, &ALLOW_BRIDGE);
     let before = bed.serving();
 
     let summary = bed.migrate_ok(&["--tcp-established"]);
@@ -277,7 +282,7 @@ fn bridged_container_keeps_its_address_and_connection_with_tcp_established() {
 
 #[test]
 fn without_tcp_established_the_connection_resets_and_the_address_still_serves() {
-    let mut bed = Bed::new("net2", DestinationBridge::Same, true);
+    let mut bed = Bed::new("net2", DestinationBridge::Same, true, &ALLOW_BRIDGE);
     let before = bed.serving();
 
     bed.migrate_ok(&[]);
@@ -331,7 +336,7 @@ fn without_tcp_established_the_connection_resets_and_the_address_still_serves() 
 
 #[test]
 fn a_destination_without_the_bridge_refuses_in_preflight() {
-    let mut bed = Bed::new("net3", DestinationBridge::None, false);
+    let mut bed = Bed::new("net3", DestinationBridge::None, false, &ALLOW_BRIDGE);
     let game = wait_for_ticks(&bed.container, 3);
     let pid = bed.container.pid().unwrap();
     let before = bed.serving();
@@ -378,5 +383,31 @@ fn a_destination_without_the_bridge_refuses_in_preflight() {
     assert!(
         gap <= 1000,
         "the connection went {gap} ms without an echo: the container was frozen: {end}"
+    );
+}
+
+#[test]
+fn a_destination_that_does_not_allow_the_bridge_refuses_in_preflight() {
+    let bed = Bed::new("net4", DestinationBridge::Same, false, &[]);
+    let game = wait_for_ticks(&bed.container, 3);
+    let pid = bed.container.pid().unwrap();
+
+    let out = output_within(bed.lab.migrate_command(&bed.container, &[]), DEADLINE);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "migrate must fail: {err}");
+    assert!(
+        err.contains(&format!("may not join bridge {BRIDGE}"))
+            && err.contains(&format!("--allow-bridge {BRIDGE}")),
+        "the refusal must name the bridge and the flag that allows it: {err}"
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["runs_on"], "source", "{json}");
+    assert!(!bed.container.frozen(), "the container was left frozen");
+    assert_running_on_source_unchanged(&bed.container, pid, &game);
+    assert_destination_discarded(&bed.dst, "net4");
+    // Nothing was made on the destination: its bridge has only its uplink.
+    assert_eq!(
+        bed.segment.bridge_ports(&bed.segment.dst),
+        std::slice::from_ref(&bed.segment.uplink)
     );
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use migrate_e2e::checks::{assert_work_dir_clean, stderr};
 use migrate_e2e::quake::{self, add_player_addresses, cvar, is_fresh, map, scores, total, Watcher};
-use migrate_e2e::segment::{DestinationBridge, CONTAINER_ADDR};
+use migrate_e2e::segment::{DestinationBridge, BRIDGE, CONTAINER_ADDR};
 use migrate_e2e::{mounts_under, Lab};
 use serde_json::Value;
 
@@ -35,7 +35,7 @@ fn a_quake_server_moves_with_post_copy_and_the_game_goes_on() {
     let lab = Lab::new();
     let segment = lab.segment(DestinationBridge::Same);
     add_player_addresses(&segment);
-    let dst = lab.start_destination(&[]);
+    let dst = lab.start_destination(&["--allow-bridge", BRIDGE]);
     let (layer, args) = quake::server(&lab.path("quake-layer"));
     let container = lab.start_container_on("q3", &[layer, lab.layer.clone()], &args, &[]);
     let _nic = segment.attach(container.pid().unwrap());

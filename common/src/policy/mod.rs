@@ -38,6 +38,8 @@ pub struct Policy {
     bind_roots: Vec<PathBuf>,
     /// Whether containers may have more than `runc spec` gives them.
     privileged: bool,
+    /// Host bridges a moved container's interfaces may join.
+    bridges: Vec<String>,
 }
 
 impl Policy {
@@ -61,7 +63,33 @@ impl Policy {
             sources,
             bind_roots,
             privileged,
+            bridges: Vec::new(),
         })
+    }
+
+    /// Lets moved containers' interfaces join these host bridges (a
+    /// container with a network identity names the bridge its interface was
+    /// a port of on the source, and gets a port on the bridge of the same
+    /// name here). Without any, none may, unless the policy is privileged.
+    pub fn with_bridges(mut self, bridges: &[String]) -> Self {
+        self.bridges = bridges.to_vec();
+        self
+    }
+
+    /// Whether a moved container may get a port on host bridge `name`.
+    pub fn bridge_allowed(&self, name: &str) -> bool {
+        self.privileged || self.bridges.iter().any(|b| b == name)
+    }
+
+    /// The allowed bridges, for messages.
+    pub fn bridges_text(&self) -> String {
+        if self.privileged {
+            "any (--allow-privileged)".into()
+        } else if self.bridges.is_empty() {
+            "none".into()
+        } else {
+            format!("--allow-bridge {}", self.bridges.join(", "))
+        }
     }
 
     /// Whether no source at all may push containers here.
