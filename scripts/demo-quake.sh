@@ -19,6 +19,8 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 # shellcheck source=scripts/hosts.sh
 . scripts/hosts.sh
+# shellcheck source=scripts/lib/cleanup.sh
+. scripts/lib/cleanup.sh
 # shellcheck source=scripts/lib/quake.sh
 . scripts/lib/quake.sh
 
@@ -44,23 +46,15 @@ server=$CONTAINER_ADDR:$QUAKE_PORT
 cleanup() {
     set +e
     trap - INT TERM
-    [ -n "$watcher_pid" ] && kill "$watcher_pid" 2>/dev/null && wait "$watcher_pid" 2>/dev/null
-    [ -n "$dst_pid" ] && kill "$dst_pid" 2>/dev/null && wait "$dst_pid" 2>/dev/null
-    for root in "$demo/runc-src" "$demo/runc-dst"; do
-        runc --root "$root" kill "$id" KILL 2>/dev/null
-    done
-    sleep 0.3
-    for root in "$demo/runc-src" "$demo/runc-dst"; do
-        # Unmount leftovers under runc's state dir before runc deletes it.
-        grep -o " $root/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-        runc --root "$root" delete --force "$id" 2>/dev/null
-    done
-    grep -o " $demo/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
+    stop_child "$watcher_pid"
+    stop_child "$dst_pid"
+    runc_remove "$demo/runc-src" "$id"
+    runc_remove "$demo/runc-dst" "$id"
+    unmount_under "$demo"
     segment_down "$prefix"
     hosts_down "$prefix"
-    for ctl in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-        rmdir "$ctl"migrate-demo-quake-{src,dst}-$$ 2>/dev/null
-    done
+    cgroup_remove "migrate-demo-quake-src-$$"
+    cgroup_remove "migrate-demo-quake-dst-$$"
     rm -rf "$demo" "$images"
 }
 trap cleanup EXIT

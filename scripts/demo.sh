@@ -26,6 +26,8 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 # shellcheck source=scripts/hosts.sh
 . scripts/hosts.sh
+# shellcheck source=scripts/lib/cleanup.sh
+. scripts/lib/cleanup.sh
 
 [ "$(id -u)" -eq 0 ] || { echo "demo.sh must run as root (CRIU, runc, namespaces)" >&2; exit 1; }
 
@@ -43,26 +45,16 @@ demo=$(mktemp -d /tmp/migrate-demo.XXXXXX)
 images=/dev/shm/migrate-demo-$$
 id=game-$$
 dst_pid=
-reader_pid=
 
 cleanup() {
     set +e
-    [ -n "$dst_pid" ] && kill "$dst_pid" 2>/dev/null && wait "$dst_pid" 2>/dev/null
-    for root in "$demo/runc-src" "$demo/runc-dst"; do
-        runc --root "$root" kill "$id" KILL 2>/dev/null
-    done
-    sleep 0.3
-    for root in "$demo/runc-src" "$demo/runc-dst"; do
-        # Unmount leftovers under runc's state dir before runc deletes it.
-        grep -o " $root/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-        runc --root "$root" delete --force "$id" 2>/dev/null
-    done
-    [ -n "$reader_pid" ] && kill "$reader_pid" 2>/dev/null
-    grep -o " $demo/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
+    stop_child "$dst_pid"
+    runc_remove "$demo/runc-src" "$id"
+    runc_remove "$demo/runc-dst" "$id"
+    unmount_under "$demo"
     hosts_down "$prefix"
-    for ctl in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-        rmdir "$ctl"migrate-demo-{src,dst}-$$ 2>/dev/null
-    done
+    cgroup_remove "migrate-demo-src-$$"
+    cgroup_remove "migrate-demo-dst-$$"
     rm -rf "$demo" "$images"
 }
 trap cleanup EXIT
