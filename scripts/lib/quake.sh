@@ -26,10 +26,12 @@ QUAKE_GAME_LIBRARY=/usr/lib/openarena-server/baseoa/qagamex86_64.so
 QUAKE_SERVER=/usr/lib/ioquake3/ioq3ded
 
 install_quake() {
-    if [ -x "$QUAKE_SERVER" ] && [ -f "$QUAKE_GAME_LIBRARY" ] && [ -d "$QUAKE_DATA" ]; then
+    if [ -x "$QUAKE_SERVER" ] && [ -f "$QUAKE_GAME_LIBRARY" ] && [ -d "$QUAKE_DATA" ] &&
+        command -v python3 >/dev/null; then
         return
     fi
-    echo "[quake] installing ioquake3-server openarena-server"
+    # python3: make_quake_layer builds the pk3 with its zipfile.
+    echo "[quake] installing ioquake3-server openarena-server python3"
     # The package enables and starts a server of its own; the demo runs
     # its server in a container only. policy-rc.d tells the package
     # scripts not to start services, for this install only.
@@ -41,7 +43,7 @@ install_quake() {
     fi
     local rc=0
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        ioquake3-server openarena-server >/dev/null || rc=$?
+        ioquake3-server openarena-server python3 >/dev/null || rc=$?
     [ -n "$placed" ] && rm -f "$policy"
     if [ "$rc" -ne 0 ]; then
         echo "[quake] apt-get install ioquake3-server openarena-server failed ($rc)" >&2

@@ -71,15 +71,14 @@ pub fn require_quake() {
     );
 }
 
-/// The server's layer, made in `dir`, and its command line.
-pub fn server(dir: &Path) -> (PathBuf, Vec<String>) {
+/// Makes the server's layer in `dir`; returns its command line.
+pub fn server(dir: &Path) -> Vec<String> {
     require_quake();
     call("make_quake_layer", &[dir]);
-    let args = call("quake_server_args", &[])
+    call("quake_server_args", &[])
         .lines()
         .map(str::to_owned)
-        .collect();
-    (dir.to_owned(), args)
+        .collect()
 }
 
 /// The server's address on the segment.

@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::process::Output;
 use std::time::Duration;
 
 use migrate_e2e::checks::{
@@ -108,6 +109,29 @@ impl Bed {
     /// The container runs on the destination with its interface, and the
     /// connection from the client's local port `port` lives there; nothing
     /// of it is left on the source.
+    /// Asserts that `out`, migrate's, is the destination's preflight
+    /// refusing, with the container (pid `pid`, game token `game`) running
+    /// on the source as it was and nothing kept on the destination; returns
+    /// migrate's stderr for the refusal's own checks.
+    fn assert_refused_in_preflight(&self, out: &Output, pid: u64, game: &(String, u64)) -> String {
+        let err = stderr(out);
+        assert!(!out.status.success(), "migrate must fail: {err}");
+        assert!(
+            err.contains("the destination refused the migration"),
+            "the destination's preflight must refuse: {err}"
+        );
+        assert!(
+            err.contains("was not touched and is running on the source"),
+            "{err}"
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["runs_on"], "source", "{json}");
+        assert!(!self.container.frozen(), "the container was left frozen");
+        assert_running_on_source_unchanged(&self.container, pid, game);
+        assert_destination_discarded(&self.dst, &self.container.id);
+        err
+    }
+
     fn assert_moved_to_destination(&self, port: u64) {
         let id = &self.container.id;
         assert!(
@@ -346,26 +370,11 @@ fn a_destination_without_the_bridge_refuses_in_preflight() {
             .migrate_command(&bed.container, &["--tcp-established"]),
         DEADLINE,
     );
-    let err = stderr(&out);
-    assert!(!out.status.success(), "migrate must fail: {err}");
-    assert!(
-        err.contains("the destination refused the migration"),
-        "the destination's preflight must refuse: {err}"
-    );
+    let err = bed.assert_refused_in_preflight(&out, pid, &game);
     assert!(
         err.contains(BRIDGE),
         "the refusal must name {BRIDGE}: {err}"
     );
-    assert!(
-        err.contains("was not touched and is running on the source"),
-        "{err}"
-    );
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["runs_on"], "source", "{json}");
-
-    assert!(!bed.container.frozen(), "the container was left frozen");
-    assert_running_on_source_unchanged(&bed.container, pid, &game);
-    assert_destination_discarded(&bed.dst, "net3");
     assert_work_dir_clean(&bed.lab);
     // Its address stayed where it was, and its connection kept answering.
     let mut ports = bed.segment.bridge_ports(&bed.segment.src);
@@ -393,18 +402,12 @@ fn a_destination_that_does_not_allow_the_bridge_refuses_in_preflight() {
     let pid = bed.container.pid().unwrap();
 
     let out = output_within(bed.lab.migrate_command(&bed.container, &[]), DEADLINE);
-    let err = stderr(&out);
-    assert!(!out.status.success(), "migrate must fail: {err}");
+    let err = bed.assert_refused_in_preflight(&out, pid, &game);
     assert!(
         err.contains(&format!("may not join bridge {BRIDGE}"))
             && err.contains(&format!("--allow-bridge {BRIDGE}")),
         "the refusal must name the bridge and the flag that allows it: {err}"
     );
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["runs_on"], "source", "{json}");
-    assert!(!bed.container.frozen(), "the container was left frozen");
-    assert_running_on_source_unchanged(&bed.container, pid, &game);
-    assert_destination_discarded(&bed.dst, "net4");
     // Nothing was made on the destination: its bridge has only its uplink.
     assert_eq!(
         bed.segment.bridge_ports(&bed.segment.dst),

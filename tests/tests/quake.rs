@@ -36,7 +36,8 @@ fn a_quake_server_moves_with_post_copy_and_the_game_goes_on() {
     let segment = lab.segment(DestinationBridge::Same);
     add_player_addresses(&segment);
     let dst = lab.start_destination(&["--allow-bridge", BRIDGE]);
-    let (layer, args) = quake::server(&lab.path("quake-layer"));
+    let layer = lab.path("quake-layer");
+    let args = quake::server(&layer);
     let container = lab.start_container_on("q3", &[layer, lab.layer.clone()], &args, &[]);
     let _nic = segment.attach(container.pid().unwrap());
     segment.wait_reachable(CONTAINER_ADDR);

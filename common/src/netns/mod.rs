@@ -84,7 +84,7 @@ pub enum NetnsError {
     InvalidName { name: String },
     #[error("{name} is a {kind}, not a veth: not deleting it")]
     NotVeth { name: String, kind: String },
-    #[error("announcing the container's addresses: {0}")]
+    #[error("telling the container's peers where it is: {0}")]
     Announce(String),
 }
 
